@@ -1,0 +1,16 @@
+"""meprop-triton: meProp (minimal-effort back-propagation) as a drop-in part of PyTorch.
+
+``MePropLinear`` / ``meprop_linear`` compute the ordinary linear forward pass and, in
+backward, keep only the top-k output units by gradient magnitude, so the backward GEMMs
+shrink from ``out`` to ``k`` rows. ``convert`` swaps the ``nn.Linear`` layers of a model.
+
+Importing this package never initialises CUDA and never needs a GPU.
+"""
+
+from .convert import convert
+from .functional import meprop_linear
+from .nn import MePropLinear
+
+__version__ = "0.1.0"
+
+__all__ = ["MePropLinear", "meprop_linear", "convert", "__version__"]

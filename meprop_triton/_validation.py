@@ -1,0 +1,108 @@
+"""Argument checks shared by the public entry points.
+
+Every check runs before any work is done, so a refused call leaves the caller's tensors,
+parameters and gradients exactly as they were.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+SELECTIONS = ("topk", "random")
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_k(k) -> None:
+    """Check that ``k`` is an int >= 1 or a float in (0, 1]; raise otherwise."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(
+            f"k must be an int >= 1 (a number of output units) or a float in (0, 1] "
+            f"(a fraction of out_features); got {k!r} of type {type(k).__name__}"
+        )
+    if isinstance(k, numbers.Integral):
+        if k < 1:
+            raise ValueError(
+                f"k must be an int >= 1 (a number of output units); got {k!r}"
+            )
+        return
+    k = float(k)
+    if not math.isfinite(k) or not 0.0 < k <= 1.0:
+        raise ValueError(
+            f"a float k is a fraction of out_features and must lie in (0, 1]; got {k!r} "
+            f"(pass an int for a number of units)"
+        )
+
+
+def resolve_k(k, out_features: int) -> int:
+    """The number of units kept for a layer with ``out_features`` outputs.
+
+    An int is used as is (values >= out_features mean the dense gradient); a float in
+    (0, 1] is a fraction of ``out_features``, rounded up, at least 1. The result is
+    capped at ``out_features``.
+    """
+    check_k(k)
+    if isinstance(k, numbers.Integral):
+        n = int(k)
+    else:
+        # Round up, but do not let float noise (0.07 * 100 = 7.000000000000001) add a unit.
+        n = math.ceil(round(float(k) * out_features, 9))
+    return max(1, min(n, int(out_features)))
+
+
+def check_options(*, unified, selection, sparse_grad, backend) -> None:
+    if not isinstance(unified, bool):
+        raise TypeError(f"unified must be True or False; got {unified!r}")
+    if not isinstance(sparse_grad, bool):
+        raise TypeError(f"sparse_grad must be True or False; got {sparse_grad!r}")
+    if selection not in SELECTIONS:
+        raise ValueError(
+            f"selection must be one of {', '.join(map(repr, SELECTIONS))}; got {selection!r}"
+        )
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}"
+        )
+
+
+def check_linear_args(input, weight, bias) -> None:
+    """The checks ``F.linear`` would make, with messages that name the bad value."""
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None; got {type(bias).__name__}")
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(
+                f"meProp needs floating-point tensors; {name} has dtype {t.dtype}"
+            )
+    if weight.dim() != 2:
+        raise ValueError(
+            f"weight must be 2-D (out_features, in_features); got shape {tuple(weight.shape)}"
+        )
+    out_features, in_features = weight.shape
+    if input.dim() == 0:
+        raise ValueError("input must have at least one dimension (..., in_features); got a 0-d tensor")
+    if input.shape[-1] != in_features:
+        raise ValueError(
+            f"input's last dimension must equal in_features={in_features}; "
+            f"got input of shape {tuple(input.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(
+            f"bias must have shape ({out_features},) to match weight {tuple(weight.shape)}; "
+            f"got {tuple(bias.shape)}"
+        )
+    if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        got = f"input {input.dtype}, weight {weight.dtype}"
+        if bias is not None:
+            got += f", bias {bias.dtype}"
+        raise TypeError(f"input, weight and bias must share one dtype; got {got}")
+    devices = {t.device for t in (input, weight, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(
+            f"input, weight and bias must be on one device; got {sorted(map(str, devices))}"
+        )

@@ -1,0 +1,103 @@
+"""Unified top-k meProp in plain torch: the CPU path and the oracle for every kernel.
+
+Notation (DESIGN section 1): a linear layer ``y = x W^T + b`` with the leading dims of
+``x`` flattened, ``X: (M, in)``, ``W: (out, in)``, and the incoming gradient ``G: (M, out)``.
+
+* score of output unit j: ``s_j = sum_m |G[m, j]|``, accumulated in fp32 (fp64 for fp64
+  inputs); a NaN or inf score counts as +inf;
+* ``S``: the k units with the largest scores, ties to the lower index, returned sorted;
+* ``grad_x = G[:, S] @ W[S, :]``, ``grad_W[S, :] = G[:, S]^T @ X`` (other rows zero),
+  ``grad_b = sum_m G[m, :]`` (dense and exact).
+
+Only the k selected columns of G and rows of W are ever copied: no dense mask, no
+(M x out) temporary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "column_scores",
+    "select_topk",
+    "unified_topk_indices",
+    "unified_backward",
+    "dense_backward",
+]
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def column_scores(grad: Tensor) -> Tensor:
+    """``sum_m |grad[m, j]|`` for each column j of a 2-D ``grad``, NaN mapped to +inf.
+
+    Accumulated in fp32 (fp64 for fp64 input), without materialising ``|grad|``.
+    """
+    dtype = _score_dtype(grad.dtype)
+    if grad.shape[0] == 0:
+        return torch.zeros(grad.shape[1], dtype=dtype, device=grad.device)
+    scores = torch.linalg.vector_norm(grad, ord=1, dim=0, dtype=dtype)
+    return scores.nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
+def select_topk(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest ``scores``, ties to the lower index, sorted ascending.
+
+    ``scores`` must not hold NaN (see :func:`column_scores`). A stable descending sort
+    keeps equal scores in index order, so the lower index wins every tie.
+    """
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:k].sort().values
+
+
+def unified_topk_indices(grad: Tensor, k: int) -> Tensor:
+    """The unified top-k set S of a 2-D gradient ``grad: (M, out)``."""
+    return select_topk(column_scores(grad), k)
+
+
+def unified_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    idx: Tensor,
+    *,
+    need_input: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+):
+    """meProp gradients for the selected output units ``idx``.
+
+    ``grad: (M, out)``, ``x: (M, in)``, ``weight: (out, in)``, ``idx: (k,)`` int64.
+    Returns ``(grad_x, grad_W, grad_b)``; an entry is None where it was not asked for.
+    """
+    g_s = grad.index_select(1, idx)  # (M, k): the only copy of G
+    grad_x = grad_w = grad_b = None
+    if need_input:
+        grad_x = g_s @ weight.index_select(0, idx)
+    if need_weight:
+        grad_w = grad.new_zeros(weight.shape)
+        grad_w.index_copy_(0, idx, g_s.t() @ x)
+    if need_bias:
+        grad_b = grad.sum(0)
+    return grad_x, grad_w, grad_b
+
+
+def dense_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    *,
+    need_input: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+):
+    """The ordinary linear-layer gradients (what meProp gives for ``k >= out``)."""
+    grad_x = grad @ weight if need_input else None
+    grad_w = grad.t() @ x if need_weight else None
+    grad_b = grad.sum(0) if need_bias else None
+    return grad_x, grad_w, grad_b
