@@ -1,0 +1,101 @@
+"""Launch helpers shared by the kernel files: config selection and argument checks.
+
+Nothing here touches CUDA at import time; device properties are read on the first
+launch for a device and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "FORCE_SINGLE_CONFIG",
+    "single_config_mode",
+    "interpreter_enabled",
+    "num_sms",
+    "check_float_tensor",
+    "check_index",
+    "check_out",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: ``None``: follow the environment (``MEPROP_TRITON_TEST_CONFIG=1`` or
+#: ``TRITON_INTERPRET=1`` -> one fixed config per kernel, no autotuning);
+#: ``True`` / ``False``: force single-config mode on / off.
+FORCE_SINGLE_CONFIG: bool | None = None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def interpreter_enabled() -> bool:
+    return _env_flag("TRITON_INTERPRET")
+
+
+def single_config_mode() -> bool:
+    """True when each kernel runs with its one test config instead of autotuning.
+
+    Read at launch time, never at import: tests set ``MEPROP_TRITON_TEST_CONFIG=1`` (or the
+    module switch :data:`FORCE_SINGLE_CONFIG`); the interpreter always uses it, since
+    benchmarking configs there measures nothing.
+    """
+    if FORCE_SINGLE_CONFIG is not None:
+        return bool(FORCE_SINGLE_CONFIG)
+    return _env_flag("MEPROP_TRITON_TEST_CONFIG") or interpreter_enabled()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small fixed number off CUDA)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_sm_count(index)
+    return 4
+
+
+def check_float_tensor(name: str, t: torch.Tensor, dim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D; got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"the Triton kernels take float32, float16 or bfloat16; {name} has dtype {t.dtype} "
+            f"(use the torch path for other dtypes)"
+        )
+    if t.device.type != "cuda" and not interpreter_enabled():
+        raise RuntimeError(
+            f"the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+            f"imported to run on CPU tensors; {name} is on '{t.device}'"
+        )
+
+
+def check_index(name: str, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A 1-D int64 index vector on ``device``, made contiguous (the kernels read it flat)."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
+        got = f"{idx.dtype} of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise TypeError(f"{name} must be a 1-D int64 tensor; got {got}")
+    if idx.device != device:
+        raise ValueError(f"{name} is on '{idx.device}' but the data is on '{device}'")
+    return idx.contiguous()
+
+
+def check_out(name: str, out: torch.Tensor | None, shape, dtype, device) -> None:
+    """Check a caller-provided output buffer (tests pass NaN-filled ones)."""
+    if out is None:
+        return
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"{name} must have shape {tuple(shape)}, dtype {dtype} on '{device}'; got "
+            f"{tuple(out.shape)}, {out.dtype} on '{out.device}'"
+        )

@@ -1,0 +1,171 @@
+"""Column scores and bias gradient of G in one pass.
+
+For ``G: (M, out)`` (any strides) this computes, with fp32 accumulation,
+
+* ``scores[j] = sum_m |G[m, j]|`` as fp32, a NaN or inf score mapped to +inf;
+* ``grad_b[j] = sum_m G[m, j]`` in G's dtype (dense and exact, as ``G.sum(0)``).
+
+Both come from the same loads of G. The reduction is deterministic: when M is split over
+several programs to fill the GPU, each program writes fp32 partial sums for its slice of
+rows to a workspace and a second small kernel adds the slices in a fixed order (no float
+atomics), so the same input gives bit-identical output run after run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+
+__all__ = ["column_scores_and_bias", "configs", "partial_kernel", "finish_kernel"]
+
+
+def configs() -> list[dict]:
+    """The launch configs this file ships (one each: the pass is bandwidth-bound).
+
+    ``partial``: block of the split-M pass; ``finish``: block of the fixed-order sum.
+    """
+    return [
+        {
+            "partial": {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4},
+            "finish": {"BLOCK_N": 256, "num_warps": 4},
+        }
+    ]
+
+
+@triton.jit
+def partial_kernel(
+    g_ptr, score_ptr, bias_ptr,
+    M, N, stride_gm, stride_gn, rows_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
+):
+    """Program (n, s): columns ``[n*BLOCK_N, ...)`` over rows ``[s*rows_per_split, ...)``.
+
+    ``FINAL``: one split only, write the finished scores (NaN/inf -> +inf) and bias in
+    ``bias_ptr``'s dtype. Otherwise write fp32 partials ``score_ptr[s, :]`` and
+    ``bias_ptr[s, :]`` (row length N) for :func:`finish_kernel`.
+    """
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    row_start = pid_s * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+    rows0 = tl.arange(0, BLOCK_M).to(tl.int64)
+    col_off = cols[None, :] * stride_gn
+
+    acc_abs = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + rows0
+        mask = (rows < row_end)[:, None] & col_ok[None, :]
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + col_off, mask=mask, other=0.0).to(tl.float32)
+        acc_abs += tl.abs(g)
+        acc_sum += g
+    s = tl.sum(acc_abs, axis=0)
+    b = tl.sum(acc_sum, axis=0)
+
+    if FINAL:
+        s = tl.where(s == s, s, float("inf"))  # NaN -> +inf (inf stays inf)
+        tl.store(score_ptr + cols, s, mask=col_ok)
+        tl.store(bias_ptr + cols, b.to(bias_ptr.dtype.element_ty), mask=col_ok)
+    else:
+        tl.store(score_ptr + pid_s * N + cols, s, mask=col_ok)
+        tl.store(bias_ptr + pid_s * N + cols, b, mask=col_ok)
+
+
+@triton.jit
+def finish_kernel(
+    part_abs_ptr, part_sum_ptr, score_ptr, bias_ptr,
+    N, SPLIT,
+    BLOCK_N: tl.constexpr,
+):
+    """Sum the ``SPLIT`` fp32 partial rows in index order; map NaN to +inf; cast the bias."""
+    pid = tl.program_id(0).to(tl.int64)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = cols < N
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for i in range(0, SPLIT):
+        off = i * N + cols
+        s += tl.load(part_abs_ptr + off, mask=ok, other=0.0)
+        b += tl.load(part_sum_ptr + off, mask=ok, other=0.0)
+    s = tl.where(s == s, s, float("inf"))
+    tl.store(score_ptr + cols, s, mask=ok)
+    tl.store(bias_ptr + cols, b.to(bias_ptr.dtype.element_ty), mask=ok)
+
+
+def _choose_split(M: int, N: int, block_m: int, block_n: int, device: torch.device) -> int:
+    """Row slices so that (column blocks x slices) is ~4 programs per SM, each with >= 4 tiles."""
+    col_blocks = triton.cdiv(N, block_n)
+    target = 4 * _launch.num_sms(device)
+    split = min(triton.cdiv(target, col_blocks), triton.cdiv(M, 4 * block_m))
+    return max(1, split)
+
+
+def column_scores_and_bias(
+    grad: torch.Tensor,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    split: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, grad_b)`` of a 2-D gradient ``grad: (M, out_features)``.
+
+    ``scores``: fp32 ``sum_m |grad[m, j]|`` with NaN/inf mapped to +inf; ``grad_b``:
+    ``grad.sum(0)`` in ``grad``'s dtype, accumulated in fp32. Any strides are accepted.
+
+    ``out``: optional preallocated ``(scores, grad_b)`` buffers (tests pass NaN-filled
+    ones). ``split``: force the number of row slices (tests; default: chosen to fill
+    the GPU).
+    """
+    _launch.check_float_tensor("grad", grad, 2)
+    M, N = grad.shape
+    device = grad.device
+    if out is None:
+        scores = torch.empty(N, dtype=torch.float32, device=device)
+        grad_b = torch.empty(N, dtype=grad.dtype, device=device)
+    else:
+        scores, grad_b = out
+        _launch.check_out("scores", scores, (N,), torch.float32, device)
+        _launch.check_out("grad_b", grad_b, (N,), grad.dtype, device)
+        if not (scores.is_contiguous() and grad_b.is_contiguous()):
+            raise ValueError("out buffers must be contiguous")
+    if N == 0:
+        return scores, grad_b
+    if M == 0:
+        scores.zero_()
+        grad_b.zero_()
+        return scores, grad_b
+
+    cfg = configs()[0]
+    pcfg, fcfg = cfg["partial"], cfg["finish"]
+    bm, bn = pcfg["BLOCK_M"], pcfg["BLOCK_N"]
+    if split is None:
+        split = _choose_split(M, N, bm, bn, device)
+    split = max(1, min(int(split), M))
+    rows_per_split = triton.cdiv(M, split)
+    if split > 1:
+        rows_per_split = triton.cdiv(rows_per_split, bm) * bm  # whole tiles per slice
+    split = triton.cdiv(M, rows_per_split)
+    grid = (triton.cdiv(N, bn), split)
+
+    if split == 1:
+        partial_kernel[grid](
+            grad, scores, grad_b, M, N, grad.stride(0), grad.stride(1), rows_per_split,
+            BLOCK_M=bm, BLOCK_N=bn, FINAL=True, num_warps=pcfg["num_warps"],
+        )
+        return scores, grad_b
+
+    work = torch.empty((2, split, N), dtype=torch.float32, device=device)
+    partial_kernel[grid](
+        grad, work[0], work[1], M, N, grad.stride(0), grad.stride(1), rows_per_split,
+        BLOCK_M=bm, BLOCK_N=bn, FINAL=False, num_warps=pcfg["num_warps"],
+    )
+    fbn = fcfg["BLOCK_N"]
+    finish_kernel[(triton.cdiv(N, fbn),)](
+        work[0], work[1], scores, grad_b, N, split,
+        BLOCK_N=fbn, num_warps=fcfg["num_warps"],
+    )
+    return scores, grad_b

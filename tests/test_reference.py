@@ -1,0 +1,165 @@
+"""``meprop_triton.reference`` (the oracle every kernel is checked against) against an
+independent fp64 numpy statement of the definition (the ``oracle`` fixture)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from meprop_triton import reference
+from meprop_triton._validation import resolve_k
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
+SHAPES = [  # (M, out)
+    pytest.param((1, 1), id="M1-out1"),
+    pytest.param((1, 37), id="M1-out37"),
+    pytest.param((7, 123), id="M7-out123"),
+    pytest.param((64, 7), id="M64-out7"),
+    pytest.param((123, 64), id="M123-out64"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_column_scores(shape, dtype, oracle, gen):
+    M, out_f = shape
+    G = torch.randn(M, out_f, dtype=dtype, generator=gen)
+    s = reference.column_scores(G)
+    assert s.shape == (out_f,) and s.dtype == dtype
+    ref = np.abs(G.double().numpy()).sum(0)
+    oracle.assert_within_bound(s, ref, ref, M, what="scores")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_column_scores_accumulate_in_fp32(dtype):
+    # 4096 ones: a bf16/fp16 running sum would stall at 256 / 2048.
+    G = -torch.ones(4096, 3, dtype=dtype)
+    s = reference.column_scores(G)
+    assert s.dtype == torch.float32
+    assert s.tolist() == [4096.0] * 3
+
+
+def test_column_scores_nonfinite_is_inf():
+    G = torch.ones(3, 5)
+    G[1, 0] = math.nan
+    G[0, 2] = -math.inf
+    G[2, 3] = math.inf
+    G[0, 4] = math.nan
+    G[1, 4] = math.inf
+    s = reference.column_scores(G)
+    assert s.tolist() == [math.inf, 3.0, math.inf, math.inf, math.inf]
+
+
+def test_column_scores_of_empty_batch_are_zero():
+    s = reference.column_scores(torch.empty(0, 6))
+    assert s.shape == (6,) and torch.equal(s, torch.zeros(6))
+
+
+@pytest.mark.parametrize(
+    "scores,k,expected",
+    [
+        ([3.0, 1.0, 3.0, 2.0], 1, [0]),
+        ([3.0, 1.0, 3.0, 2.0], 2, [0, 2]),
+        ([3.0, 1.0, 3.0, 2.0], 3, [0, 2, 3]),
+        ([1.0, 1.0, 1.0, 1.0, 1.0], 2, [0, 1]),
+        ([0.0, 5.0, math.inf, 5.0, math.inf], 1, [2]),
+        ([0.0, 5.0, math.inf, 5.0, math.inf], 3, [1, 2, 4]),
+        ([2.0, 4.0, 1.0], 3, [0, 1, 2]),
+    ],
+    ids=["k1", "tie-k2", "k3", "all-equal", "two-inf-k1", "inf-then-tie", "k=out"],
+)
+def test_select_topk_ties_to_lower_index(scores, k, expected):
+    idx = reference.select_topk(torch.tensor(scores), k)
+    assert idx.dtype == torch.int64
+    assert idx.tolist() == expected
+
+
+def test_select_topk_many_ties_large():
+    # Many equal scores: a non-stable sort would pick an arbitrary subset.
+    scores = torch.zeros(1000)
+    scores[::7] = 1.0
+    idx = reference.select_topk(scores, 200)
+    expected = list(range(0, 1000, 7)) + [i for i in range(1000) if i % 7][: 200 - 143]
+    assert idx.tolist() == sorted(expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 0.1, 0.5, "out-1", "out"], ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_unified_topk_indices_exact(shape, k, dtype, oracle, gen):
+    M, out_f = shape
+    k = {"out-1": max(1, out_f - 1), "out": out_f}.get(k, k)
+    ku = oracle.k_units(k, out_f)
+    G = oracle.grad_output((M,), out_f, dtype=dtype, generator=gen)
+    idx = reference.unified_topk_indices(G, ku)
+    ref = oracle.grads(torch.zeros(M, 1, dtype=dtype), torch.zeros(out_f, 1, dtype=dtype), G, ku)
+    np.testing.assert_array_equal(idx.numpy(), ref["selected"])
+    assert idx.dtype == torch.int64 and torch.all(idx[1:] > idx[:-1])  # sorted, unique
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 3, 0.25], ids=str)
+@pytest.mark.parametrize("size", [(1, 1, 1), (7, 37, 23), (123, 16, 64), (5, 123, 9)],
+                         ids=lambda s: "M{}-in{}-out{}".format(*s))
+def test_unified_backward(size, k, dtype, oracle, gen):
+    M, in_f, out_f = size
+    ku = oracle.k_units(k, out_f)
+    X = torch.randn(M, in_f, dtype=dtype, generator=gen)
+    W = torch.randn(out_f, in_f, dtype=dtype, generator=gen)
+    G = oracle.grad_output((M,), out_f, dtype=dtype, generator=gen)
+    ref = oracle.grads(X, W, G, ku)
+    idx = torch.from_numpy(ref["selected"])
+    gx, gw, gb = reference.unified_backward(G, X, W, idx)
+    oracle.assert_within_bound(gx, ref["grad_x"], ref["bound_x"], ku, what="grad_x")
+    oracle.assert_within_bound(gw, ref["grad_w"], ref["bound_w"], M, what="grad_w")
+    oracle.assert_within_bound(gb, ref["grad_b"], ref["bound_b"], M, what="grad_b")
+    np.testing.assert_array_equal(oracle.selected_rows(gw), ref["selected"])
+
+
+def test_unified_backward_need_flags(gen):
+    X = torch.randn(4, 5, generator=gen)
+    W = torch.randn(6, 5, generator=gen)
+    G = torch.randn(4, 6, generator=gen)
+    idx = torch.tensor([1, 4])
+    for need in [(True, False, False), (False, True, False), (False, False, True)]:
+        got = reference.unified_backward(
+            G, X, W, idx, need_input=need[0], need_weight=need[1], need_bias=need[2]
+        )
+        assert [g is not None for g in got] == list(need)
+        got = reference.dense_backward(
+            G, X, W, need_input=need[0], need_weight=need[1], need_bias=need[2]
+        )
+        assert [g is not None for g in got] == list(need)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_backward(dtype, oracle, gen):
+    M, in_f, out_f = 37, 19, 23
+    X = torch.randn(M, in_f, dtype=dtype, generator=gen)
+    W = torch.randn(out_f, in_f, dtype=dtype, generator=gen)
+    G = torch.randn(M, out_f, dtype=dtype, generator=gen)
+    ref = oracle.grads(X, W, G, out_f)
+    gx, gw, gb = reference.dense_backward(G, X, W)
+    oracle.assert_within_bound(gx, ref["grad_x"], ref["bound_x"], out_f, what="grad_x")
+    oracle.assert_within_bound(gw, ref["grad_w"], ref["bound_w"], M, what="grad_w")
+    oracle.assert_within_bound(gb, ref["grad_b"], ref["bound_b"], M, what="grad_b")
+
+
+@pytest.mark.parametrize(
+    "k,out_f,expected",
+    [(1, 10, 1), (7, 10, 7), (10, 10, 10), (500, 10, 10), (0.1, 37, 4), (0.25, 123, 31),
+     (1.0, 7, 7), (0.07, 100, 7), (0.29, 100, 29), (1e-9, 10, 1), (0.5, 1, 1), (1 / 3, 9, 3)],
+    ids=lambda v: repr(v),
+)
+def test_resolve_k(k, out_f, expected, oracle):
+    assert oracle.k_units(k, out_f) == expected  # the oracle agrees with the table
+    got = resolve_k(k, out_f)
+    assert type(got) is int and got == expected
+
+
+def test_resolve_k_accepts_numpy_scalars():
+    assert resolve_k(np.int64(3), 10) == 3
+    assert resolve_k(np.float32(0.5), 10) == 5

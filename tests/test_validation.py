@@ -1,0 +1,319 @@
+"""Bad arguments are refused at the public API with a message that names the bad value
+and what was expected, and a refused call changes nothing."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from meprop_triton import MePropLinear, convert, meprop_linear
+
+BAD_K = [
+    (0, ValueError), (0.0, ValueError), (-1, ValueError), (-0.5, ValueError),
+    (math.nan, ValueError), (math.inf, ValueError), (-math.inf, ValueError),
+    (True, TypeError), (False, TypeError), ("3", TypeError), (None, TypeError),
+    (1.5, ValueError), (2.0, ValueError), (torch.tensor(3), TypeError), ([2], TypeError),
+]
+
+
+def _k_id(case):
+    k, _ = case
+    return f"k={k!r}" if not isinstance(k, torch.Tensor) else "k=tensor(3)"
+
+
+def k_message(k) -> str:
+    """The message must quote the bad k and say what a k must be."""
+    shown = "tensor" if isinstance(k, torch.Tensor) else re.escape(repr(k))
+    return rf"(?s)^(?=.*\bk\b)(?=.*{shown})(?=.*(int >= 1|\(0, 1\]))"
+
+
+def small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def snapshot(module: nn.Module):
+    """Everything a refused call must leave as it was."""
+    return {
+        "modules": [(n, type(m), getattr(m, "k", None)) for n, m in module.named_modules()],
+        "params": [(n, p, p.detach().clone(), p.grad, None if p.grad is None else p.grad.clone())
+                   for n, p in module.named_parameters()],
+    }
+
+
+def assert_unchanged(module: nn.Module, before):
+    after = snapshot(module)
+    assert after["modules"] == before["modules"]
+    assert len(after["params"]) == len(before["params"])
+    for (n1, p1, v1, g1, gv1), (n2, p2, v2, g2, gv2) in zip(before["params"], after["params"]):
+        assert n1 == n2 and p1 is p2, f"parameter {n1} was replaced"
+        assert torch.equal(v1, v2), f"parameter {n1} changed"
+        assert g1 is g2, f"{n1}.grad was replaced"
+        if g1 is not None:
+            assert torch.equal(gv1, gv2), f"{n1}.grad changed"
+
+
+@pytest.fixture
+def trained_layer():
+    """A MePropLinear(5, 3) whose parameters already hold gradients."""
+    torch.manual_seed(1)
+    layer = MePropLinear(5, 3, k=2)
+    layer(torch.randn(4, 5)).sum().backward()
+    assert layer.weight.grad is not None
+    return layer
+
+
+# ---------------------------------------------------------------------------- k
+
+
+@pytest.mark.parametrize("case", BAD_K, ids=_k_id)
+def test_bad_k_meprop_linear(case):
+    k, exc = case
+    x, w = torch.randn(2, 4), torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(exc, match=k_message(k)):
+        meprop_linear(x, w, k=k)
+    assert w.grad is None
+
+
+@pytest.mark.parametrize("case", BAD_K, ids=_k_id)
+def test_bad_k_module(case):
+    k, exc = case
+    with pytest.raises(exc, match=k_message(k)):
+        MePropLinear(4, 3, k=k)
+
+
+@pytest.mark.parametrize("case", BAD_K, ids=_k_id)
+def test_bad_k_from_linear(case):
+    k, exc = case
+    lin = nn.Linear(4, 3)
+    with pytest.raises(exc, match=k_message(k)):
+        MePropLinear.from_linear(lin, k=k)
+
+
+@pytest.mark.parametrize("case", BAD_K, ids=_k_id)
+def test_bad_k_convert_changes_nothing(case):
+    k, exc = case
+    model = small_model()
+    before = snapshot(model)
+    with pytest.raises(exc, match=k_message(k)):
+        convert(model, k=k)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("case", [(0, ValueError), (1.5, ValueError), ("2", TypeError)], ids=_k_id)
+def test_bad_k_set_on_module_is_refused_at_forward(case, trained_layer):
+    k, exc = case
+    before = snapshot(trained_layer)
+    trained_layer.k = k
+    with pytest.raises(exc, match=k_message(k)):
+        trained_layer(torch.randn(2, 5))
+    trained_layer.k = 2
+    assert_unchanged(trained_layer, before)
+
+
+# ---------------------------------------------------------------- tensor args
+
+def _shape_and_dtype_cases():
+    f32, f64 = torch.float32, torch.float64
+    return [
+        pytest.param(
+            dict(x=torch.randn(3, 4), w=torch.randn(2, 5)),
+            ValueError, r"in_features=5.*\(3, 4\)", id="in_features-mismatch"),
+        pytest.param(
+            dict(x=torch.randn(2, 3, 4), w=torch.randn(2, 6)),
+            ValueError, r"in_features=6.*\(2, 3, 4\)", id="in_features-mismatch-3d"),
+        pytest.param(
+            dict(x=torch.randn(4), w=torch.randn(2, 5)),
+            ValueError, r"in_features=5.*\(4,\)", id="in_features-mismatch-1d"),
+        pytest.param(
+            dict(x=torch.randn(3, 4), w=torch.randn(2, 4), b=torch.randn(3)),
+            ValueError, r"bias must have shape \(2,\).*got \(3,\)", id="bias-shape"),
+        pytest.param(
+            dict(x=torch.randn(3, 4), w=torch.randn(2, 4), b=torch.randn(1, 2)),
+            ValueError, r"bias must have shape \(2,\).*got \(1, 2\)", id="bias-2d"),
+        pytest.param(
+            dict(x=torch.randn(3, 4, dtype=f64), w=torch.randn(2, 4, dtype=f32)),
+            TypeError, r"dtype.*input torch\.float64, weight torch\.float32", id="input-weight-dtype"),
+        pytest.param(
+            dict(x=torch.randn(3, 4), w=torch.randn(2, 4), b=torch.randn(2, dtype=f64)),
+            TypeError, r"dtype.*weight torch\.float32, bias torch\.float64", id="input-bias-dtype"),
+        pytest.param(
+            dict(x=torch.randint(0, 5, (3, 4)), w=torch.randn(2, 4)),
+            TypeError, r"floating.*input has dtype torch\.int64", id="int-input"),
+        pytest.param(
+            dict(x=torch.randn(3, 4), w=torch.randint(0, 5, (2, 4), dtype=torch.int32)),
+            TypeError, r"floating.*weight has dtype torch\.int32", id="int-weight"),
+        pytest.param(
+            dict(x=torch.randn(3, 4), w=torch.randn(2, 4), b=torch.arange(2)),
+            TypeError, r"floating.*bias has dtype torch\.int64", id="int-bias"),
+        pytest.param(
+            dict(x=torch.tensor(1.0), w=torch.randn(2, 1)),
+            ValueError, r"0-d", id="0d-input"),
+        pytest.param(
+            dict(x=torch.randn(3, 4), w=torch.randn(8)),
+            ValueError, r"weight must be 2-D.*\(8,\)", id="1d-weight"),
+        pytest.param(
+            dict(x=[[1.0, 2.0]], w=torch.randn(2, 2)),
+            TypeError, r"input must be a torch\.Tensor; got list", id="list-input"),
+    ]
+
+
+@pytest.mark.parametrize("args,exc,pattern", _shape_and_dtype_cases())
+def test_bad_tensors_meprop_linear(args, exc, pattern):
+    w = args["w"]
+    if w.is_floating_point():
+        w.requires_grad_()
+    with pytest.raises(exc, match=pattern):
+        meprop_linear(args["x"], w, args.get("b"), k=1)
+    assert w.grad is None
+
+
+@pytest.mark.parametrize(
+    "x,exc,pattern",
+    [
+        pytest.param(torch.randn(2, 4), ValueError, r"in_features=5.*\(2, 4\)", id="in_features-mismatch"),
+        pytest.param(torch.randn(2, 5, dtype=torch.float64), TypeError,
+                     r"input torch\.float64, weight torch\.float32", id="dtype-mismatch"),
+        pytest.param(torch.ones(2, 5, dtype=torch.int64), TypeError,
+                     r"input has dtype torch\.int64", id="int-input"),
+    ],
+)
+def test_bad_input_module_changes_nothing(x, exc, pattern, trained_layer):
+    before = snapshot(trained_layer)
+    with pytest.raises(exc, match=pattern):
+        trained_layer(x)
+    assert_unchanged(trained_layer, before)
+
+
+# ----------------------------------------------------------------- options
+
+BAD_OPTIONS = [
+    pytest.param(dict(selection="bogus"), ValueError,
+                 r"selection must be one of 'topk', 'random'; got 'bogus'", id="selection"),
+    pytest.param(dict(selection=None), ValueError, r"selection must be one of .*got None",
+                 id="selection-None"),
+    pytest.param(dict(backend="cuda"), ValueError,
+                 r"backend must be one of 'auto', 'torch', 'triton'; got 'cuda'", id="backend"),
+    pytest.param(dict(unified="yes"), TypeError, r"unified must be True or False; got 'yes'",
+                 id="unified-str"),
+    pytest.param(dict(sparse_grad=1), TypeError, r"sparse_grad must be True or False; got 1",
+                 id="sparse_grad-int"),
+]
+
+
+@pytest.mark.parametrize("opts,exc,pattern", BAD_OPTIONS)
+def test_bad_option_meprop_linear(opts, exc, pattern):
+    w = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(exc, match=pattern):
+        meprop_linear(torch.randn(2, 4), w, k=1, **opts)
+    assert w.grad is None
+
+
+@pytest.mark.parametrize("opts,exc,pattern", BAD_OPTIONS)
+def test_bad_option_module(opts, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        MePropLinear(4, 3, k=1, **opts)
+
+
+@pytest.mark.parametrize("opts,exc,pattern", BAD_OPTIONS)
+def test_bad_option_from_linear(opts, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        MePropLinear.from_linear(nn.Linear(4, 3), k=1, **opts)
+
+
+@pytest.mark.parametrize("opts,exc,pattern", BAD_OPTIONS)
+def test_bad_option_convert_changes_nothing(opts, exc, pattern):
+    model = small_model()
+    before = snapshot(model)
+    with pytest.raises(exc, match=pattern):
+        convert(model, k=2, **opts)
+    assert_unchanged(model, before)
+
+
+def test_bad_generator_meprop_linear():
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None; got int"):
+        meprop_linear(torch.randn(2, 4), torch.randn(3, 4), k=1, generator=0)
+
+
+@pytest.mark.parametrize("value", [None, "0", "false"], ids=["unset", "0", "false"])
+def test_triton_backend_on_cpu_without_interpreter(value, monkeypatch, trained_layer):
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    w = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"(?s)backend='triton'.*TRITON_INTERPRET.*'cpu'.*backend='torch'"):
+        meprop_linear(torch.randn(2, 4), w, k=1, backend="triton")
+    assert w.grad is None
+
+    before = snapshot(trained_layer)
+    trained_layer.backend = "triton"
+    with pytest.raises(RuntimeError, match=r"(?s)TRITON_INTERPRET.*'cpu'"):
+        trained_layer(torch.randn(2, 5))
+    trained_layer.backend = "auto"
+    assert_unchanged(trained_layer, before)
+
+
+# ---------------------------------------------------------------- from_linear
+
+
+def test_from_linear_refuses_non_linear():
+    with pytest.raises(TypeError, match=r"from_linear expects an nn\.Linear; got Conv1d"):
+        MePropLinear.from_linear(nn.Conv1d(2, 3, 1), k=1)
+
+
+def test_from_linear_refuses_unknown_option():
+    lin = nn.Linear(4, 3)
+    with pytest.raises(TypeError, match=r"unexpected option\(s\): bogus"):
+        MePropLinear.from_linear(lin, k=1, bogus=True)
+    assert type(lin) is nn.Linear
+
+
+# -------------------------------------------------------------------- convert
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,pattern",
+    [
+        pytest.param(dict(k=2, bogus=1), TypeError,
+                     r"unexpected option\(s\) bogus; expected some of unified, selection, sparse_grad, backend",
+                     id="unknown-option"),
+        pytest.param(dict(k=2, exclude=["2", "nope"]), ValueError,
+                     r"exclude pattern 'nope' matches no module.*named_modules", id="unmatched-name"),
+        pytest.param(dict(k=2, exclude="enc*"), ValueError,
+                     r"exclude pattern 'enc\*' matches no module", id="unmatched-pattern"),
+        pytest.param(dict(k=2, exclude=3), TypeError,
+                     r"exclude must be a module name or pattern.*predicate.*got int", id="exclude-int"),
+        pytest.param(dict(k=2, exclude=["0", 3]), TypeError,
+                     r"exclude patterns must be strings; got 3", id="exclude-list-with-int"),
+        pytest.param(dict(k=2, exclude=[re.compile("0")]), TypeError,
+                     r"exclude patterns must be strings; got re\.compile", id="exclude-regex"),
+    ],
+)
+def test_bad_convert_changes_nothing(kwargs, exc, pattern):
+    model = small_model()
+    convert(model, k=3, exclude=["2"])  # already partly converted: must stay as it is
+    model(torch.randn(2, 4)).sum().backward()
+    before = snapshot(model)
+    assert type(model[0]) is MePropLinear and type(model[2]) is nn.Linear
+    with pytest.raises(exc, match=pattern):
+        convert(model, **kwargs)
+    assert_unchanged(model, before)
+    assert model[0].k == 3
+
+
+def test_convert_refuses_non_module():
+    with pytest.raises(TypeError, match=r"convert expects an nn\.Module; got dict"):
+        convert({"a": nn.Linear(2, 2)}, k=1)
+
+
+def test_convert_bare_linear_refused_leaves_it_alone():
+    lin = nn.Linear(4, 3)
+    w = lin.weight
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        convert(lin, k=0)
+    assert type(lin) is nn.Linear and lin.weight is w
