@@ -70,7 +70,8 @@ def convert(model: nn.Module, *, k, exclude=None, **options) -> nn.Module:
     The new layers share the old layers' Parameter objects, so an optimizer built
     before the conversion keeps working. Layers used inside ``nn.MultiheadAttention``
     and other ``nn.Linear`` subclasses are left alone. A layer shared between several
-    places stays shared. Nothing is changed when an argument is refused.
+    places stays shared (excluded under any of its names, it stays dense everywhere).
+    Nothing is changed when an argument is refused.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module; got {type(model).__name__}")
@@ -96,14 +97,19 @@ def convert(model: nn.Module, *, k, exclude=None, **options) -> nn.Module:
             inside_mha.update(id(m) for m in module.modules())
 
     # Decide everything first, then swap: a refused call changes nothing.
-    swaps = []
+    candidates = []
+    kept = set()  # ids of layers excluded under at least one of their names
     for parent_name, parent in named:
         if id(parent) in inside_mha:
             continue
         for child_name, child in parent.named_children():
             qualified = f"{parent_name}.{child_name}" if parent_name else child_name
-            if _convertible(child) and id(child) not in inside_mha and not excluded(qualified, child):
-                swaps.append((parent, child_name, child))
+            if _convertible(child) and id(child) not in inside_mha:
+                candidates.append((parent, child_name, child))
+                if excluded(qualified, child):
+                    kept.add(id(child))
+    # A shared layer excluded in one place stays dense everywhere, so it stays shared.
+    swaps = [(p, n, c) for p, n, c in candidates if id(c) not in kept]
     replacement = {}
     for _, _, child in swaps:
         if id(child) not in replacement:

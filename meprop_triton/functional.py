@@ -138,7 +138,10 @@ def meprop_linear(
         dtype = torch.get_autocast_dtype(input.device.type)
 
         def cast(t):
-            return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            # As autocast does for nn.Linear: float64 is left alone.
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+                return t.to(dtype)
+            return t
 
         input, weight, bias = cast(input), cast(weight), cast(bias)
     check_linear_args(input, weight, bias)

@@ -10,6 +10,20 @@ from .functional import meprop_linear
 
 __all__ = ["MePropLinear"]
 
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
 
 class MePropLinear(nn.Linear):
     """``nn.Linear`` with a meProp backward.
@@ -61,6 +75,12 @@ class MePropLinear(nn.Linear):
         unknown = set(options) - {"unified", "selection", "sparse_grad", "backend"}
         if unknown:
             raise TypeError(f"from_linear got unexpected option(s): {', '.join(sorted(unknown))}")
+        if not isinstance(linear._parameters.get("weight"), nn.Parameter):
+            raise TypeError(
+                "from_linear needs a layer whose weight is a Parameter; this one's is computed "
+                "(e.g. by torch.nn.utils.prune or a parametrization): make it permanent first "
+                "(prune.remove(layer, 'weight'))"
+            )
         weight = linear.weight
         # Built on the meta device: no throwaway allocation or init of the real size.
         new = cls(
@@ -76,6 +96,11 @@ class MePropLinear(nn.Linear):
         if linear.bias is not None:
             new.bias = linear.bias
         new.train(linear.training)
+        # Share the hook registries (not copies), so a handle from the old layer still
+        # removes its hook, and hooks registered before the swap keep running.
+        for name in _HOOK_DICTS:
+            if name in linear.__dict__:
+                new.__dict__[name] = linear.__dict__[name]
         return new
 
     def forward(self, input: Tensor) -> Tensor:

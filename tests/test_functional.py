@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meprop_triton import meprop_linear
+from meprop_triton import meprop_linear, reference
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
 BIAS = [pytest.param(True, id="bias"), pytest.param(False, id="nobias")]
@@ -86,6 +86,9 @@ def check_against_oracle(oracle, x, w, b, G, k):
     if w.requires_grad:
         oracle.assert_within_bound(w.grad, ref["grad_w"], ref["bound_w"], M, what="grad_weight")
         np.testing.assert_array_equal(oracle.selected_rows(w.grad), ref["selected"])
+    if M > 0 and ku < out_f:  # the selection the torch path made, exactly
+        idx = reference.unified_topk_indices(G.reshape(-1, out_f), ku)
+        np.testing.assert_array_equal(idx.numpy(), ref["selected"])
     if b is not None and b.requires_grad:
         oracle.assert_within_bound(b.grad, ref["grad_b"], ref["bound_b"], M, what="grad_bias")
     return ref

@@ -163,3 +163,35 @@ def test_resolve_k(k, out_f, expected, oracle):
 def test_resolve_k_accepts_numpy_scalars():
     assert resolve_k(np.int64(3), 10) == 3
     assert resolve_k(np.float32(0.5), 10) == 5
+
+
+@pytest.mark.parametrize("chunk", [1, 64, 1000], ids=lambda c: f"chunk{c}")
+def test_column_scores_chunked_path(chunk, monkeypatch, oracle, gen):
+    """The row-block accumulation (large M) gives the same scores, NaN/inf included."""
+    monkeypatch.setattr(reference, "_SCORE_CHUNK", chunk)
+    G = torch.randn(123, 7, generator=gen)
+    G[100, 2] = math.nan
+    G[5, 4] = -math.inf
+    s = reference.column_scores(G)
+    ref = np.abs(G.double().numpy()).sum(0)
+    assert s[2] == math.inf and s[4] == math.inf
+    finite = [0, 1, 3, 5, 6]
+    oracle.assert_within_bound(s[finite], ref[finite], ref[finite], 123, what="scores")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unified_backward_lazily_zeroed_weight_grad(dtype, monkeypatch, oracle, gen):
+    """The large-block (calloc'd) zero weight gradient: untouched rows read as exact zeros
+    and the result behaves as an ordinary tensor."""
+    monkeypatch.setattr(reference, "_LAZY_ZEROS_BYTES", 0)
+    M, in_f, out_f = 9, 33, 40
+    X = torch.randn(M, in_f, dtype=dtype, generator=gen)
+    W = torch.randn(out_f, in_f, dtype=dtype, generator=gen)
+    G = oracle.grad_output((M,), out_f, dtype=dtype, generator=gen)
+    ref = oracle.grads(X, W, G, 6)
+    _, gw, _ = reference.unified_backward(G, X, W, torch.from_numpy(ref["selected"]))
+    assert gw.dtype == dtype and gw.shape == (out_f, in_f) and gw.is_contiguous()
+    oracle.assert_within_bound(gw, ref["grad_w"], ref["bound_w"], M, what="grad_w")
+    np.testing.assert_array_equal(oracle.selected_rows(gw), ref["selected"])
+    gw.add_(1)  # writable, and owns its memory
+    assert torch.equal(gw[~torch.from_numpy(ref["mask"])], torch.ones(out_f - 6, in_f, dtype=dtype))

@@ -1,0 +1,227 @@
+"""``convert``: swapping the ``nn.Linear`` layers of an existing model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from meprop_triton import MePropLinear, convert
+
+
+class Net(nn.Module):
+    """Linear layers at several depths: encoder.0, encoder.2, head.proj, head.classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.head = nn.ModuleDict({"proj": nn.Linear(16, 12), "classifier": nn.Linear(12, 3)})
+
+    def forward(self, x):
+        h = torch.relu(self.head["proj"](self.encoder(x)))
+        return self.head["classifier"](h)
+
+
+LINEAR_NAMES = ["encoder.0", "encoder.2", "head.proj", "head.classifier"]
+
+
+def linear_types(model):
+    return {n: type(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def make_net(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+
+
+def test_converts_every_linear_and_returns_model():
+    model = make_net()
+    params = dict(model.named_parameters())
+    out = convert(model, k=0.5)
+    assert out is model
+    assert linear_types(model) == {n: MePropLinear for n in LINEAR_NAMES}
+    for name in LINEAR_NAMES:
+        layer = model.get_submodule(name)
+        assert layer.k == 0.5
+        assert layer.k_units == -(-layer.out_features // 2)
+    new_params = dict(model.named_parameters())
+    assert list(new_params) == list(params)
+    for n, p in params.items():
+        assert new_params[n] is p, f"{n} must be the same Parameter object"
+
+
+def test_converted_model_trains_with_sparse_rows():
+    model = make_net()
+    convert(model, k=4, backend="torch")
+    model(torch.randn(5, 8)).sum().backward()
+    for name in LINEAR_NAMES:
+        layer = model.get_submodule(name)
+        assert layer.backend == "torch"
+        assert int((layer.weight.grad != 0).any(1).sum()) == min(4, layer.out_features)
+
+
+@pytest.mark.parametrize(
+    "exclude,dense",
+    [
+        pytest.param(["head.classifier"], ["head.classifier"], id="exact-name"),
+        pytest.param("head.classifier", ["head.classifier"], id="exact-name-str"),
+        pytest.param(["encoder.2", "head.proj"], ["encoder.2", "head.proj"], id="two-names"),
+        pytest.param(["*.classifier"], ["head.classifier"], id="pattern-suffix"),
+        pytest.param(["head.c*"], ["head.classifier"], id="pattern-prefix"),
+        pytest.param(["encoder.[02]"], ["encoder.0", "encoder.2"], id="pattern-class"),
+        pytest.param(["encoder"], ["encoder.0", "encoder.2"], id="parent"),
+        pytest.param(["head"], ["head.proj", "head.classifier"], id="parent-moduledict"),
+        pytest.param(lambda name, m: m.out_features == 16, ["encoder.0", "encoder.2"], id="predicate"),
+        pytest.param(lambda name, m: name.startswith("head"), ["head.proj", "head.classifier"],
+                     id="predicate-name"),
+        pytest.param(None, [], id="none"),
+        pytest.param([], [], id="empty-list"),
+    ],
+)
+def test_exclude(exclude, dense):
+    model = make_net()
+    convert(model, k=2, exclude=exclude)
+    expected = {n: (nn.Linear if n in dense else MePropLinear) for n in LINEAR_NAMES}
+    assert linear_types(model) == expected
+
+
+def test_exclude_predicate_sees_names_and_modules():
+    model = make_net()
+    seen = []
+
+    def pred(name, module):
+        seen.append((name, type(module)))
+        return False
+
+    convert(model, k=2, exclude=pred)
+    assert sorted(seen) == sorted((n, nn.Linear) for n in LINEAR_NAMES)
+
+
+def test_multihead_attention_out_proj_stays_plain():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    out_proj = layer.self_attn.out_proj
+    out_proj_type = type(out_proj)
+    convert(layer, k=0.25)
+    assert type(layer.linear1) is MePropLinear and type(layer.linear2) is MePropLinear
+    assert layer.self_attn.out_proj is out_proj
+    assert type(layer.self_attn.out_proj) is out_proj_type
+    assert not any(isinstance(m, MePropLinear) for m in layer.self_attn.modules())
+    # The converted layer still runs forward and backward.
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert int((layer.linear1.weight.grad != 0).any(1).sum()) == 8
+    assert x.grad is not None
+
+
+def test_multihead_attention_inside_a_model():
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True),
+        num_layers=2, enable_nested_tensor=False,
+    )
+    model = nn.Sequential(enc, nn.Linear(8, 4))
+    convert(model, k=2)
+    converted = sorted(n for n, m in model.named_modules() if type(m) is MePropLinear)
+    assert converted == ["0.layers.0.linear1", "0.layers.0.linear2",
+                         "0.layers.1.linear1", "0.layers.1.linear2", "1"]
+    for i in range(2):
+        assert not isinstance(model[0].layers[i].self_attn.out_proj, MePropLinear)
+
+
+def test_shared_linear_stays_shared():
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = shared
+            self.b = nn.Sequential(nn.ReLU(), shared)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = Tied()
+    convert(model, k=2)
+    assert type(model.a) is MePropLinear
+    assert model.a is model.b[1]
+    assert model.a.weight is shared.weight
+    assert len(list(model.parameters())) == 2
+
+
+@pytest.mark.parametrize("exclude", [["a"], ["b"], ["b.1"]], ids=lambda e: e[0])
+def test_shared_linear_excluded_in_one_place_stays_dense_and_shared(exclude):
+    shared = nn.Linear(6, 6)
+    model = nn.Module()
+    model.a = shared
+    model.b = nn.Sequential(nn.ReLU(), shared)
+    model.c = nn.Linear(6, 2)
+    convert(model, k=2, exclude=exclude)
+    assert model.a is model.b[1] is shared
+    assert type(model.c) is MePropLinear
+
+
+def test_state_dict_loads_into_unconverted_copy():
+    model = make_net(1)
+    fresh = copy.deepcopy(model)
+    convert(model, k=3, exclude=["head.classifier"])
+    # Train a few steps so the weights differ from the copy's.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(7, 8)).pow(2).mean().backward()
+        opt.step()
+    x = torch.randn(10, 8)
+    assert not torch.equal(fresh(x), model(x))
+    assert list(model.state_dict()) == list(fresh.state_dict())
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert all(type(m) is not MePropLinear for m in fresh.modules())
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_bare_linear_returns_meprop_linear():
+    lin = nn.Linear(5, 4)
+    out = convert(lin, k=2, backend="torch")
+    assert type(out) is MePropLinear and out is not lin
+    assert out.weight is lin.weight and out.bias is lin.bias
+    assert out.k == 2 and out.backend == "torch"
+    assert type(lin) is nn.Linear
+    x = torch.randn(3, 5)
+    assert torch.equal(out(x), lin(x))
+
+
+def test_bare_linear_excluded_is_returned_unchanged():
+    lin = nn.Linear(5, 4)
+    assert convert(lin, k=2, exclude=lambda name, m: True) is lin
+
+
+def test_convert_again_updates_k():
+    model = make_net()
+    params = list(model.parameters())
+    convert(model, k=2)
+    first = model.encoder[0]
+    convert(model, k=0.5)
+    assert all(model.get_submodule(n).k == 0.5 for n in LINEAR_NAMES)
+    assert model.encoder[0].weight is first.weight
+    assert all(p is q for p, q in zip(params, model.parameters()))
+    model(torch.randn(4, 8)).sum().backward()
+    assert int((model.encoder[0].weight.grad != 0).any(1).sum()) == 8
+
+
+def test_linear_subclass_is_left_alone():
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(MyLinear(3, 3), nn.Linear(3, 3))
+    convert(model, k=1)
+    assert type(model[0]) is MyLinear and type(model[1]) is MePropLinear
+
+
+def test_training_mode_kept():
+    model = make_net().eval()
+    convert(model, k=2)
+    assert all(not m.training for m in model.modules())
