@@ -5,6 +5,7 @@ The forward pass is always the ordinary ``F.linear``; only the backward changes.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -22,51 +23,72 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _triton_kernels_available() -> bool:
-    # The fused Triton backward is not part of this release yet; the torch path runs.
-    return False
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs for ``backend`` on tensors that live on ``device``.
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
-    ``"auto"`` picks the Triton kernels for CUDA tensors when they are available and the
-    torch path otherwise. ``"triton"`` is refused, with the reason, where it cannot run.
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The backend that runs for ``backend`` on ``dtype`` tensors that live on ``device``.
+
+    ``"auto"`` picks the Triton kernels for CUDA tensors of a dtype they support (fp32,
+    fp16, bf16) when triton is importable, and the torch path otherwise. ``"triton"`` is
+    refused, with the reason, where it cannot run.
     """
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_kernels_available() else "torch"
+        if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_importable():
+            return "triton"
+        return "torch"
     if device.type != "cuda" and not triton_interpreter_enabled():
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
             f"triton is imported to run the kernels on CPU tensors; got tensors on "
             f"'{device}'. Use backend='torch' (or 'auto') for the pure-torch path."
         )
-    if not _triton_kernels_available():
-        raise RuntimeError(
-            "backend='triton' was asked for, but this build of meprop-triton has no Triton "
-            "meProp kernels; use backend='torch' (or 'auto')"
+    if not _triton_importable():
+        raise RuntimeError("backend='triton' needs the triton package; pip install triton")
+    if dtype not in _TRITON_DTYPES:
+        raise TypeError(
+            f"backend='triton' supports float32, float16 and bfloat16 tensors; got {dtype}. "
+            f"Use backend='torch' (or 'auto') for {dtype}."
         )
     return "triton"
 
 
+def _autocast_dtype(input) -> torch.dtype | None:
+    """The dtype autocast would run ``F.linear`` in for ``input``, None when it is off."""
+    if not isinstance(input, Tensor):
+        return None
+    try:
+        enabled = torch.is_autocast_enabled(input.device.type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return None
+    return torch.get_autocast_dtype(input.device.type) if enabled else None
+
+
 class MePropFunction(torch.autograd.Function):
-    """``F.linear`` forward; unified top-k meProp backward.
+    """``F.linear`` forward; meProp backward.
 
     ``k`` is a resolved number of units (an int in [1, out]); ``k == out`` gives the
-    exact dense gradient.
+    exact dense gradient. ``unified``/``selection``/``generator`` choose the units kept.
     """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, backend: str) -> Tensor:
+    def forward(x, weight, bias, k, backend, unified, selection, generator):
         return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, k, backend = inputs
+        x, weight, bias, k, backend, unified, selection, generator = inputs
         ctx.k = k
         ctx.backend = backend
+        ctx.unified = unified
+        ctx.selection = selection
+        ctx.generator = generator
         ctx.save_for_backward(x, weight)
 
     @staticmethod
@@ -77,14 +99,30 @@ class MePropFunction(torch.autograd.Function):
         grad = grad_output.reshape(-1, out_features)
         x2d = x.reshape(-1, in_features)
         flags = dict(need_input=need_x, need_weight=need_w, need_bias=need_b)
-        if ctx.k >= out_features:
+        k = ctx.k
+        if k >= out_features:
             gx, gw, gb = reference.dense_backward(grad, x2d, weight, **flags)
+        elif not ctx.unified:
+            if ctx.selection == "topk":
+                idx = reference.per_example_topk_indices(grad, k)
+            else:
+                idx = reference.per_example_random_indices(
+                    grad.shape[0], out_features, k, generator=ctx.generator, device=grad.device
+                )
+            gx, gw, gb = reference.per_example_backward(grad, x2d, weight, idx, **flags)
+        elif ctx.selection == "random":
+            idx = reference.random_indices(out_features, k, generator=ctx.generator, device=grad.device)
+            gx, gw, gb = reference.unified_backward(grad, x2d, weight, idx, **flags)
+        elif ctx.backend == "triton":
+            from .triton_ops import unified_topk_backward
+
+            gx, gw, gb = unified_topk_backward(grad, x2d, weight, k, need_x, need_w, need_b)
         else:
-            idx = reference.unified_topk_indices(grad, ctx.k)
+            idx = reference.unified_topk_indices(grad, k)
             gx, gw, gb = reference.unified_backward(grad, x2d, weight, idx, **flags)
         if gx is not None:
             gx = gx.reshape(x.shape)
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 def meprop_linear(
@@ -107,11 +145,16 @@ def meprop_linear(
         bias: ``(out_features,)`` or None. Its gradient is always dense and exact.
         k: an int >= 1 (a number of output units; values >= out_features give the dense
             gradient) or a float in (0, 1] (a fraction of out_features, rounded up).
-        unified: one set of units for all leading positions (the only mode so far).
-        selection: ``"topk"`` (by ``sum |grad|`` per output unit).
+        unified: True: one set of units for all leading positions (scored by
+            ``sum |grad|`` per unit); False: a set per row (by ``|grad[m, :]|``), the
+            paper's original per-example meProp.
+        selection: ``"topk"`` (by gradient magnitude) or ``"random"`` (a uniform random
+            k-subset per call, or per row, independent of the gradient).
         sparse_grad: dense gradients (the only mode so far).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
-        generator: for ``selection="random"``.
+        generator: the ``torch.Generator`` that ``selection="random"`` draws from (torch's
+            default generator of the tensors' device when None); it must live on the
+            tensors' device.
 
     Every argument is checked before any work is done.
     """
@@ -122,21 +165,12 @@ def meprop_linear(
         k_units = resolve_k(k, weight.shape[0])
     else:
         k_units = None  # check_linear_args names the bad weight below
-    if not unified:
-        raise NotImplementedError("per-example meProp (unified=False) is not available in this release")
-    if selection != "topk":
-        raise NotImplementedError(f"selection={selection!r} is not available in this release; use 'topk'")
     if sparse_grad:
         raise NotImplementedError("sparse_grad=True is not available in this release")
 
-    if (
-        isinstance(input, Tensor)
-        and isinstance(weight, Tensor)
-        and torch.is_autocast_enabled(input.device.type)
-    ):
+    dtype = _autocast_dtype(input)
+    if dtype is not None and isinstance(weight, Tensor):
         # Do autocast's cast here, differentiably, and save the low-precision copies.
-        dtype = torch.get_autocast_dtype(input.device.type)
-
         def cast(t):
             # As autocast does for nn.Linear: float64 is left alone.
             if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
@@ -145,11 +179,24 @@ def meprop_linear(
 
         input, weight, bias = cast(input), cast(weight), cast(bias)
     check_linear_args(input, weight, bias)
-    resolved = resolve_backend(backend, input.device)
+    if generator is not None and generator.device.type != input.device.type:
+        raise ValueError(
+            f"generator lives on '{generator.device}' but the tensors on '{input.device}'; "
+            f"pass a torch.Generator(device='{input.device.type}')"
+        )
+    resolved = resolve_backend(backend, input.device, input.dtype)
+    if resolved == "triton" and (not unified or selection != "topk") and backend == "triton":
+        raise NotImplementedError(
+            f"backend='triton' runs unified top-k only so far; unified={unified}, "
+            f"selection={selection!r} run on backend='torch' (or 'auto'), also on CUDA tensors"
+        )
 
     if not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (input, weight, bias)
     ):
         return F.linear(input, weight, bias)
+    args = (input, weight, bias, k_units, resolved, unified, selection, generator)
+    if dtype is None:
+        return MePropFunction.apply(*args)
     with torch.autocast(input.device.type, enabled=False):
-        return MePropFunction.apply(input, weight, bias, k_units, resolved)
+        return MePropFunction.apply(*args)

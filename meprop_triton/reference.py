@@ -1,4 +1,4 @@
-"""Unified top-k meProp in plain torch: the CPU path and the oracle for every kernel.
+"""meProp in plain torch: the CPU path and the oracle for every kernel.
 
 Notation (DESIGN section 1): a linear layer ``y = x W^T + b`` with the leading dims of
 ``x`` flattened, ``X: (M, in)``, ``W: (out, in)``, and the incoming gradient ``G: (M, out)``.
@@ -11,11 +11,16 @@ Notation (DESIGN section 1): a linear layer ``y = x W^T + b`` with the leading d
 
 Only the k selected columns of G and rows of W are ever copied: no dense mask, no
 (M x out) temporary.
+
+Per-example top-k (``unified=False``) keeps a set ``S_m`` for each row m (the top-k of
+``|G[m, :]|``, same tie and NaN rules); its products run as sparse (CSR) x dense matrix
+products over the ``M * k`` selected entries. Random-k draws uniform k-subsets instead.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -27,6 +32,10 @@ __all__ = [
     "unified_topk_indices",
     "unified_backward",
     "dense_backward",
+    "per_example_topk_indices",
+    "random_indices",
+    "per_example_random_indices",
+    "per_example_backward",
 ]
 
 
@@ -131,4 +140,87 @@ def dense_backward(
     grad_x = grad @ weight if need_input else None
     grad_w = grad.t() @ x if need_weight else None
     grad_b = grad.sum(0) if need_bias else None
+    return grad_x, grad_w, grad_b
+
+
+# --- per-example and random selection -------------------------------------------------
+
+
+def per_example_topk_indices(grad: Tensor, k: int) -> Tensor:
+    """``(M, k)`` int64: for each row of ``grad`` the k largest ``|grad[m, :]|``, sorted.
+
+    Ties go to the lower index; NaN and inf count as +inf. For fp32/fp16/bf16 each
+    ``|g|`` (exact in fp32) is packed with its reversed column index into a unique int64
+    key, so ``topk`` has no ties to break; fp64 uses a stable sort.
+    """
+    M, out = grad.shape
+    if grad.dtype == torch.float64:
+        a = grad.abs().nan_to_num_(nan=math.inf)
+        order = torch.sort(a, dim=1, descending=True, stable=True).indices
+        return order[:, :k].sort(dim=1).values
+    a = grad.abs().to(torch.float32).nan_to_num_(nan=math.inf)
+    # Non-negative floats order like their bit patterns read as integers.
+    key = a.view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
+    key |= torch.arange(out - 1, -1, -1, device=grad.device)
+    return torch.topk(key, k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def random_indices(out: int, k: int, *, generator=None, device=None) -> Tensor:
+    """A uniform random k-subset of ``range(out)``, sorted (unified random-k)."""
+    perm = torch.randperm(out, generator=generator, device=device)
+    return perm[:k].sort().values
+
+
+def per_example_random_indices(M: int, out: int, k: int, *, generator=None, device=None) -> Tensor:
+    """``(M, k)``: an independent uniform random k-subset of ``range(out)`` per row, sorted."""
+    keys = torch.rand(M, out, generator=generator, device=device)
+    return torch.topk(keys, k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def _sparse_mm(crow: Tensor, col: Tensor, val: Tensor, shape, dense: Tensor) -> Tensor:
+    """``CSR(crow, col, val) @ dense``; fp16/bf16 on a CPU go through fp32 (no half CSR kernel)."""
+    dtype = dense.dtype
+    if dense.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        val, dense = val.float(), dense.float()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr = torch.sparse_csr_tensor(
+            crow, col, val, shape, dtype=val.dtype, device=val.device, check_invariants=False
+        )
+    return (csr @ dense).to(dtype)
+
+
+def per_example_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    idx: Tensor,
+    *,
+    need_input: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+):
+    """Per-example meProp gradients for the ``(M, k)`` selection ``idx``.
+
+    ``grad_x[m] = sum_{j in S_m} G[m, j] W[j, :]``;
+    ``grad_W[j, :] = sum_{m: j in S_m} G[m, j] X[m, :]`` (rows never selected are zero);
+    ``grad_b = sum_m G[m, :]``. Both products are CSR x dense over the ``M * k`` kept
+    entries; the weight gradient's CSR is the transpose, its entries sorted by unit.
+    """
+    M, out = grad.shape
+    k = idx.shape[1]
+    vals = grad.gather(1, idx).reshape(-1)
+    cols = idx.reshape(-1)
+    grad_x = grad_w = grad_b = None
+    if need_input:
+        crow = torch.arange(0, M * k + 1, k, device=grad.device)
+        grad_x = _sparse_mm(crow, cols, vals, (M, out), weight.contiguous())
+    if need_weight:
+        order = torch.argsort(cols, stable=True)
+        rows = torch.arange(M, device=grad.device).repeat_interleave(k)[order]
+        crow = torch.zeros(out + 1, dtype=torch.int64, device=grad.device)
+        torch.cumsum(torch.bincount(cols, minlength=out), 0, out=crow[1:])
+        grad_w = _sparse_mm(crow, rows, vals[order], (out, M), x.contiguous())
+    if need_bias:
+        grad_b = grad.sum(0)
     return grad_x, grad_w, grad_b
