@@ -89,8 +89,14 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
     """Indices of the ``k`` largest ``scores``, ties to the lower index, sorted ascending.
 
     ``scores`` must not hold NaN (see :func:`column_scores`). A stable descending sort
-    keeps equal scores in index order, so the lower index wins every tie.
+    keeps equal scores in index order, so the lower index wins every tie. On a CPU the
+    sort runs in numpy, whose per-call overhead is a fraction of torch's: at MNIST's
+    500 units this step is a visible share of the whole backward.
     """
+    if scores.device.type == "cpu" and not torch.compiler.is_compiling():
+        order = np.argsort(-scores.numpy(), kind="stable")[:k]
+        order.sort()
+        return torch.from_numpy(order.astype(np.int64, copy=False))
     order = torch.sort(scores, descending=True, stable=True).indices
     return order[:k].sort().values
 
