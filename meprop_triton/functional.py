@@ -78,16 +78,17 @@ class MePropFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, weight, bias, k, backend, unified, selection, generator):
+    def forward(x, weight, bias, k, backend, unified, selection, sparse_grad, generator):
         return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, k, backend, unified, selection, generator = inputs
+        x, weight, bias, k, backend, unified, selection, sparse_grad, generator = inputs
         ctx.k = k
         ctx.backend = backend
         ctx.unified = unified
         ctx.selection = selection
+        ctx.sparse_grad = sparse_grad
         ctx.generator = generator
         ctx.save_for_backward(x, weight)
 
@@ -99,9 +100,10 @@ class MePropFunction(torch.autograd.Function):
         grad = grad_output.reshape(-1, out_features)
         x2d = x.reshape(-1, in_features)
         flags = dict(need_input=need_x, need_weight=need_w, need_bias=need_b)
-        k = ctx.k
+        k, sparse = ctx.k, ctx.sparse_grad
         if k >= out_features:
-            gx, gw, gb = reference.dense_backward(grad, x2d, weight, **flags)
+            run = reference.dense_sparse_backward if sparse else reference.dense_backward
+            gx, gw, gb = run(grad, x2d, weight, **flags)
         elif not ctx.unified:
             if ctx.selection == "topk":
                 idx = reference.per_example_topk_indices(grad, k)
@@ -109,20 +111,24 @@ class MePropFunction(torch.autograd.Function):
                 idx = reference.per_example_random_indices(
                     grad.shape[0], out_features, k, generator=ctx.generator, device=grad.device
                 )
-            gx, gw, gb = reference.per_example_backward(grad, x2d, weight, idx, **flags)
-        elif ctx.selection == "random":
-            idx = reference.random_indices(out_features, k, generator=ctx.generator, device=grad.device)
-            gx, gw, gb = reference.unified_backward(grad, x2d, weight, idx, **flags)
-        elif ctx.backend == "triton":
+            run = reference.per_example_sparse_backward if sparse else reference.per_example_backward
+            gx, gw, gb = run(grad, x2d, weight, idx, **flags)
+        elif ctx.backend == "triton" and ctx.selection == "topk" and not sparse:
             from .triton_ops import unified_topk_backward
 
             gx, gw, gb = unified_topk_backward(grad, x2d, weight, k, need_x, need_w, need_b)
         else:
-            idx = reference.unified_topk_indices(grad, k)
-            gx, gw, gb = reference.unified_backward(grad, x2d, weight, idx, **flags)
+            if ctx.selection == "random":
+                idx = reference.random_indices(
+                    out_features, k, generator=ctx.generator, device=grad.device
+                )
+            else:
+                idx = reference.unified_topk_indices(grad, k)
+            run = reference.unified_sparse_backward if sparse else reference.unified_backward
+            gx, gw, gb = run(grad, x2d, weight, idx, **flags)
         if gx is not None:
             gx = gx.reshape(x.shape)
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 def meprop_linear(
@@ -150,7 +156,9 @@ def meprop_linear(
             paper's original per-example meProp.
         selection: ``"topk"`` (by gradient magnitude) or ``"random"`` (a uniform random
             k-subset per call, or per row, independent of the gradient).
-        sparse_grad: dense gradients (the only mode so far).
+        sparse_grad: False: dense weight and bias gradients (unselected rows zero).
+            True: sparse COO gradients holding only the selected rows (the bias gradient
+            restricted to the same rows), for SGD, Adagrad or SparseAdam.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         generator: the ``torch.Generator`` that ``selection="random"`` draws from (torch's
             default generator of the tensors' device when None); it must live on the
@@ -165,8 +173,6 @@ def meprop_linear(
         k_units = resolve_k(k, weight.shape[0])
     else:
         k_units = None  # check_linear_args names the bad weight below
-    if sparse_grad:
-        raise NotImplementedError("sparse_grad=True is not available in this release")
 
     dtype = _autocast_dtype(input)
     if dtype is not None and isinstance(weight, Tensor):
@@ -185,17 +191,18 @@ def meprop_linear(
             f"pass a torch.Generator(device='{input.device.type}')"
         )
     resolved = resolve_backend(backend, input.device, input.dtype)
-    if resolved == "triton" and (not unified or selection != "topk") and backend == "triton":
+    if backend == "triton" and (not unified or selection != "topk" or sparse_grad):
         raise NotImplementedError(
-            f"backend='triton' runs unified top-k only so far; unified={unified}, "
-            f"selection={selection!r} run on backend='torch' (or 'auto'), also on CUDA tensors"
+            f"backend='triton' runs unified top-k with dense gradients only so far; "
+            f"unified={unified}, selection={selection!r}, sparse_grad={sparse_grad} run on "
+            f"backend='torch' (or 'auto'), on CUDA tensors too"
         )
 
     if not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (input, weight, bias)
     ):
         return F.linear(input, weight, bias)
-    args = (input, weight, bias, k_units, resolved, unified, selection, generator)
+    args = (input, weight, bias, k_units, resolved, unified, selection, sparse_grad, generator)
     if dtype is None:
         return MePropFunction.apply(*args)
     with torch.autocast(input.device.type, enabled=False):

@@ -36,6 +36,9 @@ __all__ = [
     "random_indices",
     "per_example_random_indices",
     "per_example_backward",
+    "rows_to_sparse",
+    "unified_sparse_backward",
+    "per_example_sparse_backward",
 ]
 
 
@@ -230,3 +233,95 @@ def per_example_backward(
     if need_bias:
         grad_b = grad.sum(0)
     return grad_x, grad_w, grad_b
+
+
+# --- row-sparse gradients (sparse_grad=True) ------------------------------------------
+
+
+def rows_to_sparse(rows: Tensor, values: Tensor, n_rows: int) -> Tensor:
+    """A sparse COO tensor of shape ``(n_rows, *values.shape[1:])`` holding ``values[i]``
+    at row ``rows[i]`` (``rows`` sorted and unique), the layout of an
+    ``nn.Embedding(sparse=True)`` gradient that SGD, Adagrad and SparseAdam take."""
+    return torch.sparse_coo_tensor(
+        rows.unsqueeze(0),
+        values,
+        (n_rows, *values.shape[1:]),
+        is_coalesced=True,
+        check_invariants=False,
+    )
+
+
+def unified_sparse_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    idx: Tensor,
+    *,
+    need_input: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+):
+    """meProp gradients for units ``idx`` with row-sparse weight and bias gradients.
+
+    ``grad_W`` is a sparse COO tensor holding only the rows in ``idx`` (``G[:, S]^T X``);
+    ``grad_b`` holds the same rows of the exact bias gradient, ``sum_m G[m, S]``, so that
+    one sparse optimizer can own both. No (out x in) tensor is made.
+    """
+    g_s = grad.index_select(1, idx)
+    grad_x = grad_w = grad_b = None
+    if need_input:
+        grad_x = g_s @ weight.index_select(0, idx)
+    if need_weight:
+        grad_w = rows_to_sparse(idx, g_s.t() @ x, weight.shape[0])
+    if need_bias:
+        grad_b = rows_to_sparse(idx, g_s.sum(0), weight.shape[0])
+    return grad_x, grad_w, grad_b
+
+
+def per_example_sparse_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    idx: Tensor,
+    *,
+    need_input: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+):
+    """Per-example meProp with row-sparse weight and bias gradients.
+
+    The rows kept are the units some example selected (the union of the ``S_m``); the
+    weight rows come from a CSR product compressed to those units, the bias rows are the
+    exact bias gradient's.
+    """
+    M, out = grad.shape
+    k = idx.shape[1]
+    grad_x = grad_w = grad_b = None
+    if need_input:
+        grad_x = per_example_backward(
+            grad, x, weight, idx, need_input=True, need_weight=False, need_bias=False
+        )[0]
+    if need_weight or need_bias:
+        cols = idx.reshape(-1)
+        units, slot = torch.unique(cols, sorted=True, return_inverse=True)
+    if need_weight:
+        vals = grad.gather(1, idx).reshape(-1)
+        order = torch.argsort(slot, stable=True)
+        rows = torch.arange(M, device=grad.device).repeat_interleave(k)[order]
+        crow = torch.zeros(len(units) + 1, dtype=torch.int64, device=grad.device)
+        torch.cumsum(torch.bincount(slot, minlength=len(units)), 0, out=crow[1:])
+        compact = _sparse_mm(crow, rows, vals[order], (len(units), M), x.contiguous())
+        grad_w = rows_to_sparse(units, compact, out)
+    if need_bias:
+        grad_b = rows_to_sparse(units, grad.index_select(1, units).sum(0), out)
+    return grad_x, grad_w, grad_b
+
+
+def dense_sparse_backward(grad: Tensor, x: Tensor, weight: Tensor, **flags):
+    """``k >= out`` with ``sparse_grad=True``: the dense gradients, every row kept, in the
+    sparse layout (an optimizer that takes sparse gradients keeps getting them)."""
+    gx, gw, gb = dense_backward(grad, x, weight, **flags)
+    every = torch.arange(weight.shape[0], device=grad.device)
+    gw = rows_to_sparse(every, gw, weight.shape[0]) if gw is not None else None
+    gb = rows_to_sparse(every, gb, weight.shape[0]) if gb is not None else None
+    return gx, gw, gb

@@ -17,13 +17,24 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from .kernels.matmul import gathered_grad_input, scattered_grad_weight
+from .kernels import scores as _scores
+from .kernels.matmul import gather_columns, gathered_grad_input, scattered_grad_weight
 from .kernels.scores import column_scores_and_bias
 from .kernels.topk import topk_indices
 
 __all__ = ["unified_topk_backward"]
 
 OP_NAME = "meprop_triton::unified_topk_backward"
+
+#: Read ``G[:, S]`` once into a dense ``(M, k)`` tensor (one gather kernel) that both GEMMs
+#: then read densely (True), or gather G's selected columns inside each GEMM's loads
+#: (False: no temporary). Not yet measured on a GPU; the estimate behind the default:
+#: with a row-major G each gathered element costs its own 32-byte sector, and the
+#: in-GEMM gather re-reads the sectors once per output column tile (in / BLOCK_N times
+#: per GEMM). At M = 8192, in = out = 4096, k = 5 %, bf16, BLOCK_N = 128 that is ~1.7 GB
+#: of L2 sector traffic per GEMM, against ~40 MB of DRAM reads plus a 3.4 MB write for
+#: the compaction. Flip it to compare (bench/).
+COMPACT_GRAD = True
 
 
 def _unified_topk_backward(
@@ -34,8 +45,17 @@ def _unified_topk_backward(
     if need_x or need_w:
         scores, grad_b = column_scores_and_bias(grad, traceable=True)
         idx, rest = topk_indices(scores, k, return_rest=True, traceable=True)
-        grad_x = gathered_grad_input(grad, weight, idx, traceable=True) if need_x else grad.new_empty(0)
-        grad_w = scattered_grad_weight(grad, x, idx, rest, traceable=True) if need_w else grad.new_empty(0)
+        g_sel = gather_columns(grad, idx, traceable=True) if COMPACT_GRAD else None
+        grad_x = (
+            gathered_grad_input(grad, weight, idx, grad_selected=g_sel, traceable=True)
+            if need_x
+            else grad.new_empty(0)
+        )
+        grad_w = (
+            scattered_grad_weight(grad, x, idx, rest, grad_selected=g_sel, traceable=True)
+            if need_w
+            else grad.new_empty(0)
+        )
     else:
         grad_x, grad_w = grad.new_empty(0), grad.new_empty(0)  # outputs may not alias
         grad_b = column_scores_and_bias(grad, traceable=True)[1] if need_b else grad.new_empty(0)
@@ -58,7 +78,7 @@ def _fake_unified_topk_backward(grad, x, weight, k, need_x, need_w, need_b):
 #: triton was imported). wrap_triton cannot trace interpreted kernels, so there the op is
 #: an opaque custom op with a fake implementation (torch.compile keeps it as one node);
 #: otherwise it is a triton_op, which torch.compile traces into.
-INTERPRETED = type(column_scores_and_bias.__globals__["partial_kernel"]).__name__ == "InterpretedFunction"
+INTERPRETED = type(_scores.partial_kernel).__name__ == "InterpretedFunction"
 
 if INTERPRETED:
     _op = torch.library.custom_op(OP_NAME, mutates_args=())(_unified_topk_backward)
