@@ -20,6 +20,7 @@ __all__ = [
     "check_float_tensor",
     "check_index",
     "check_out",
+    "launchable",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -99,3 +100,17 @@ def check_out(name: str, out: torch.Tensor | None, shape, dtype, device) -> None
             f"{name} must have shape {tuple(shape)}, dtype {dtype} on '{device}'; got "
             f"{tuple(out.shape)}, {out.dtype} on '{out.device}'"
         )
+
+
+def launchable(kernel, traceable: bool):
+    """``kernel`` itself, or wrapped with ``torch.library.wrap_triton`` when ``traceable``.
+
+    Launchers called from a ``torch.library.triton_op`` pass ``traceable=True`` so that
+    ``torch.compile`` sees the launch (inside the op in eager mode the wrapper hands back
+    the kernel itself). Direct eager calls skip the wrapper: its dispatch costs ~1 ms.
+    """
+    if not traceable:
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)

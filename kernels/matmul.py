@@ -1,4 +1,4 @@
-"""The compacted meProp products, gathering the selected units inside the GEMM loads.
+"""The compacted meProp products: the selected units gathered inside the GEMM loads.
 
 With ``S = idx`` (k selected output units, int64, any order; ascending from
 :mod:`.topk` keeps the gathers as local as they can be):
@@ -10,13 +10,23 @@ With ``S = idx`` (k selected output units, int64, any order; ascending from
   programs compute ``(G[:, S]^T @ X)`` tiles and store them straight into rows ``S`` of
   ``grad_W``; the remaining programs write zeros into the ``out - k`` other rows (given by
   ``rest``, the complement from :func:`.topk.topk_indices`). Every element of ``grad_W``
-  is written exactly once: no ``zeros()`` + ``index_copy_``, no ``(M, k)`` copy of G.
+  is written exactly once: no ``zeros()`` + ``index_copy_``.
+* :func:`gather_columns`: ``G[:, S]`` as a dense ``(M, k)`` tensor. Both GEMMs take it as
+  ``grad_selected=`` and then read G's part densely instead of gathering it (``W``'s rows
+  are still gathered in the loads, and ``grad_W``'s rows still scattered in the stores).
 
-Both accumulate in fp32 with ``tl.dot`` (tf32 for fp32 inputs only when
-``torch.backends.cuda.matmul.allow_tf32`` is True) and store in the input dtype. Offsets
-are int64; all strides are runtime arguments, so strided inputs need no copy. Programs
-are ordered in groups of ``GROUP_M`` row tiles (L2 reuse of the gathered operand).
-Results are deterministic: no atomics, one program owns each output tile.
+Which of the two ways to read ``G[:, S]`` is faster is a GPU measurement (see
+:mod:`meprop_triton.triton_ops`, which picks one): gathering in the loads needs no
+``(M, k)`` temporary, but a row-major G gives each gathered element its own 32-byte
+sector, re-read for every column tile of the output; compacting reads those sectors once.
+
+G is used with whatever strides it has; ``weight`` / ``x`` are made contiguous once
+first if their last dimension is not unit-stride (:data:`COPY_NON_UNIT_INNER`), any row
+stride is used as it is. Both GEMMs accumulate in fp32 with ``tl.dot`` (tf32 for fp32
+inputs only when ``torch.backends.cuda.matmul.allow_tf32`` is True) and store in the
+input dtype. Offsets are int64; all strides are runtime arguments. Programs are ordered
+in groups of ``GROUP_M`` row tiles (L2 reuse of the gathered operand). Results are
+deterministic: no atomics, one program owns each output tile.
 """
 
 from __future__ import annotations
@@ -32,11 +42,15 @@ from . import _launch
 __all__ = [
     "gathered_grad_input",
     "scattered_grad_weight",
+    "gather_columns",
+    "gather_configs",
+    "gather_columns_kernel",
     "grad_input_configs",
     "grad_weight_configs",
     "grad_input_kernel",
     "grad_weight_kernel",
     "input_precision_for",
+    "prune_configs",
 ]
 
 
@@ -71,6 +85,7 @@ def grad_weight_configs() -> list:
     """
     return [
         _cfg(32, 64, 32, 4, 2),
+        _cfg(32, 32, 32, 4, 2),
         _cfg(32, 128, 64, 4, 3),
         _cfg(64, 64, 64, 4, 3),
         _cfg(64, 128, 32, 4, 4),
@@ -104,9 +119,13 @@ def grad_input_kernel(
     M, N, K,
     stride_gm, stride_gn, stride_wo, stride_wi, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, GATHER_G: tl.constexpr,
 ):
-    """``out[M, N] = G[:, idx] @ W[idx, :]``; ``N`` = in_features, ``K`` = len(idx)."""
+    """``out[M, N] = G[:, idx] @ W[idx, :]``; ``N`` = in_features, ``K`` = len(idx).
+
+    ``GATHER_G``: ``g_ptr`` is the whole G and its columns ``idx`` are gathered here;
+    otherwise ``g_ptr`` is the compacted ``G[:, idx]`` (M, K), read densely.
+    """
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -122,7 +141,11 @@ def grad_input_kernel(
         kk = k0 + rk
         k_ok = kk < K
         sel = tl.load(idx_ptr + kk, mask=k_ok, other=0)  # the index tile, once per step
-        a = tl.load(g_rows + sel[None, :] * stride_gn, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if GATHER_G:
+            g_col = sel
+        else:
+            g_col = kk
+        a = tl.load(g_rows + g_col[None, :] * stride_gn, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_cols + sel[:, None] * stride_wo, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
@@ -136,12 +159,13 @@ def grad_weight_kernel(
     M, N, K, R,
     stride_gm, stride_gn, stride_xm, stride_xi, stride_wo, stride_wi,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, GATHER_G: tl.constexpr,
 ):
     """Rows ``idx`` of ``out`` get ``G[:, idx]^T @ X``; rows ``rest`` get zeros.
 
     ``M`` tokens (the reduction), ``N`` = in_features, ``K`` = len(idx), ``R`` = len(rest).
     Programs ``[0, P)`` are the product tiles, ``[P, P + Z)`` the zero tiles.
+    ``GATHER_G``: as in :func:`grad_input_kernel` (``g_ptr`` is G, or ``G[:, idx]``).
     """
     pid = tl.program_id(0)
     num_pid_k = tl.cdiv(K, BLOCK_M)
@@ -155,7 +179,10 @@ def grad_weight_kernel(
         rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         rt = tl.arange(0, BLOCK_K).to(tl.int64)
-        g_cols = g_ptr + sel[:, None] * stride_gn  # A[i, t] = G[t, idx[i]]
+        if GATHER_G:
+            g_cols = g_ptr + sel[:, None] * stride_gn  # A[i, t] = G[t, idx[i]]
+        else:
+            g_cols = g_ptr + rr[:, None].to(tl.int64) * stride_gn  # A[i, t] = G_S[t, i]
         x_cols = x_ptr + rn[None, :] * stride_xi
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for t0 in range(0, M, BLOCK_K):
@@ -180,27 +207,136 @@ def grad_weight_kernel(
         tl.store(out, zero, mask=r_ok[:, None] & n_ok[None, :])
 
 
+def gather_configs() -> list[dict]:
+    """The launch config of :func:`gather_columns_kernel` (one: it is bandwidth-bound)."""
+    return [{"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4}]
+
+
+@triton.jit
+def gather_columns_kernel(
+    g_ptr, idx_ptr, out_ptr,
+    M, K,
+    stride_gm, stride_gn, stride_om, stride_ok,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``out[M, K] = G[:, idx]``: one read of the selected columns, a dense write."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    k_ok = rk < K
+    sel = tl.load(idx_ptr + rk, mask=k_ok, other=0)
+    mask = m_ok[:, None] & k_ok[None, :]
+    g = tl.load(g_ptr + rm[:, None] * stride_gm + sel[None, :] * stride_gn, mask=mask, other=0.0)
+    tl.store(out_ptr + rm[:, None] * stride_om + rk[None, :] * stride_ok, g, mask=mask)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Autotune pruning: plain fp32 (``ieee``, no tensor cores) keeps only tiles up to
+    64 x 64 x 32, since its FMA-based ``tl.dot`` spills registers beyond that (see the
+    AOT builds' register report, tests/kernels/test_aot.py)."""
+    g = named_args.get("g_ptr")
+    if getattr(g, "dtype", None) == torch.float32 and kwargs.get("INPUT_PRECISION") == "ieee":
+        small = [
+            c for c in configs
+            if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.kwargs["BLOCK_K"] <= 32
+        ]
+        return small or configs[:1]
+    return configs
+
+
+#: Copy ``weight`` / ``x`` to a contiguous tensor once, before the GEMM, when their last
+#: dimension is not unit-stride. The kernels accept any strides, but those operands'
+#: tiles are loaded along that dimension: without a unit stride every element needs its
+#: own 64-bit address and most configs spill registers (the AOT register report). G is
+#: gathered along its columns anyway and is never copied: its strides cost nothing
+#: (a column-major G even makes the gathers contiguous along the tokens). Tests switch
+#: this off to exercise the general-stride code.
+COPY_NON_UNIT_INNER = True
+
+
+def _unit_inner(t: torch.Tensor) -> torch.Tensor:
+    if COPY_NON_UNIT_INNER and t.shape[1] > 1 and t.stride(1) != 1:
+        return t.contiguous()
+    return t
+
+
+_AUTOTUNE_KEY = ["M", "N", "K", "INPUT_PRECISION", "GATHER_G"]  # the autotuner adds dtypes
+
+
 @functools.cache
 def _autotuned(which: str):
     # Built on first use: triton.autotune touches no device, but keeping the configs in a
     # function means one list serves the autotuner, the single-config mode and the AOT tests.
-    if which == "grad_input":
-        return triton.autotune(configs=grad_input_configs(), key=["M", "N", "K"])(grad_input_kernel)
-    return triton.autotune(configs=grad_weight_configs(), key=["M", "N", "K"])(grad_weight_kernel)
+    fn, cfgs = (
+        (grad_input_kernel, grad_input_configs())
+        if which == "grad_input"
+        else (grad_weight_kernel, grad_weight_configs())
+    )
+    return triton.autotune(
+        configs=cfgs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_configs}
+    )(fn)
 
 
-def _launch_kernel(which, kernel, grid_of, args, precision, config):
+def _launch_kernel(which, kernel, grid_of, args, precision, gather, config, traceable):
     """Launch with ``config`` (a triton.Config), the single test config, or the autotuner."""
     if config is None and _launch.single_config_mode():
         config = (grad_input_configs if which == "grad_input" else grad_weight_configs)()[0]
     if config is not None:
         meta = dict(config.kwargs)
-        kernel[grid_of(meta)](
-            *args, **meta, INPUT_PRECISION=precision,
+        _launch.launchable(kernel, traceable)[grid_of(meta)](
+            *args, **meta, INPUT_PRECISION=precision, GATHER_G=gather,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     else:
-        _autotuned(which)[grid_of](*args, INPUT_PRECISION=precision)
+        _launch.launchable(_autotuned(which), traceable)[grid_of](
+            *args, INPUT_PRECISION=precision, GATHER_G=gather
+        )
+
+
+def gather_columns(
+    grad: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    traceable: bool = False,
+) -> torch.Tensor:
+    """``grad[:, idx]`` as a contiguous ``(M, k)`` tensor (the compacted G, read once).
+
+    ``out``: optional preallocated result (any strides); ``traceable``: launch through
+    ``torch.library.wrap_triton`` (inside a ``triton_op``).
+    """
+    _launch.check_float_tensor("grad", grad, 2)
+    idx = _launch.check_index("idx", idx, grad.device)
+    M, K = grad.shape[0], idx.shape[0]
+    if out is None:
+        out = torch.empty((M, K), dtype=grad.dtype, device=grad.device)
+    else:
+        _launch.check_out("out", out, (M, K), grad.dtype, grad.device)
+    if M == 0 or K == 0:
+        return out
+    cfg = gather_configs()[0]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    _launch.launchable(gather_columns_kernel, traceable)[grid](
+        grad, idx, out, M, K,
+        grad.stride(0), grad.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def _grad_operand(grad, idx, grad_selected):
+    """(G operand, GATHER_G): the compacted ``grad[:, idx]`` when given, else G itself."""
+    if grad_selected is None:
+        return grad, True
+    M, K = grad.shape[0], idx.shape[0]
+    if tuple(grad_selected.shape) != (M, K) or grad_selected.dtype != grad.dtype or grad_selected.device != grad.device:
+        raise ValueError(
+            f"grad_selected must be grad[:, idx]: shape {(M, K)}, {grad.dtype} on '{grad.device}'; "
+            f"got {tuple(grad_selected.shape)}, {grad_selected.dtype} on '{grad_selected.device}'"
+        )
+    return grad_selected, False
 
 
 def _check_operands(grad, other, other_name, idx):
@@ -219,17 +355,23 @@ def gathered_grad_input(
     weight: torch.Tensor,
     idx: torch.Tensor,
     *,
+    grad_selected: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config=None,
+    traceable: bool = False,
 ) -> torch.Tensor:
-    """``grad[:, idx] @ weight[idx, :]`` without copying the selected columns or rows.
+    """``grad[:, idx] @ weight[idx, :]`` without copying the selected rows of ``weight``.
 
     ``grad: (M, out_features)``, ``weight: (out_features, in_features)``, ``idx``: 1-D
     int64 (k >= 1 entries, valid unit indices). Returns ``(M, in_features)`` in grad's
-    dtype. ``out``: optional preallocated result (any strides); ``config``: force one
-    ``triton.Config`` from :func:`grad_input_configs` (tests).
+    dtype. ``grad_selected``: the compacted ``grad[:, idx]`` from :func:`gather_columns`,
+    read densely instead of gathering G's columns in the GEMM loads. ``out``: optional
+    preallocated result (any strides); ``config``: force one ``triton.Config`` from
+    :func:`grad_input_configs` (tests); ``traceable``: launch through
+    ``torch.library.wrap_triton`` (inside a ``triton_op``).
     """
     idx = _check_operands(grad, weight, "weight", idx)
+    weight = _unit_inner(weight)
     M, n_out = grad.shape
     if weight.shape[0] != n_out:
         raise ValueError(f"weight {tuple(weight.shape)} does not match grad {tuple(grad.shape)}")
@@ -247,12 +389,15 @@ def gathered_grad_input(
     def grid_of(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_in, meta["BLOCK_N"]),)
 
+    g_op, gather = _grad_operand(grad, idx, grad_selected)
     args = (
-        grad, weight, idx, out, M, n_in, K,
-        grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
+        g_op, weight, idx, out, M, n_in, K,
+        g_op.stride(0), g_op.stride(1), weight.stride(0), weight.stride(1),
         out.stride(0), out.stride(1),
     )
-    _launch_kernel("grad_input", grad_input_kernel, grid_of, args, input_precision_for(grad.dtype), config)
+    _launch_kernel(
+        "grad_input", grad_input_kernel, grid_of, args, input_precision_for(grad.dtype), gather, config, traceable
+    )
     return out
 
 
@@ -269,18 +414,24 @@ def scattered_grad_weight(
     idx: torch.Tensor,
     rest: torch.Tensor | None = None,
     *,
+    grad_selected: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config=None,
+    traceable: bool = False,
 ) -> torch.Tensor:
     """The dense ``(out_features, in_features)`` weight gradient of unified meProp.
 
     Rows ``idx`` hold ``grad[:, idx]^T @ x``; every other row is zero. ``grad: (M, out)``,
     ``x: (M, in)``, ``idx``: 1-D int64 of distinct unit indices; ``rest``: the other
     indices (from ``topk_indices(..., return_rest=True)``; computed here when None).
-    ``idx`` and ``rest`` together must cover every row once. ``out``: optional
-    preallocated result (any strides); ``config``: force one ``triton.Config`` (tests).
+    ``idx`` and ``rest`` together must cover every row once. ``grad_selected``: the
+    compacted ``grad[:, idx]`` (:func:`gather_columns`), read instead of gathering from
+    G. ``out``: optional preallocated result (any strides); ``config``: force one
+    ``triton.Config`` (tests);
+    ``traceable``: launch through ``torch.library.wrap_triton`` (inside a ``triton_op``).
     """
     idx = _check_operands(grad, x, "x", idx)
+    x = _unit_inner(x)
     M, n_out = grad.shape
     if x.shape[0] != M:
         raise ValueError(f"x {tuple(x.shape)} and grad {tuple(grad.shape)} need the same rows")
@@ -304,10 +455,13 @@ def scattered_grad_weight(
         n_tiles = triton.cdiv(n_in, bn)
         return ((triton.cdiv(K, bm) + triton.cdiv(R, bm)) * n_tiles,)
 
+    g_op, gather = _grad_operand(grad, idx, grad_selected)
     args = (
-        grad, x, idx, rest, out, M, n_in, K, R,
-        grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
+        g_op, x, idx, rest, out, M, n_in, K, R,
+        g_op.stride(0), g_op.stride(1), x.stride(0), x.stride(1),
         out.stride(0), out.stride(1),
     )
-    _launch_kernel("grad_weight", grad_weight_kernel, grid_of, args, input_precision_for(grad.dtype), config)
+    _launch_kernel(
+        "grad_weight", grad_weight_kernel, grid_of, args, input_precision_for(grad.dtype), gather, config, traceable
+    )
     return out

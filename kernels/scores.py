@@ -110,6 +110,7 @@ def column_scores_and_bias(
     *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     split: int | None = None,
+    traceable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores, grad_b)`` of a 2-D gradient ``grad: (M, out_features)``.
 
@@ -118,7 +119,8 @@ def column_scores_and_bias(
 
     ``out``: optional preallocated ``(scores, grad_b)`` buffers (tests pass NaN-filled
     ones). ``split``: force the number of row slices (tests; default: chosen to fill
-    the GPU).
+    the GPU). ``traceable``: launch through ``torch.library.wrap_triton`` (for callers
+    inside a ``triton_op``).
     """
     _launch.check_float_tensor("grad", grad, 2)
     M, N = grad.shape
@@ -152,19 +154,19 @@ def column_scores_and_bias(
     grid = (triton.cdiv(N, bn), split)
 
     if split == 1:
-        partial_kernel[grid](
+        _launch.launchable(partial_kernel, traceable)[grid](
             grad, scores, grad_b, M, N, grad.stride(0), grad.stride(1), rows_per_split,
             BLOCK_M=bm, BLOCK_N=bn, FINAL=True, num_warps=pcfg["num_warps"],
         )
         return scores, grad_b
 
     work = torch.empty((2, split, N), dtype=torch.float32, device=device)
-    partial_kernel[grid](
+    _launch.launchable(partial_kernel, traceable)[grid](
         grad, work[0], work[1], M, N, grad.stride(0), grad.stride(1), rows_per_split,
         BLOCK_M=bm, BLOCK_N=bn, FINAL=False, num_warps=pcfg["num_warps"],
     )
     fbn = fcfg["BLOCK_N"]
-    finish_kernel[(triton.cdiv(N, fbn),)](
+    _launch.launchable(finish_kernel, traceable)[(triton.cdiv(N, fbn),)](
         work[0], work[1], scores, grad_b, N, split,
         BLOCK_N=fbn, num_warps=fcfg["num_warps"],
     )

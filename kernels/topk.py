@@ -3,17 +3,18 @@
 Equal to ``reference.select_topk`` bit for bit, for any ``k`` in ``[1, n]``.
 
 How: each score becomes a uint32 key whose unsigned order is the float order (NaN counts
-as +inf, -0 as +0). A radix search fixes the k-th largest key ``T`` four bits at a time,
-from the top: in each of 8 rounds the 16 candidates ``T | d << shift`` are counted at once
-(``count(key >= candidate)``) and the largest digit whose count is still ``>= k`` is kept.
-Then ``need_eq = k - count(key > T)`` and one pass in index order writes every index with
+as +inf, -0 as +0). A radix select fixes the k-th largest key ``T`` eight bits at a time
+from the top: each of the 4 rounds builds a 256-bin histogram (``tl.histogram``) of the
+next digit of the keys that share T's digits so far, and keeps the largest digit that
+still leaves ``k`` keys at or above it. That also yields ``count(key > T)``, so
+``need_eq = k - count(key > T)``. One last pass in index order writes every index with
 ``key > T`` and the first ``need_eq`` indices with ``key == T`` (lower indices win ties),
-their positions given by prefix sums (``tl.cumsum``), so the output comes out sorted.
+each at the slot given by a prefix sum (``tl.cumsum``), so the output comes out sorted.
 The same pass writes the complement (the ``n - k`` unselected indices, ascending), which
 the weight-gradient kernel uses to zero the other rows.
 
-One program does it all (no atomics, nothing order-dependent), reading the scores
-``8 + 2`` times in blocks of ``BLOCK``: ``n = 4096`` is 4 blocks, ``n = 65536`` 64 blocks.
+One program does it all (no atomics across programs, nothing order-dependent), reading
+the scores 5 times in blocks of ``BLOCK``: ``n = 4096`` is 4 blocks, ``n = 65536`` 64.
 Any ``n < 2**31`` works.
 """
 
@@ -30,7 +31,7 @@ __all__ = ["topk_indices", "configs", "topk_kernel"]
 
 def configs() -> list[dict]:
     """The launch configs this file ships (one)."""
-    return [{"BLOCK": 1024, "RADIX_BITS": 4, "num_warps": 8}]
+    return [{"BLOCK": 1024, "RADIX_BITS": 8, "num_warps": 8}]
 
 
 @triton.jit
@@ -49,52 +50,60 @@ def topk_kernel(
     N, K, stride_s,
     BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, WRITE_REST: tl.constexpr,
 ):
-    RADIX: tl.constexpr = 1 << RADIX_BITS
+    BINS: tl.constexpr = 1 << RADIX_BITS
     ROUNDS: tl.constexpr = 32 // RADIX_BITS
+    tl.static_assert(32 % RADIX_BITS == 0)
+    tl.static_assert(BLOCK <= 16384)  # the packed prefix sum below must not overflow
     offs = tl.arange(0, BLOCK)
-    digits = tl.arange(0, RADIX).to(tl.uint32)
+    bins = tl.arange(0, BINS)
 
-    # Radix search for T, the k-th largest key. Invariant: count(key >= T) >= K.
+    # Radix select of T, the k-th largest key, RADIX_BITS at a time from the top.
+    # Invariant: n_above keys lie above the keys that share T's fixed high digits, and
+    # n_above + count(keys sharing them) >= K.
     thresh = tl.full([], 0, dtype=tl.uint32)
+    n_above = tl.full([], 0, dtype=tl.int32)
     for r in tl.static_range(ROUNDS):
-        shift: tl.constexpr = 32 - (r + 1) * RADIX_BITS
-        cand = thresh | (digits << shift)  # [RADIX], increasing
-        counts = tl.zeros([RADIX], dtype=tl.int32)
+        shift = 32 - (r + 1) * RADIX_BITS  # a constexpr: r comes from static_range
+        hist = tl.zeros([BINS], dtype=tl.int32)
         for c0 in range(0, N, BLOCK):
             i = c0 + offs
             ok = i < N
             key = _sort_key(tl.load(s_ptr + i.to(tl.int64) * stride_s, mask=ok, other=0.0))
-            ge = (key[None, :] >= cand[:, None]) & ok[None, :]
-            counts += tl.sum(ge.to(tl.int32), axis=1)
-        # counts is non-increasing in the digit and counts[0] >= K: keep the largest
-        # digit whose count still reaches K.
-        digit = tl.sum((counts >= K).to(tl.int32), axis=0) - 1
+            if r > 0:
+                ok = ok & ((key >> (shift + RADIX_BITS)) == (thresh >> (shift + RADIX_BITS)))
+            key_digit = ((key >> shift) & (BINS - 1)).to(tl.int32)
+            hist += tl.histogram(key_digit, BINS, mask=ok)
+        # at_least[d]: keys with this round's digit >= d; keep the largest digit that
+        # still leaves K keys at or above it.
+        at_least = n_above + tl.cumsum(hist, axis=0, reverse=True)
+        digit = tl.sum((at_least >= K).to(tl.int32), axis=0) - 1
+        n_above += tl.sum(tl.where(bins > digit, hist, 0), axis=0)
         thresh = thresh | (digit.to(tl.uint32) << shift)
+    # Now n_above = count(key > T) and need_eq = K - n_above >= 1 keys equal to T are
+    # taken, lowest index first.
+    need_eq = K - n_above
 
+    # Compaction in index order. One scan of (gt << 16 | eq) gives both prefix counts;
+    # the kept indices before i are the keys > T before i plus min(keys == T before i,
+    # need_eq).
     n_gt = tl.full([], 0, dtype=tl.int32)
-    for c0 in range(0, N, BLOCK):
-        i = c0 + offs
-        ok = i < N
-        key = _sort_key(tl.load(s_ptr + i.to(tl.int64) * stride_s, mask=ok, other=0.0))
-        n_gt += tl.sum(((key > thresh) & ok).to(tl.int32), axis=0)
-    need_eq = K - n_gt  # >= 1: how many of the keys equal to T are taken, lowest index first
-
-    # Compaction in index order: prefix sums give each kept index its output slot.
-    n_sel = tl.full([], 0, dtype=tl.int32)
     n_eq = tl.full([], 0, dtype=tl.int32)
     for c0 in range(0, N, BLOCK):
         i = c0 + offs
         ok = i < N
         key = _sort_key(tl.load(s_ptr + i.to(tl.int64) * stride_s, mask=ok, other=0.0))
+        gt = ((key > thresh) & ok).to(tl.int32)
         eq = ((key == thresh) & ok).to(tl.int32)
-        eq_rank = n_eq + tl.cumsum(eq, axis=0) - eq  # keys == T before i
-        sel = (((key > thresh) & ok) | ((eq != 0) & (eq_rank < need_eq))).to(tl.int32)
-        pos = n_sel + tl.cumsum(sel, axis=0) - sel  # kept indices before i
+        packed = (gt << 16) | eq  # BLOCK <= 16384: no carry between halves, no overflow
+        before = tl.cumsum(packed, axis=0) - packed
+        eq_before = n_eq + (before & 0xFFFF)
+        pos = n_gt + (before >> 16) + tl.minimum(eq_before, need_eq)
+        sel = (gt != 0) | ((eq != 0) & (eq_before < need_eq))
         i64 = i.to(tl.int64)
-        tl.store(idx_ptr + pos, i64, mask=sel != 0)
+        tl.store(idx_ptr + pos, i64, mask=sel)
         if WRITE_REST:
-            tl.store(rest_ptr + (i - pos), i64, mask=ok & (sel == 0))
-        n_sel += tl.sum(sel, axis=0)
+            tl.store(rest_ptr + (i - pos), i64, mask=ok & ~sel)
+        n_gt += tl.sum(gt, axis=0)
         n_eq += tl.sum(eq, axis=0)
 
 
@@ -105,12 +114,14 @@ def topk_indices(
     return_rest: bool = False,
     out: torch.Tensor | None = None,
     rest_out: torch.Tensor | None = None,
+    traceable: bool = False,
 ):
     """Indices of the ``k`` largest ``scores`` (1-D fp32), ascending; ties to the lower index.
 
     Equal to ``reference.select_topk(scores, k)``; NaN counts as +inf. With
     ``return_rest=True`` returns ``(idx, rest)``, ``rest`` the other ``n - k`` indices
     ascending. ``out`` / ``rest_out``: optional preallocated int64 buffers.
+    ``traceable``: launch through ``torch.library.wrap_triton`` (inside a ``triton_op``).
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.dtype != torch.float32:
         raise TypeError("scores must be a 1-D float32 tensor")
@@ -136,7 +147,7 @@ def topk_indices(
         raise ValueError("out buffers must be contiguous")
 
     cfg = configs()[0]
-    topk_kernel[(1,)](
+    _launch.launchable(topk_kernel, traceable)[(1,)](
         scores, out, rest_out if return_rest else out,
         n, k, scores.stride(0),
         BLOCK=cfg["BLOCK"], RADIX_BITS=cfg["RADIX_BITS"], WRITE_REST=return_rest,

@@ -1,0 +1,263 @@
+"""Ahead-of-time builds of every kernel and shipped config for sm_80 / sm_90, no GPU needed.
+
+``python tests/kernels/aot_build.py [--jobs N]`` compiles every build listed by
+:func:`builds` with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
+and prints one JSON object per build (``id``, ``shared``, ``num_warps``, ``error``).
+test_aot.py runs it in a subprocess without ``TRITON_INTERPRET`` (under the interpreter
+``@triton.jit`` returns functions the compiler cannot take).
+
+Matmul builds come in the specialisations a launch can get (the launcher makes an
+operand with a non-unit inner stride contiguous first; which dtypes get which is in
+:func:`_matmul_variants`; ``MEPROP_AOT_FULL=1`` builds all of them): ``contig`` --
+unit inner strides as constants, 16-byte aligned pointers, sizes and row strides
+divisible by 16 -- and ``unaligned`` -- unit inner strides and aligned pointers, but
+sizes and row strides not divisible by 16 (such as in = 129 or out = 500) -- each
+with G's columns gathered in the loads (``gather``) and with the compacted ``G[:, S]``
+(``compact``). bf16 adds ``gather-gstrided``: ``contig`` except that G's two strides are
+arbitrary (G is used as it comes: transposed, sliced or expanded). The scores and top-k kernels, which take any strides as they are,
+are built ``contig`` and ``strided`` (no hints at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+ARCHS = (80, 90)
+#: bytes of shared memory a block may use (opt-in maximum): A100 164 KiB, H100 228 KiB
+SHARED_LIMIT = {80: 167936, 90: 233472}
+
+TL = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+def _build(kernel, name, ptrs, ints, constexprs, options, *, unit=(), aligned=False, aligned_ptrs=False,
+           no_hint=()):
+    """One build: kernel, signature, constexprs, divisibility hints, compile options.
+
+    ``unit``: stride arguments specialised to the constant 1 (what Triton does at launch
+    for a stride equal to 1); ``aligned``: every pointer and the other int arguments
+    carry the divisible-by-16 hint (16-byte aligned tensors, sizes multiple of 16);
+    ``aligned_ptrs``: only the pointers do (torch allocations), no size or stride;
+    ``no_hint``: arguments left without a hint either way.
+    """
+    sig = {}
+    for p, t in ptrs.items():
+        sig[p] = t
+    for i in ints:
+        sig[i] = "i32"
+    const = dict(constexprs)
+    for u in unit:
+        const[u] = 1
+    for c in const:
+        sig[c] = "constexpr"
+    hinted = (list(ptrs) + [i for i in ints if i not in unit]) if aligned else []
+    if aligned_ptrs and not aligned:
+        hinted = list(ptrs)
+    hinted = [h for h in hinted if h not in no_hint]
+    return {
+        "id": name,
+        "kernel": kernel,
+        "signature": sig,
+        "constexprs": const,
+        "divisible16": hinted,
+        "options": options,
+    }
+
+
+def _matmul_variants(dt: str, prec: str, full: bool):
+    """(specialisation, GATHER_G) pairs built for one matmul dtype.
+
+    Default: every config for bf16 in every variant; fp32 (tf32) and fp16 aligned only
+    (their shared memory is bf16's or, for fp32, the largest; register use is bf16's or
+    lower for fp16); plain fp32 (the configs the autotuner keeps) aligned and unaligned.
+    ``MEPROP_AOT_FULL=1``: every variant for every dtype.
+    """
+    every = [("contig", True), ("contig", False), ("unaligned", True), ("unaligned", False)]
+    if full:
+        return every + ([("gstrided", True)] if dt == "bf16" else [])
+    if dt == "bf16":
+        return every + [("gstrided", True)]
+    if dt == "fp32" and prec == "ieee":
+        return every
+    if dt == "fp32":
+        return [("contig", True), ("contig", False)]
+    return [("contig", True)]
+
+
+def builds() -> list[dict]:
+    """Every build: kernel x shipped config x dtype x specialisation (x ARCHS when run).
+
+    Needs only the config functions, not a compiler: the AOT tests parametrize on it.
+    """
+    import torch
+
+    from meprop_triton.kernels import matmul, scores, topk
+
+    out = []
+    for c in scores.configs():
+        p, f = c["partial"], c["finish"]
+        for dt in ("fp32", "fp16", "bf16"):
+            for final in (True, False):
+                out.append(_build(
+                    "scores.partial_kernel",
+                    f"scores.partial-{dt}-{'final' if final else 'split'}-M{p['BLOCK_M']}N{p['BLOCK_N']}",
+                    {"g_ptr": TL[dt], "score_ptr": "*fp32", "bias_ptr": TL[dt] if final else "*fp32"},
+                    ["M", "N", "stride_gm", "stride_gn", "rows_per_split"],
+                    {"BLOCK_M": p["BLOCK_M"], "BLOCK_N": p["BLOCK_N"], "FINAL": final},
+                    {"num_warps": p["num_warps"]},
+                    unit=("stride_gn",), aligned=True,
+                ))
+                out.append(_build(
+                    "scores.partial_kernel",
+                    f"scores.partial-{dt}-{'final' if final else 'split'}-M{p['BLOCK_M']}N{p['BLOCK_N']}-strided",
+                    {"g_ptr": TL[dt], "score_ptr": "*fp32", "bias_ptr": TL[dt] if final else "*fp32"},
+                    ["M", "N", "stride_gm", "stride_gn", "rows_per_split"],
+                    {"BLOCK_M": p["BLOCK_M"], "BLOCK_N": p["BLOCK_N"], "FINAL": final},
+                    {"num_warps": p["num_warps"]},
+                ))
+            out.append(_build(
+                "scores.finish_kernel",
+                f"scores.finish-{dt}-N{f['BLOCK_N']}",
+                {"part_abs_ptr": "*fp32", "part_sum_ptr": "*fp32", "score_ptr": "*fp32", "bias_ptr": TL[dt]},
+                ["N", "SPLIT"],
+                {"BLOCK_N": f["BLOCK_N"]},
+                {"num_warps": f["num_warps"]},
+                aligned=True,
+            ))
+    for c in topk.configs():
+        for rest in (True, False):
+            out.append(_build(
+                "topk.topk_kernel",
+                f"topk-{'rest' if rest else 'norest'}-B{c['BLOCK']}R{c['RADIX_BITS']}",
+                {"s_ptr": "*fp32", "idx_ptr": "*i64", "rest_ptr": "*i64"},
+                ["N", "K", "stride_s"],
+                {"BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"], "WRITE_REST": rest},
+                {"num_warps": c["num_warps"]},
+                unit=("stride_s",), aligned=True,
+            ))
+            out.append(_build(
+                "topk.topk_kernel",
+                f"topk-{'rest' if rest else 'norest'}-B{c['BLOCK']}R{c['RADIX_BITS']}-strided",
+                {"s_ptr": "*fp32", "idx_ptr": "*i64", "rest_ptr": "*i64"},
+                ["N", "K", "stride_s"],
+                {"BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"], "WRITE_REST": rest},
+                {"num_warps": c["num_warps"]},
+            ))
+    mm = [
+        ("matmul.grad_input_kernel", "grad_input", matmul.grad_input_configs(),
+         ("g_ptr", "w_ptr", "out_ptr"), ("idx_ptr",),
+         ["M", "N", "K", "stride_gm", "stride_gn", "stride_wo", "stride_wi", "stride_om", "stride_on"],
+         ("stride_gn", "stride_wi", "stride_on")),
+        ("matmul.grad_weight_kernel", "grad_weight", matmul.grad_weight_configs(),
+         ("g_ptr", "x_ptr", "out_ptr"), ("idx_ptr", "rest_ptr"),
+         ["M", "N", "K", "R", "stride_gm", "stride_gn", "stride_xm", "stride_xi", "stride_wo", "stride_wi"],
+         ("stride_gn", "stride_xi", "stride_wi")),
+    ]
+    full = os.environ.get("MEPROP_AOT_FULL", "0") not in ("", "0")
+    f32 = torch.empty(0)
+    for kernel, short, cfgs, fptrs, iptrs, ints, unit in mm:
+        kept_ieee = matmul.prune_configs(cfgs, {"g_ptr": f32}, INPUT_PRECISION="ieee")
+        for ci, cfg in enumerate(cfgs):
+            kw = cfg.kwargs
+            tag = f"M{kw['BLOCK_M']}N{kw['BLOCK_N']}K{kw['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
+            for dt, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")):
+                if dt == "fp32" and prec == "ieee" and cfg not in kept_ieee:
+                    continue  # the autotuner never runs it for plain fp32
+                ptrs = {p: TL[dt] for p in fptrs} | {p: "*i64" for p in iptrs}
+                for spec, gather in _matmul_variants(dt, prec, full):
+                    g_free = spec == "gstrided"  # G with any strides, the rest contig
+                    out.append(_build(
+                        kernel,
+                        f"{short}-cfg{ci}-{tag}-{dt}{'-tf32' if prec == 'tf32' else ''}"
+                        f"-{'gather' if gather else 'compact'}-{spec}",
+                        ptrs, ints, dict(kw) | {"INPUT_PRECISION": prec, "GATHER_G": gather},
+                        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                        unit=tuple(u for u in unit if not (g_free and u == "stride_gn")),
+                        aligned=spec != "unaligned", aligned_ptrs=True,
+                        no_hint=("stride_gm", "stride_gn") if g_free else (),
+                    ))
+    for c in matmul.gather_configs():
+        for dt in ("fp32", "fp16", "bf16"):
+            for spec in ("contig", "strided"):
+                out.append(_build(
+                    "matmul.gather_columns_kernel",
+                    f"gather_columns-{dt}-M{c['BLOCK_M']}K{c['BLOCK_K']}-{spec}",
+                    {"g_ptr": TL[dt], "idx_ptr": "*i64", "out_ptr": TL[dt]},
+                    ["M", "K", "stride_gm", "stride_gn", "stride_om", "stride_ok"],
+                    {"BLOCK_M": c["BLOCK_M"], "BLOCK_K": c["BLOCK_K"]},
+                    {"num_warps": c["num_warps"]},
+                    unit=("stride_gn", "stride_ok") if spec == "contig" else (),
+                    aligned=spec == "contig",
+                ))
+    return out
+
+
+def _compile_one(args):
+    build, cc = args
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    mod_name, fn_name = build["kernel"].rsplit(".", 1)
+    fn = getattr(importlib.import_module(f"meprop_triton.kernels.{mod_name}"), fn_name)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in build["divisible16"]}
+    src = ASTSource(fn=fn, signature=build["signature"], constexprs=build["constexprs"], attrs=attrs)
+    rec = {"id": f"{build['id']}-sm{cc}", "shared": None, "num_warps": None, "error": None}
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(build["options"]))
+        rec["shared"] = int(compiled.metadata.shared)
+        rec["num_warps"] = int(compiled.metadata.num_warps)
+        rec["name"] = compiled.metadata.name
+        rec.update(_resource_usage(compiled.asm["cubin"]))
+    except Exception as e:  # reported, the test fails with it
+        rec["error"] = f"{type(e).__name__}: {e}"[:2000]
+    return rec
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and stack frame bytes from ``cuobjdump -res-usage`` (the one
+    shipped with triton); empty if it cannot be run."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.access(tool, os.X_OK):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
+    return {"registers": int(m.group(1)), "stack": int(m.group(2))} if m else {}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET for AOT builds", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the current default, stated
+    work = [(b, cc) for b in builds() for cc in ARCHS]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = pool.map(_compile_one, work, chunksize=4)
+            for rec in results:
+                print(json.dumps(rec), flush=True)
+    else:
+        for w in work:
+            print(json.dumps(_compile_one(w)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

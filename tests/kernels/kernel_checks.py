@@ -1,0 +1,165 @@
+"""Mode selection and checks shared by the Triton kernel tests (see conftest.py)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+_env = os.environ.get("TRITON_INTERPRET")
+INTERPRET = _env.strip().lower() in ("1", "true", "yes", "on") if _env is not None else not CUDA
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+KERNEL_MODULES = (
+    "meprop_triton.kernels.scores",
+    "meprop_triton.kernels.topk",
+    "meprop_triton.kernels.matmul",
+    "meprop_triton.triton_ops",
+)
+
+
+MODE_ERROR: str | None = None
+
+
+def _import_kernels() -> None:
+    """Import triton and the kernel modules with TRITON_INTERPRET set as chosen.
+
+    Triton fixes the mode when a function is decorated, and ``triton.language`` decorates
+    its own helpers (``tl.zeros``...) when triton is first imported: so the variable must
+    be set before triton's first import, then it is put back as it was.
+    """
+    global MODE_ERROR
+    already = "triton" in sys.modules
+    if INTERPRET:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        try:
+            import triton.language.standard as tl_standard
+        except ImportError:  # pragma: no cover - triton is a dependency on Linux
+            MODE_ERROR = "triton is not installed"
+            return
+        for name in KERNEL_MODULES:
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as e:  # triton_ops is optional
+                if e.name != name:
+                    raise
+    finally:
+        if _env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _env
+    from meprop_triton.kernels import scores
+
+    modes = {
+        type(tl_standard.zeros).__name__ == "InterpretedFunction",
+        type(scores.partial_kernel).__name__ == "InterpretedFunction",
+    }
+    if modes != {INTERPRET}:
+        MODE_ERROR = (
+            f"triton{' (imported earlier)' if already else ''} or meprop_triton.kernels was "
+            f"imported in the wrong Triton mode (interpreter wanted: {INTERPRET}); set "
+            f"TRITON_INTERPRET before starting pytest"
+        )
+
+
+_import_kernels()
+
+
+def skip_unsupported(dtype, *, dot: bool = True) -> None:
+    """Skip bf16 under the interpreter for kernels that use ``tl.dot``."""
+    if dot and dtype == torch.bfloat16 and DEVICE != "cuda":
+        pytest.skip("bf16 tl.dot is wrong in Triton's interpreter: bf16 is checked on a GPU only")
+
+
+def randn(shape, dtype, rng, device):
+    """Fresh random values (never zeros), made on CPU from ``rng`` then moved."""
+    return torch.randn(shape, generator=rng, dtype=torch.float32).to(dtype).to(device)
+
+
+def poisoned(shape, dtype, device):
+    """A buffer an unwritten element cannot pass: NaN (floats) or -1 (integers)."""
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, -1, dtype=dtype, device=device)
+
+
+def strided_copy(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values as ``t`` (2-D) in another memory layout."""
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "transposed":  # column-major
+        return t.t().contiguous().t()
+    if kind == "padded":  # every other row and column of a bigger tensor: no unit stride
+        rows, cols = t.shape
+        big = torch.full((2 * rows + 1, 2 * cols + 3), float("nan"), dtype=t.dtype, device=t.device)
+        view = big[1 : 1 + 2 * rows : 2, 1 : 1 + 2 * cols : 2]
+        view.copy_(t)
+        return view
+    if kind == "expanded":  # stride 0 rows, as autograd hands out for y.sum()
+        return t[:1].expand(t.shape[0], t.shape[1])
+    raise ValueError(kind)
+
+
+UNIT_ROUNDOFF = {
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+
+
+def assert_reduction_close(got, exact, abs_bound, length: int, *, in_round: float = 0.0, what: str = ""):
+    """``|got - exact| <= 2 (length u_fp32 + in_round) abs_bound + 2 u_out |exact| + sub_out``.
+
+    ``exact``/``abs_bound`` are fp64 (numpy or torch): the exact result and the same
+    reduction over absolute values. fp32 accumulation of ``length`` terms gives the first
+    term, rounding the result to ``got``'s dtype the second (``sub_out``, the spacing of
+    its subnormals, covers results that round into that range: 6e-8 for fp16, 1.4e-45
+    for fp32); ``in_round`` covers inputs rounded inside the kernel (tf32). Non-finite
+    entries of ``exact`` must be matched exactly (NaN where NaN, the same infinity).
+    """
+    g = got.detach().to(torch.float64).cpu()
+    e = torch.as_tensor(exact, dtype=torch.float64)
+    b = torch.as_tensor(abs_bound, dtype=torch.float64)
+    assert tuple(g.shape) == tuple(e.shape), f"{what}: shape {tuple(g.shape)} != {tuple(e.shape)}"
+    fin = torch.isfinite(e)
+    nonfin_ok = torch.where(torch.isnan(e), torch.isnan(g), g == e)
+    bad_nonfin = ~fin & ~nonfin_ok
+    assert not bad_nonfin.any(), f"{what}: {int(bad_nonfin.sum())} non-finite entries differ"
+    fi = torch.finfo(got.dtype)
+    u_out = UNIT_ROUNDOFF[got.dtype]
+    tol = 2 * (length * UNIT_ROUNDOFF[torch.float32] + in_round) * b + 2 * u_out * e.abs() + fi.smallest_normal * fi.eps
+    err = (g - e).abs()
+    bad = fin & ~(err <= tol)  # NaN in g at a finite place counts as bad
+    if bad.any():
+        excess = torch.where(bad, (err / tol).nan_to_num(math.inf), torch.zeros_like(err))
+        at = tuple(int(v) for v in divmod_index(int(excess.argmax()), tuple(e.shape)))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} entries off; worst at {at}: got "
+            f"{float(g[at]):.6e}, exact {float(e[at]):.6e}, tolerance {float(tol[at]):.3e}"
+        )
+
+
+def divmod_index(flat: int, shape: tuple) -> tuple:
+    out = []
+    for n in reversed(shape):
+        flat, r = divmod(flat, n)
+        out.append(r)
+    return tuple(reversed(out))
+
+
+def tf32_round(dtype) -> float:
+    """Relative input rounding of tl.dot for ``dtype`` under the current torch settings."""
+    if dtype == torch.float32 and DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0**-11
+    return 0.0
+
+
+def f64(t) -> np.ndarray:
+    return t.detach().to(torch.float64).cpu().numpy()

@@ -1,0 +1,133 @@
+"""Every kernel and shipped config compiles for sm_80 and sm_90 and fits shared memory.
+
+The builds run in one subprocess (tests/kernels/aot_build.py) with TRITON_INTERPRET
+removed from its environment, so this works in the same pytest run as the interpreter
+tests and on machines without a GPU. Triton's on-disk cache makes reruns fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+import aot_build  # noqa: E402
+
+pytestmark = pytest.mark.aot
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+BUILDS = [(b, cc) for b in aot_build.builds() for cc in aot_build.ARCHS]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "aot_build.py"), "--jobs", str(min(4, os.cpu_count() or 1))],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"aot_build.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {r["id"]: r for r in recs}
+
+
+@pytest.mark.parametrize("build,cc", BUILDS, ids=[f"{b['id']}-sm{cc}" for b, cc in BUILDS])
+def test_compiles_and_fits(build, cc, compiled):
+    rec = compiled.get(f"{build['id']}-sm{cc}")
+    assert rec is not None, "no result from aot_build.py"
+    assert rec["error"] is None, rec["error"]
+    assert rec["num_warps"] == build["options"]["num_warps"]
+    limit = aot_build.SHARED_LIMIT[cc]
+    assert 0 <= rec["shared"] <= limit, f"needs {rec['shared']} B of shared memory; sm_{cc} has {limit}"
+
+
+def _kept_by_autotuner(build) -> bool:
+    """False for plain-fp32 (ieee) matmul configs that matmul.prune_configs drops."""
+    import torch
+
+    from meprop_triton.kernels import matmul
+
+    kw = build["constexprs"]
+    if not (build["signature"].get("g_ptr") == "*fp32" and kw.get("INPUT_PRECISION") == "ieee"):
+        return True
+    cfgs = (matmul.grad_input_configs if build["id"].startswith("grad_input") else matmul.grad_weight_configs)()
+    kept = matmul.prune_configs(cfgs, {"g_ptr": torch.empty(0)}, INPUT_PRECISION="ieee")
+    return any(c.kwargs.items() <= kw.items() for c in kept)
+
+
+def _usage(compiled, build, cc):
+    rec = compiled.get(f"{build['id']}-sm{cc}")
+    if rec is None or rec["error"] is not None:
+        pytest.skip("not built (see test_compiles_and_fits)")
+    if "stack" not in rec:
+        pytest.skip("cuobjdump not available to read the register usage")
+    return rec
+
+
+FAST = [(b, cc) for b, cc in BUILDS if not b["id"].endswith("-unaligned")]
+
+
+@pytest.mark.parametrize("build,cc", FAST, ids=[f"{b['id']}-sm{cc}" for b, cc in FAST])
+def test_no_register_spills(build, cc, compiled):
+    """No stack frame (register spills) in the aligned, unit-stride builds that the
+    autotuner can pick, and in every scores / top-k build. Plain fp32 (ieee: FMA-based
+    tl.dot) keeps only small tiles (matmul.prune_configs); its 64 x 64 tile on sm_80 has
+    a 64-byte stack frame, tolerated."""
+    if not _kept_by_autotuner(build):
+        pytest.skip("pruned by the autotuner for fp32 without tf32")
+    rec = _usage(compiled, build, cc)
+    kw = build["constexprs"]
+    allowed = 64 if kw.get("INPUT_PRECISION") == "ieee" and build["signature"].get("g_ptr") == "*fp32" else 0
+    assert rec["stack"] <= allowed, f"{rec['registers']} registers, {rec['stack']} B stack frame"
+
+
+UNALIGNED_GROUPS = sorted({
+    (b["id"].split("-cfg")[0], b["id"].split("-", 3)[-1].rsplit("-", 1)[0], cc)
+    for b, cc in BUILDS if b["id"].endswith("-unaligned")
+})  # (kernel, "<dtype>[-tf32]-<gather|compact>", cc)
+
+
+@pytest.mark.parametrize("kernel,variant,cc", UNALIGNED_GROUPS, ids=[f"{k}-{v}-sm{c}" for k, v, c in UNALIGNED_GROUPS])
+def test_unaligned_shapes_have_a_spill_free_config(kernel, variant, cc, compiled):
+    """Sizes / row strides not divisible by 16 (e.g. in = 129 or out = 500) load element
+    by element and big tiles spill; at least one config the autotuner may pick must not."""
+    group = [
+        b for b, c in BUILDS
+        if c == cc and b["id"].startswith(kernel + "-cfg") and b["id"].endswith(f"-{variant}-unaligned")
+        and _kept_by_autotuner(b)
+    ]
+    assert group
+    stacks = {b["id"]: _usage(compiled, b, cc)["stack"] for b in group}
+    assert min(stacks.values()) == 0, stacks
+
+
+def test_every_shipped_config_is_built():
+    """Every kernel and every config it ships has builds for every dtype it runs with."""
+    from meprop_triton.kernels import matmul, scores, topk
+
+    ids = {b["id"] for b in aot_build.builds()}
+    for short, cfgs in (("grad_input", matmul.grad_input_configs()), ("grad_weight", matmul.grad_weight_configs())):
+        for ci in range(len(cfgs)):
+            for dt in ("bf16", "fp16", "fp32-tf32"):
+                for mode in ("gather", "compact") if dt != "fp16" else ("gather",):
+                    assert any(
+                        i.startswith(f"{short}-cfg{ci}-") and f"-{dt}-{mode}-contig" in i for i in ids
+                    ), (short, ci, dt, mode)
+        kept = matmul.prune_configs(cfgs, {"g_ptr": __import__("torch").empty(0)}, INPUT_PRECISION="ieee")
+        for ci, c in enumerate(cfgs):
+            built = any(i.startswith(f"{short}-cfg{ci}-") and "-fp32-gather-contig" in i for i in ids)
+            assert built == (c in kept), (short, ci)
+    assert sum(i.startswith("scores.") for i in ids) == len(scores.configs()) * 3 * (2 * 2 + 1)
+    assert sum(i.startswith("topk-") for i in ids) == len(topk.configs()) * 2 * 2
+    assert sum(i.startswith("gather_columns-") for i in ids) == len(matmul.gather_configs()) * 3 * 2
