@@ -101,30 +101,46 @@ class MePropFunction(torch.autograd.Function):
         x2d = x.reshape(-1, in_features)
         flags = dict(need_input=need_x, need_weight=need_w, need_bias=need_b)
         k, sparse = ctx.k, ctx.sparse_grad
+        kernels = ctx.backend == "triton" and not sparse
         if k >= out_features:
             run = reference.dense_sparse_backward if sparse else reference.dense_backward
             gx, gw, gb = run(grad, x2d, weight, **flags)
-        elif not ctx.unified:
-            if ctx.selection == "topk":
-                idx = reference.per_example_topk_indices(grad, k)
-            else:
-                idx = reference.per_example_random_indices(
-                    grad.shape[0], out_features, k, generator=ctx.generator, device=grad.device
-                )
-            run = reference.per_example_sparse_backward if sparse else reference.per_example_backward
-            gx, gw, gb = run(grad, x2d, weight, idx, **flags)
-        elif ctx.backend == "triton" and ctx.selection == "topk" and not sparse:
-            from .triton_ops import unified_topk_backward
+        elif kernels:
+            from . import triton_ops
 
-            gx, gw, gb = unified_topk_backward(grad, x2d, weight, k, need_x, need_w, need_b)
-        else:
+            needs = (need_x, need_w, need_b)
             if ctx.selection == "random":
-                idx = reference.random_indices(
-                    out_features, k, generator=ctx.generator, device=grad.device
-                )
+                if ctx.unified:
+                    idx = reference.random_indices(
+                        out_features, k, generator=ctx.generator, device=grad.device
+                    )
+                    gx, gw, gb = triton_ops.unified_backward_from_indices(grad, x2d, weight, idx, *needs)
+                else:
+                    idx = reference.per_example_random_indices(
+                        grad.shape[0], out_features, k, generator=ctx.generator, device=grad.device
+                    )
+                    gx, gw, gb = triton_ops.per_example_backward_from_indices(grad, x2d, weight, idx, *needs)
+            elif ctx.unified:
+                gx, gw, gb = triton_ops.unified_topk_backward(grad, x2d, weight, k, *needs)
             else:
-                idx = reference.unified_topk_indices(grad, k)
-            run = reference.unified_sparse_backward if sparse else reference.unified_backward
+                gx, gw, gb = triton_ops.per_example_topk_backward(grad, x2d, weight, k, *needs)
+        else:
+            if not ctx.unified:
+                if ctx.selection == "topk":
+                    idx = reference.per_example_topk_indices(grad, k)
+                else:
+                    idx = reference.per_example_random_indices(
+                        grad.shape[0], out_features, k, generator=ctx.generator, device=grad.device
+                    )
+                run = reference.per_example_sparse_backward if sparse else reference.per_example_backward
+            else:
+                if ctx.selection == "random":
+                    idx = reference.random_indices(
+                        out_features, k, generator=ctx.generator, device=grad.device
+                    )
+                else:
+                    idx = reference.unified_topk_indices(grad, k)
+                run = reference.unified_sparse_backward if sparse else reference.unified_backward
             gx, gw, gb = run(grad, x2d, weight, idx, **flags)
         if gx is not None:
             gx = gx.reshape(x.shape)
@@ -191,11 +207,10 @@ def meprop_linear(
             f"pass a torch.Generator(device='{input.device.type}')"
         )
     resolved = resolve_backend(backend, input.device, input.dtype)
-    if backend == "triton" and (not unified or selection != "topk" or sparse_grad):
+    if backend == "triton" and sparse_grad:
         raise NotImplementedError(
-            f"backend='triton' runs unified top-k with dense gradients only so far; "
-            f"unified={unified}, selection={selection!r}, sparse_grad={sparse_grad} run on "
-            f"backend='torch' (or 'auto'), on CUDA tensors too"
+            "backend='triton' gives dense gradients only so far; sparse_grad=True runs on "
+            "backend='torch' (or 'auto'), on CUDA tensors too"
         )
 
     if not torch.is_grad_enabled() or not any(

@@ -164,10 +164,10 @@ def per_example_topk_indices(grad: Tensor, k: int) -> Tensor:
     """
     M, out = grad.shape
     if grad.dtype == torch.float64:
-        a = grad.abs().nan_to_num_(nan=math.inf)
+        a = grad.abs().nan_to_num_(nan=math.inf, posinf=math.inf)
         order = torch.sort(a, dim=1, descending=True, stable=True).indices
         return order[:, :k].sort(dim=1).values
-    a = grad.abs().to(torch.float32).nan_to_num_(nan=math.inf)
+    a = grad.abs().to(torch.float32).nan_to_num_(nan=math.inf, posinf=math.inf)
     # Non-negative floats order like their bit patterns read as integers.
     key = a.view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
     key |= torch.arange(out - 1, -1, -1, device=grad.device)

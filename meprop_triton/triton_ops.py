@@ -1,12 +1,15 @@
-"""The Triton unified top-k meProp backward as one ``torch.library`` custom op.
+"""The Triton meProp backwards as ``torch.library`` custom ops.
 
-``torch.ops.meprop_triton.unified_topk_backward`` is a ``torch.library.triton_op``: its
-kernel launches go through ``wrap_triton``, so ``torch.compile`` traces through it and
-keeps one graph on a GPU, while eager calls launch the kernels directly. Under Triton's
-interpreter (CPU tensors) it is an opaque custom op with a fake implementation instead,
-since interpreted kernels cannot be traced.
+``unified_topk_backward`` (unified top-k), ``per_example_topk_backward`` (per-example
+top-k), ``per_example_backward_from_indices`` and ``unified_backward_from_indices``
+(a selection drawn by the caller: random-k) -- each ``torch.ops.meprop_triton.<name>``.
 
-Importing this module imports triton and the kernel modules (and registers the op); it
+Each is a ``torch.library.triton_op``: its kernel launches go through ``wrap_triton``,
+so ``torch.compile`` traces through it and keeps one graph on a GPU, while eager calls
+launch the kernels directly. Under Triton's interpreter (CPU tensors) each is an opaque
+custom op with a fake implementation instead, since interpreted kernels cannot be traced.
+
+Importing this module imports triton and the kernel modules (and registers the ops); it
 touches no CUDA. ``meprop_triton`` never imports it at package import: callers import it
 lazily, when the Triton backend is used.
 """
@@ -19,10 +22,16 @@ from torch.library import triton_op
 
 from .kernels import scores as _scores
 from .kernels.matmul import gather_columns, gathered_grad_input, scattered_grad_weight
+from .kernels.per_example import gathered_rows_grad_input, row_topk_indices, sorted_pairs_grad_weight
 from .kernels.scores import column_scores_and_bias
 from .kernels.topk import topk_indices
 
-__all__ = ["unified_topk_backward"]
+__all__ = [
+    "unified_topk_backward",
+    "per_example_topk_backward",
+    "per_example_backward_from_indices",
+    "unified_backward_from_indices",
+]
 
 OP_NAME = "meprop_triton::unified_topk_backward"
 
@@ -129,3 +138,222 @@ def unified_topk_backward(
         grad, x, weight, k, bool(need_x), bool(need_w), bool(need_b)
     )
     return (gx if need_x else None, gw if need_w else None, gb if need_b else None)
+
+
+# --- per-example top-k and given selections (random-k) ---------------------------------
+#
+# Three more ops in the same style. ``per_example_topk_backward`` selects per row with
+# kernels/per_example.py and runs its gather / sorted-scatter products;
+# ``per_example_backward_from_indices`` runs those products for a given (M, k) selection
+# (per-example random-k); ``unified_backward_from_indices`` runs the unified compacted
+# GEMMs (kernels/matmul.py) for a given selection of k units (unified random-k). The
+# selections are drawn by the caller (reference.random_indices /
+# reference.per_example_random_indices on the tensors' device), so the torch and Triton
+# paths draw the same units from the same generator state.
+
+PER_EXAMPLE_OP_NAME = "meprop_triton::per_example_topk_backward"
+PER_EXAMPLE_IDX_OP_NAME = "meprop_triton::per_example_backward_from_indices"
+UNIFIED_IDX_OP_NAME = "meprop_triton::unified_backward_from_indices"
+
+
+def _bias_only(grad: Tensor, need_b: bool) -> Tensor:
+    return column_scores_and_bias(grad, traceable=True)[1] if need_b else grad.new_empty(0)
+
+
+def _per_example_products(
+    grad: Tensor, x: Tensor, weight: Tensor, idx: Tensor, need_x: bool, need_w: bool, need_b: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    grad_x = gathered_rows_grad_input(grad, weight, idx, traceable=True) if need_x else grad.new_empty(0)
+    grad_w = sorted_pairs_grad_weight(grad, x, idx, traceable=True) if need_w else grad.new_empty(0)
+    return grad_x, grad_w, _bias_only(grad, need_b)
+
+
+def _per_example_topk_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, k: int, need_x: bool, need_w: bool, need_b: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    if not (need_x or need_w):
+        return grad.new_empty(0), grad.new_empty(0), _bias_only(grad, need_b)
+    idx = row_topk_indices(grad, k, traceable=True)
+    return _per_example_products(grad, x, weight, idx, need_x, need_w, need_b)
+
+
+def _per_example_backward_from_indices(
+    grad: Tensor, x: Tensor, weight: Tensor, idx: Tensor, need_x: bool, need_w: bool, need_b: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _per_example_products(grad, x, weight, idx, need_x, need_w, need_b)
+
+
+def _unified_backward_from_indices(
+    grad: Tensor, x: Tensor, weight: Tensor, idx: Tensor, need_x: bool, need_w: bool, need_b: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    if not (need_x or need_w):
+        return grad.new_empty(0), grad.new_empty(0), _bias_only(grad, need_b)
+    n_out, k = grad.shape[1], idx.shape[0]
+    # The selection sorted and its complement (the rows grad_W gets zeros in), on the
+    # device and without a host sync: mark the units with 1.0 and let the top-k kernel
+    # compact them, ascending, and the others after them.
+    marks = torch.zeros(n_out, dtype=torch.float32, device=grad.device)
+    marks.index_fill_(0, idx, 1.0)
+    sel, rest = topk_indices(marks, k, return_rest=True, traceable=True)
+    g_sel = gather_columns(grad, sel, traceable=True) if COMPACT_GRAD else None
+    grad_x = (
+        gathered_grad_input(grad, weight, sel, grad_selected=g_sel, traceable=True)
+        if need_x
+        else grad.new_empty(0)
+    )
+    grad_w = (
+        scattered_grad_weight(grad, x, sel, rest, grad_selected=g_sel, traceable=True)
+        if need_w
+        else grad.new_empty(0)
+    )
+    return grad_x, grad_w, _bias_only(grad, need_b)
+
+
+def _fake_products(grad, x, weight, need_x, need_w, need_b):
+    M, n_out = grad.shape
+    n_in = weight.shape[1]
+    return (
+        grad.new_empty((M, n_in)) if need_x else grad.new_empty(0),
+        grad.new_empty((n_out, n_in)) if need_w else grad.new_empty(0),
+        grad.new_empty((n_out,)) if need_b else grad.new_empty(0),
+    )
+
+
+def _fake_with_k(grad, x, weight, k, need_x, need_w, need_b):
+    return _fake_products(grad, x, weight, need_x, need_w, need_b)
+
+
+def _fake_with_idx(grad, x, weight, idx, need_x, need_w, need_b):
+    return _fake_products(grad, x, weight, need_x, need_w, need_b)
+
+
+def _register(name, fn, fake):
+    """A triton_op (compiled kernels) or, under the interpreter, a custom op with a fake."""
+    if INTERPRETED:
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+    return triton_op(name, mutates_args=())(fn)
+
+
+_per_example_op = _register(PER_EXAMPLE_OP_NAME, _per_example_topk_backward, _fake_with_k)
+_per_example_idx_op = _register(PER_EXAMPLE_IDX_OP_NAME, _per_example_backward_from_indices, _fake_with_idx)
+_unified_idx_op = _register(UNIFIED_IDX_OP_NAME, _unified_backward_from_indices, _fake_with_idx)
+
+
+def _check_linear(grad: Tensor, x: Tensor, weight: Tensor) -> None:
+    if grad.dim() != 2 or x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"grad, x and weight must be 2-D; got {tuple(grad.shape)}, {tuple(x.shape)}, "
+            f"{tuple(weight.shape)}"
+        )
+    M, n_out = grad.shape
+    if tuple(weight.shape) != (n_out, x.shape[1]) or x.shape[0] != M:
+        raise ValueError(
+            f"shapes do not fit y = x W^T: grad {tuple(grad.shape)}, x {tuple(x.shape)}, "
+            f"weight {tuple(weight.shape)}"
+        )
+
+
+def _check_indices(idx: Tensor, grad: Tensor, dim: int) -> None:
+    shape = "(M, k)" if dim == 2 else "(k,)"
+    if not isinstance(idx, Tensor) or idx.dim() != dim or idx.dtype != torch.int64:
+        got = f"{idx.dtype} of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
+        raise TypeError(f"idx must be an int64 tensor of shape {shape}; got {got}")
+    if idx.device != grad.device:
+        raise ValueError(f"idx is on '{idx.device}' but grad on '{grad.device}'")
+    M, n_out = grad.shape
+    if dim == 2 and idx.shape[0] != M:
+        raise ValueError(f"idx has {idx.shape[0]} rows; grad has {M}")
+    k = idx.shape[-1]
+    if not 1 <= k <= n_out:
+        raise ValueError(f"idx must hold k in [1, out_features={n_out}] units (per row); got {k}")
+
+
+def _none_where_not_needed(outs, need_x, need_w, need_b):
+    gx, gw, gb = outs
+    return (gx if need_x else None, gw if need_w else None, gb if need_b else None)
+
+
+def per_example_topk_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    k: int,
+    need_x: bool = True,
+    need_w: bool = True,
+    need_b: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Per-example top-k meProp gradients (``unified=False``) with the Triton kernels.
+
+    Args as :func:`unified_topk_backward`: ``grad: (M, out)``, ``x: (M, in)``,
+    ``weight: (out, in)`` (any strides, one of fp32 / fp16 / bf16), ``k`` in ``[1, out]``.
+
+    Row m keeps ``S_m`` = the k largest ``|grad[m, :]|`` (ties to the lower index, NaN and
+    inf both as +inf: ``reference.per_example_topk_indices`` on rows without NaN, which
+    ranks NaN above +inf). Returns
+    ``grad_x[m] = sum_{j in S_m} grad[m, j] W[j, :]``,
+    ``grad_W[j, :] = sum_{m: j in S_m} grad[m, j] x[m, :]`` (zero rows where no example
+    kept j) and the dense ``grad_b = grad.sum(0)``, in grad's dtype with fp32
+    accumulation, None where not asked for. Bit-for-bit deterministic.
+    """
+    _check_linear(grad, x, weight)
+    k = int(k)
+    if not 1 <= k <= grad.shape[1]:
+        raise ValueError(f"k must lie in [1, out_features={grad.shape[1]}]; got {k}")
+    outs = torch.ops.meprop_triton.per_example_topk_backward(
+        grad, x, weight, k, bool(need_x), bool(need_w), bool(need_b)
+    )
+    return _none_where_not_needed(outs, need_x, need_w, need_b)
+
+
+def per_example_backward_from_indices(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    idx: Tensor,
+    need_x: bool = True,
+    need_w: bool = True,
+    need_b: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Per-example meProp gradients for a given selection ``idx: (M, k)`` int64.
+
+    Row m keeps the units ``idx[m, :]`` (distinct, in ``[0, out)``, any order; e.g.
+    ``reference.per_example_random_indices(M, out, k, generator=..., device=grad.device)``
+    for per-example random-k). Same products and outputs as
+    :func:`per_example_topk_backward`; equal to ``reference.per_example_backward``.
+    Indices outside ``[0, out)`` are skipped; repeated ones are not detected (the
+    kernels do not sync with the host to check).
+    """
+    _check_linear(grad, x, weight)
+    _check_indices(idx, grad, 2)
+    outs = torch.ops.meprop_triton.per_example_backward_from_indices(
+        grad, x, weight, idx, bool(need_x), bool(need_w), bool(need_b)
+    )
+    return _none_where_not_needed(outs, need_x, need_w, need_b)
+
+
+def unified_backward_from_indices(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    idx: Tensor,
+    need_x: bool = True,
+    need_w: bool = True,
+    need_b: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Unified meProp gradients for a given set of units ``idx: (k,)`` int64.
+
+    ``idx``: distinct units in ``[0, out)``, any order (e.g.
+    ``reference.random_indices(out, k, generator=..., device=grad.device)`` for unified
+    random-k). The compacted GEMMs of :func:`unified_topk_backward` with that set:
+    ``grad_x = grad[:, S] @ W[S, :]``, ``grad_W[S] = grad[:, S]^T x`` (other rows zero),
+    dense ``grad_b``; equal to ``reference.unified_backward``. The complement of ``S``
+    is made on the device (no host sync); repeated indices are not detected.
+    """
+    _check_linear(grad, x, weight)
+    _check_indices(idx, grad, 1)
+    outs = torch.ops.meprop_triton.unified_backward_from_indices(
+        grad, x, weight, idx, bool(need_x), bool(need_w), bool(need_b)
+    )
+    return _none_where_not_needed(outs, need_x, need_w, need_b)

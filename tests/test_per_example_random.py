@@ -75,10 +75,15 @@ def test_per_example_matches_definition(lead, size, k, dtype, bias):
 
 
 def test_per_example_selection_ties_and_nonfinite():
-    g = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.5], [2.0, float("nan"), 2.0, float("-inf"), 2.0]])
+    nan, inf = float("nan"), float("inf")
+    g = torch.tensor(
+        [[1.0, 3.0, 3.0, 3.0, 0.5], [2.0, nan, 2.0, -inf, 2.0], [1.0, inf, 2.0, nan, 0.0]]
+    )
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         idx = reference.per_example_topk_indices(g.to(dtype), 2)
-        assert idx.tolist() == [[1, 2], [1, 3]], dtype
+        assert idx.tolist() == [[1, 2], [1, 3], [1, 3]], dtype
+        # NaN and +inf both count as +inf: the lower index wins.
+        assert reference.per_example_topk_indices(g[2:].to(dtype), 1).tolist() == [[1]], dtype
 
 
 def test_per_example_nan_reaches_gradients():

@@ -192,6 +192,105 @@ def builds() -> list[dict]:
                     unit=("stride_gn", "stride_ok") if spec == "contig" else (),
                     aligned=spec == "contig",
                 ))
+    out += _per_example_builds(full)
+    return out
+
+
+#: per_example kernel specialisations: ``contig`` (unit inner strides as constants,
+#: everything divisible by 16), ``odd`` (unit inner strides, 16-byte aligned pointers,
+#: sizes / row strides not divisible by 16, such as in = 129 or out = 500) and
+#: ``strided`` (no hints, no unit stride: G as it comes -- transposed, sliced, expanded).
+#: Default: every config for every dtype ``contig``; ``odd`` / ``strided`` for fp32 (the
+#: widest loads) and bf16; ``MEPROP_AOT_FULL=1`` adds fp16 to those.
+PE_SPECS = ("contig", "odd", "strided")
+
+
+def _pe_spec_kwargs(spec: str, unit: tuple) -> dict:
+    if spec == "contig":
+        return {"unit": unit, "aligned": True}
+    if spec == "odd":
+        return {"unit": unit, "aligned_ptrs": True}
+    return {}
+
+
+def _per_example_builds(full: bool) -> list[dict]:
+    """Every kernels/per_example.py kernel x shipped config x dtype x specialisation."""
+    from meprop_triton.kernels import per_example as pe
+
+    out = []
+
+    def specs(dt):
+        return PE_SPECS if (full or dt != "fp16") else PE_SPECS[:1]
+
+    for dt in ("fp32", "fp16", "bf16"):
+        for ci, c in enumerate(pe.select_configs()):
+            for spec in ("contig", "strided"):
+                out.append(_build(
+                    "per_example.row_topk_kernel",
+                    f"per_example.row_topk-cfg{ci}-B{c['BLOCK']}R{c['RADIX_BITS']}-{dt}-{spec}",
+                    {"g_ptr": TL[dt], "idx_ptr": "*i64"},
+                    ["N", "K", "stride_gm", "stride_gn", "stride_im"],
+                    {"BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"]},
+                    {"num_warps": c["num_warps"]},
+                    **_pe_spec_kwargs(spec, ("stride_gn",)),
+                ))
+        for ci, c in enumerate(pe.grad_input_configs()):
+            for spec in specs(dt):
+                out.append(_build(
+                    "per_example.grad_input_kernel",
+                    f"per_example.grad_input-cfg{ci}-T{c['BLOCK_T']}N{c['BLOCK_N']}w{c['num_warps']}-{dt}-{spec}",
+                    {"g_ptr": TL[dt], "w_ptr": TL[dt], "idx_ptr": "*i64", "out_ptr": TL[dt]},
+                    ["N", "NOUT", "K", "stride_gm", "stride_gn", "stride_wo", "stride_wi",
+                     "stride_im", "stride_ik", "stride_om", "stride_on"],
+                    {"BLOCK_T": c["BLOCK_T"], "BLOCK_N": c["BLOCK_N"]},
+                    {"num_warps": c["num_warps"]},
+                    **_pe_spec_kwargs(spec, ("stride_gn", "stride_wi", "stride_ik", "stride_on")),
+                ))
+        for ci, c in enumerate(pe.grad_weight_configs()):
+            for spec in specs(dt):
+                out.append(_build(
+                    "per_example.grad_weight_kernel",
+                    f"per_example.grad_weight-cfg{ci}-J{c['BLOCK_J']}L{c['BLOCK_L']}N{c['BLOCK_N']}"
+                    f"w{c['num_warps']}-{dt}-{spec}",
+                    {"g_ptr": TL[dt], "x_ptr": TL[dt], "crow_ptr": "*i64", "rows_ptr": "*i32", "out_ptr": TL[dt]},
+                    ["N", "NOUT", "stride_gm", "stride_gn", "stride_xm", "stride_xi", "stride_wo", "stride_wi"],
+                    {"BLOCK_J": c["BLOCK_J"], "BLOCK_L": c["BLOCK_L"], "BLOCK_N": c["BLOCK_N"]},
+                    {"num_warps": c["num_warps"]},
+                    **_pe_spec_kwargs(spec, ("stride_gn", "stride_xi", "stride_wi")),
+                ))
+    for c in pe.lists_configs():
+        mk, bc, sc = c["mark"], c["bits"], c["scan"]
+        for spec in ("contig", "strided"):
+            out.append(_build(
+                "per_example.mark_kernel",
+                f"per_example.mark-B{mk['BLOCK']}-{spec}",
+                {"idx_ptr": "*i64", "bits_ptr": "*i32"},
+                ["M", "NOUT", "K", "stride_im", "stride_ik"],
+                {"BLOCK": mk["BLOCK"]},
+                {"num_warps": mk["num_warps"]},
+                **_pe_spec_kwargs(spec, ("stride_ik",)),
+            ))
+        for place in (False, True):
+            for spec in ("contig", "odd"):
+                out.append(_build(
+                    "per_example.column_bits_kernel",
+                    f"per_example.column_bits-{'place' if place else 'count'}-M{bc['BLOCK_M']}-{spec}",
+                    {"bits_ptr": "*i32", "counts_ptr": "*i32", "crow_ptr": "*i64", "rows_ptr": "*i32"},
+                    ["M", "NOUT"],
+                    {"BLOCK_M": bc["BLOCK_M"], "PLACE": place},
+                    {"num_warps": bc["num_warps"]},
+                    **_pe_spec_kwargs(spec, ()),
+                ))
+        for spec in ("contig", "odd"):
+            out.append(_build(
+                "per_example.scan_kernel",
+                f"per_example.scan-B{sc['BLOCK']}-{spec}",
+                {"counts_ptr": "*i32", "crow_ptr": "*i64"},
+                ["N"],
+                {"BLOCK": sc["BLOCK"]},
+                {"num_warps": sc["num_warps"]},
+                **_pe_spec_kwargs(spec, ()),
+            ))
     return out
 
 

@@ -20,6 +20,7 @@ KERNEL_MODULES = (
     "meprop_triton.kernels.scores",
     "meprop_triton.kernels.topk",
     "meprop_triton.kernels.matmul",
+    "meprop_triton.kernels.per_example",
     "meprop_triton.triton_ops",
 )
 

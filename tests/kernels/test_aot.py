@@ -131,3 +131,24 @@ def test_every_shipped_config_is_built():
     assert sum(i.startswith("scores.") for i in ids) == len(scores.configs()) * 3 * (2 * 2 + 1)
     assert sum(i.startswith("topk-") for i in ids) == len(topk.configs()) * 2 * 2
     assert sum(i.startswith("gather_columns-") for i in ids) == len(matmul.gather_configs()) * 3 * 2
+
+
+def test_every_per_example_config_is_built():
+    """kernels/per_example.py: every kernel, config and dtype has a build, ``contig``
+    for every dtype and the general-stride ``strided`` one for fp32 and bf16."""
+    from meprop_triton.kernels import per_example as pe
+
+    ids = {b["id"] for b in aot_build.builds()}
+    for dt in ("fp32", "fp16", "bf16"):
+        specs = ("contig",) if dt == "fp16" else ("contig", "odd", "strided")
+        for ci in range(len(pe.select_configs())):
+            for spec in ("contig", "strided"):
+                assert any(i.startswith(f"per_example.row_topk-cfg{ci}-") and i.endswith(f"-{dt}-{spec}") for i in ids)
+        for short, cfgs in (("grad_input", pe.grad_input_configs()), ("grad_weight", pe.grad_weight_configs())):
+            for ci in range(len(cfgs)):
+                for spec in specs:
+                    assert any(
+                        i.startswith(f"per_example.{short}-cfg{ci}-") and i.endswith(f"-{dt}-{spec}") for i in ids
+                    ), (short, ci, dt, spec)
+    for name in ("mark", "column_bits-count", "column_bits-place", "scan"):
+        assert any(i.startswith(f"per_example.{name}-") for i in ids), name

@@ -91,12 +91,45 @@ def test_auto_backend_uses_kernels_only_for_cuda(rng, device, spy):
     assert len(spy) == (1 if device == "cuda" else 0)
 
 
-def test_triton_backend_refuses_modes_it_lacks(rng, device):
+def test_triton_backend_refuses_sparse_grad(rng, device):
     x = torch.randn(4, 8, generator=rng).to(device).requires_grad_()
     w = torch.randn(10, 8, generator=rng).to(device)
-    for opts in (dict(unified=False), dict(selection="random"), dict(sparse_grad=True)):
-        with pytest.raises(NotImplementedError, match="backend='torch'"):
-            meprop_linear(x, w, k=3, backend="triton", **opts)
+    with pytest.raises(NotImplementedError, match="backend='torch'"):
+        meprop_linear(x, w, k=3, backend="triton", sparse_grad=True)
+
+
+@pytest.mark.parametrize(
+    "mode,op",
+    [
+        (dict(unified=False), "per_example_topk_backward"),
+        (dict(selection="random"), "unified_backward_from_indices"),
+        (dict(unified=False, selection="random"), "per_example_backward_from_indices"),
+    ],
+    ids=["per-example-topk", "unified-random", "per-example-random"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_other_modes_on_triton_match_torch(mode, op, dtype, rng, device, monkeypatch):
+    calls = []
+    real = getattr(triton_ops, op)
+    monkeypatch.setattr(triton_ops, op, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    M, in_f, out_f = 9, 24, 70
+    x = torch.randn(3, 3, in_f, generator=rng).to(device, dtype)
+    w = (torch.randn(out_f, in_f, generator=rng) / in_f**0.5).to(device, dtype)
+    b = torch.randn(out_f, generator=rng).to(device, dtype)
+    g = torch.randn(3, 3, out_f, generator=rng).to(device, dtype)
+    grads = {}
+    for backend in ("triton", "torch"):
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        gen = torch.Generator(device=device).manual_seed(17)
+        meprop_linear(xs, ws, bs, k=7, backend=backend, generator=gen, **mode).backward(g)
+        grads[backend] = (xs.grad, ws.grad, bs.grad)
+    assert len(calls) == 1
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-4, atol=1e-5)
+    rows_t = grads["triton"][1].abs().sum(1).nonzero().flatten()
+    rows_r = grads["torch"][1].abs().sum(1).nonzero().flatten()
+    assert torch.equal(rows_t, rows_r)
+    for a, r in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(a, r, **tol)
 
 
 def test_triton_backend_refuses_float64(rng, device):
