@@ -1,31 +1,58 @@
-"""Shared helpers of the benchmark suite (``pytest --benchmark-only``)."""
+"""The benchmark suite (``pytest bench --benchmark-only``): shared pytest hooks.
+
+``bench/workloads.py`` holds the shapes and the calls timed, ``bench/timing.py`` the
+side-by-side timing, ``bench/hardware.py`` the device names, peak table and roofline
+model, ``bench/report.py`` the Markdown table and PNG made from a ``--benchmark-json``.
+"""
 
 from __future__ import annotations
 
-import itertools
-import statistics
-import time
+import os
+import platform
+
+import numpy as np
+import torch
+
+from .hardware import cpu_name
+
+try:
+    _LOAD_AT_START = list(os.getloadavg())  # when pytest loaded the suite
+except OSError:
+    _LOAD_AT_START = None
 
 
-def paired_medians(fns, rounds: int, warmup: int = 3) -> list[float]:
-    """Median wall time (s) of each function, the functions run interleaved round by round.
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Add what a reader of the JSON needs to know about the machine and the software."""
+    try:
+        import triton
 
-    Interleaving keeps a slow spell of the machine from landing on one side of a ratio.
-    """
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
-
-
-def rotating(calls):
-    """A function that runs the given calls in turn, one per invocation, so that
-    consecutive timings do not reuse one input set's warm cache."""
-    cycle = itertools.cycle(calls)
-    return lambda: next(cycle)()
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "numpy": np.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_model": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda,
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "memory_bytes": props.total_memory,
+            "count": torch.cuda.device_count(),
+            "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        }
+    info["command"] = " ".join(["python -m pytest", *config.invocation_params.args])
+    info["loadavg_at_start"] = _LOAD_AT_START
+    try:
+        info["loadavg_at_end"] = list(os.getloadavg())
+    except OSError:
+        pass
+    machine_info["meprop"] = info

@@ -1,0 +1,323 @@
+"""Turn a pytest-benchmark JSON file into a Markdown table and a PNG.
+
+    python bench/report.py results.json --md out.md --png out.png
+
+The Markdown is headed by the machine (GPU name, or CPU model and cores), the torch and
+triton versions, the date and commit, and the command that produced the JSON; then a
+summary (speedup vs dense by k for every backward series) and one row per case. The PNG
+plots speedup vs dense against k, one panel per mode and gradient kind, one line per
+backend, shape and dtype. Every number comes from the JSON; nothing is extrapolated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from datetime import datetime
+
+
+def _load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def machine_line(data: dict) -> str:
+    mi = data.get("machine_info", {})
+    me = mi.get("meprop", {})
+    gpu = me.get("gpu")
+    if gpu:
+        return f"{gpu['name']} (sm_{gpu['capability'].replace('.', '')}, {gpu['count']} GPU)"
+    cpu = me.get("cpu_model") or mi.get("cpu", {}).get("brand_raw") or mi.get("processor") or "cpu"
+    cores = me.get("cpu_count") or mi.get("cpu", {}).get("count")
+    threads = me.get("torch_threads")
+    return f"{cpu}, {cores} cores, {threads} torch threads (no GPU)"
+
+
+def header(data: dict) -> list[str]:
+    mi = data.get("machine_info", {})
+    me = mi.get("meprop", {})
+    ci = data.get("commit_info", {})
+    when = data.get("datetime", "")
+    try:
+        when = datetime.fromisoformat(when.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        pass
+    commit = ci.get("id") or "?"
+    commit = commit[:10] + (" (uncommitted changes)" if ci.get("dirty") else "")
+    lines = [
+        f"**Machine:** {machine_line(data)}  ",
+        f"**Software:** torch {me.get('torch', '?')}, triton {me.get('triton', '?')}, "
+        f"Python {mi.get('python_version', '?')}, {me.get('platform', mi.get('system', ''))}  ",
+        f"**Date:** {when}; commit {commit}  ",
+    ]
+    if me.get("command"):
+        lines.append(f"**Command:** `{me['command']}`  ")
+    if me.get("loadavg_at_start") or me.get("loadavg_at_end"):
+        start, end = me.get("loadavg_at_start"), me.get("loadavg_at_end")
+        fmt = lambda la: "/".join(f"{x:.2f}" for x in la) if la else "?"  # noqa: E731
+        lines.append(f"**Load average (1/5/15 min):** {fmt(start)} at start, {fmt(end)} at end  ")
+    return lines
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def fmt_x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def fmt_shape(shape, name) -> str:
+    if len(shape) == 3:
+        return f"{shape[0]} x {shape[1]}->{shape[2]}"
+    return f"MLP {'-'.join(map(str, shape[1:]))}, batch {shape[0]}"
+
+
+def fmt_k(e: dict) -> str:
+    k, frac = e.get("k"), e.get("k_frac")
+    if frac is None or frac >= 1:
+        return "all" if frac is not None else str(k)
+    return f"{k} ({frac * 100:.3g}%)"
+
+
+def fmt_mem(b) -> str:
+    if b is None:
+        return None
+    return f"{b / 2**20:.1f} MiB"
+
+
+def notes(e: dict) -> str:
+    parts = []
+    names = {"torch": "torch path", "topk": "torch.topk", "compacted": "compacted G[:, S]"}
+    for key, value in e.items():
+        if key.startswith("speedup_vs_") and key != "speedup_vs_dense" and value is not None:
+            if isinstance(value, (int, float)):
+                other = key.removeprefix("speedup_vs_")
+                parts.append(f"{value:.2f}x vs {names.get(other, other)}")
+    if e.get("share_of_backward") is not None:
+        parts.append(f"{e['share_of_backward'] * 100:.1f}% of its backward")
+    if e.get("device_type") == "cuda":
+        if e.get("tflops") is not None and e.get("flops"):
+            parts.append(f"{e['tflops']:.1f} TFLOP/s")
+        elif e.get("gb_s") is not None:
+            parts.append(f"{e['gb_s']:.0f} GB/s")
+        if e.get("roofline_share") is not None:
+            parts.append(f"{e['roofline_share'] * 100:.0f}% of roofline")
+        if e.get("peak_mem_bytes") is not None:
+            parts.append(f"peak {fmt_mem(e['peak_mem_bytes'])}")
+    return "; ".join(parts)
+
+
+def case_time(b: dict) -> float:
+    return b["extra_info"].get("time_median_s", b["stats"]["median"])
+
+
+def rows(data: dict) -> list[dict]:
+    order = {}
+    out = []
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        order.setdefault(b["group"], len(order))
+        out.append({"group": b["group"], "e": e, "t": case_time(b), "name": b["name"]})
+    out.sort(key=lambda r: (
+        order[r["group"]],
+        r["e"].get("backend") != "dense",
+        r["e"].get("backend", ""),
+        r["e"].get("mode", ""),
+        r["e"].get("grad", ""),
+        r["e"].get("k_frac") or 0,
+    ))
+    return out
+
+
+def case_table(data: dict) -> list[str]:
+    lines = [
+        "| group | backend | mode | grad | shape | k | dtype | median time | speedup vs dense | notes |",
+        "|---|---|---|---|---|---|---|---:|---:|---|",
+    ]
+    for r in rows(data):
+        e = r["e"]
+        lines.append(
+            f"| {r['group']} | {e.get('backend')} | {e.get('mode')} | {e.get('grad')} | "
+            f"{fmt_shape(e.get('shape', []), e.get('shape_name'))} | {fmt_k(e)} | {e.get('dtype')} | "
+            f"{fmt_time(r['t'])} | {fmt_x(e.get('speedup_vs_dense'))} | {notes(e)} |"
+        )
+    return lines
+
+
+def _k_key(e: dict):
+    """The k a case asked for: a fraction (sorts first, by size) or a number of units."""
+    k = e.get("k_requested", e.get("k_frac"))
+    return (0, k) if isinstance(k, float) else (1, k)
+
+
+def _k_label(key) -> str:
+    kind, k = key
+    return f"k={k * 100:.3g}%" if kind == 0 else f"k={k}"
+
+
+def series(data: dict):
+    """Backward k-sweep series: (mode, grad) -> (backend, shape, dtype) -> [(k_frac, speedup, k key)]."""
+    out = defaultdict(lambda: defaultdict(list))
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if not b["group"].startswith("backward-") or e.get("backend") == "dense":
+            continue
+        if e.get("speedup_vs_dense") is None:
+            continue
+        label = (e["backend"], fmt_shape(e["shape"], None), e["dtype"])
+        out[(e["mode"], e["grad"])][label].append((e["k_frac"], e["speedup_vs_dense"], _k_key(e)))
+    for panel in out.values():
+        for pts in panel.values():
+            pts.sort()
+    return out
+
+
+def summary_table(data: dict) -> list[str]:
+    """Speedup vs dense by k: one row per (shape, dtype, backend, mode, grad)."""
+    by = series(data)
+    keys = sorted({p[2] for panel in by.values() for pts in panel.values() for p in pts})
+    if not keys:
+        return []
+    lines = [
+        "| shape | dtype | backend | mode | grad | " + " | ".join(_k_label(k) for k in keys) + " |",
+        "|" + "---|" * 5 + "---:|" * len(keys),
+    ]
+    entries = []
+    for (mode, grad), panel in by.items():
+        for (backend, shape, dtype), pts in panel.items():
+            got = {p[2]: p[1] for p in pts}
+            cells = " | ".join(fmt_x(got[k]) if k in got else "" for k in keys)
+            entries.append((shape, dtype, backend, mode, grad, cells))
+    entries.sort(key=lambda t: (
+        t[0], t[1], t[2], MODE_ORDER.index(t[3]) if t[3] in MODE_ORDER else 9, t[4]
+    ))
+    for shape, dtype, backend, mode, grad, cells in entries:
+        lines.append(f"| {shape} | {dtype} | {backend} | {mode} | {grad} | {cells} |")
+    return lines
+
+
+MODE_ORDER = ("unified-topk", "per-example-topk", "unified-random", "per-example-random")
+
+
+def markdown(data: dict, png: str | None) -> str:
+    parts = ["# meprop-triton benchmarks", "", *header(data), ""]
+    summary = summary_table(data)
+    if summary:
+        parts += [
+            "## One layer's backward: speedup vs dense `nn.Linear` backward, by k",
+            "",
+            "Each cell is `median(dense) / median(meProp)`, both timed interleaved in the "
+            "same test. k is a share of out_features, or a number of units (the targets' "
+            "k=20 and k=80 at the MNIST shape).",
+            "",
+            *summary,
+            "",
+        ]
+    if png:
+        parts += [f"![speedup vs k]({png})", ""]
+    parts += [
+        "## Every case",
+        "",
+        "Median time per call (CPU: `time.perf_counter` through pytest-benchmark; GPU: CUDA "
+        "events); `speedup vs dense` is against the dense baseline timed interleaved in the "
+        "same test.",
+        "",
+        *case_table(data),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def plot(data: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = series(data)
+    panels = sorted(by, key=lambda mg: (MODE_ORDER.index(mg[0]) if mg[0] in MODE_ORDER else 9, mg[1]))
+    if not panels:
+        raise SystemExit("no backward k-sweep cases with speedup_vs_dense in the JSON")
+    ncols = 2
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 3.6 * nrows), squeeze=False)
+    styles = {"float32": "-", "float16": "--", "bfloat16": ":"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = sorted({lab for p in panels for lab in by[p]})
+    color_of = {}
+    for lab in labels:
+        color_of.setdefault((lab[0], lab[1]), colors[len(color_of) % len(colors)])
+    for ax, (mode, grad) in zip(axes.flat, panels):
+        for lab in sorted(by[(mode, grad)]):
+            backend, shape, dtype = lab
+            pts = by[(mode, grad)][lab]
+            xs = [p[0] * 100 for p in pts]
+            ys = [p[1] for p in pts]
+            ax.plot(xs, ys, styles.get(dtype, "-"), marker="o", ms=3.5,
+                    color=color_of[(backend, shape)], label=f"{backend}, {shape}, {dtype}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks = [1, 2, 5, 10, 25, 50]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t}%" for t in ticks])
+        ax.set_title(f"{mode}, {grad} gradients", fontsize=10)
+        ax.set_xlabel("k (share of out_features)")
+        ax.set_ylabel("speedup vs dense backward")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}x"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    me = data.get("machine_info", {}).get("meprop", {})
+    fig.suptitle(
+        f"meProp backward vs dense nn.Linear backward, timed side by side\n{machine_line(data)}; "
+        f"torch {me.get('torch', '?')}, triton {me.get('triton', '?')}; {data.get('datetime', '')[:10]}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", help="a pytest --benchmark-json file")
+    ap.add_argument("--md", help="write the Markdown table here")
+    ap.add_argument("--png", help="write the speedup-vs-k plot here")
+    args = ap.parse_args(argv)
+    data = _load(args.json)
+    if args.png:
+        plot(data, args.png)
+    text = markdown(data, _relative(args.png, args.md))
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+
+
+def _relative(png: str | None, md: str | None) -> str | None:
+    """The PNG's path as the Markdown file should link it."""
+    if png is None:
+        return None
+    import os
+
+    if md is None:
+        return png
+    return os.path.relpath(png, os.path.dirname(os.path.abspath(md)))
+
+
+if __name__ == "__main__":
+    main()

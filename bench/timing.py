@@ -1,0 +1,191 @@
+"""Side-by-side timing for the benchmark suite.
+
+Every case times its candidate and its baselines (the dense backward, and on a GPU also
+the plain torch path) *interleaved*, round by round, in one run, so that a slow spell of
+the machine lands on both sides of a ratio.
+
+* CPU: pytest-benchmark times the candidate (``benchmark.pedantic``); the baselines run
+  in the ``setup`` hook of every round, right before the candidate, timed with
+  ``time.perf_counter``. The number of rounds is sized from a warm-up round so that a
+  case costs about ``budget_s`` of wall time (bounded by ``min_rounds``/``max_rounds``).
+  Each function's last result is kept until its next call (on both sides alike), so
+  that freeing and refaulting gradient buffers does not depend on what ran in between.
+* CUDA: as ``triton.testing.do_bench`` does: warm-up, then each call between two CUDA
+  events with the L2 cache flushed before it, all events read after one synchronize, the
+  median kept. The functions take turns within every repetition. pytest-benchmark's own
+  record of the candidate (host wall time of a call plus a synchronize) is kept too, but
+  ``extra_info['time_median_s']`` (the events' median) is the number the report uses.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+_L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MiB)
+_flush_buffer: dict = {}
+
+
+def _flush_l2(device: torch.device) -> None:
+    buf = _flush_buffer.get(device)
+    if buf is None:
+        buf = _flush_buffer[device] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    buf.zero_()
+
+
+def _cuda_medians(
+    fns: list[Callable], device: torch.device, *, warmup_ms: float, rep_ms: float,
+    min_rounds: int, max_rounds: int,
+) -> tuple[list[float], int]:
+    """Median seconds per call of each function (CUDA events, interleaved, L2 flushed)."""
+    for fn in fns:  # compile / autotune outside the timing
+        fn()
+    torch.cuda.synchronize(device)
+    # Estimate a round's cost from five back-to-back calls of each.
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    est_ms = 0.0
+    for fn in fns:
+        start.record()
+        for _ in range(5):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        est_ms += start.elapsed_time(end) / 5
+    est_ms = max(est_ms, 1e-3)
+    for _ in range(max(1, int(warmup_ms / est_ms))):
+        for fn in fns:
+            fn()
+    rounds = min(max_rounds, max(min_rounds, int(rep_ms / est_ms)))
+    starts = [[torch.cuda.Event(enable_timing=True) for _ in range(rounds)] for _ in fns]
+    ends = [[torch.cuda.Event(enable_timing=True) for _ in range(rounds)] for _ in fns]
+    for r in range(rounds):
+        for i, fn in enumerate(fns):
+            _flush_l2(device)
+            starts[i][r].record()
+            fn()
+            ends[i][r].record()
+    torch.cuda.synchronize(device)
+    medians = [
+        statistics.median(s.elapsed_time(e) for s, e in zip(starts[i], ends[i])) / 1e3
+        for i in range(len(fns))
+    ]
+    return medians, rounds
+
+
+def measure(
+    benchmark,
+    fns: dict[str, Callable],
+    *,
+    candidate: str,
+    device: torch.device | str = "cpu",
+    budget_s: float = 1.0,
+    min_rounds: int = 3,
+    max_rounds: int = 200,
+    warmup: int = 2,
+) -> dict[str, float] | None:
+    """Time ``fns[candidate]`` through ``benchmark`` with the other ``fns`` interleaved.
+
+    Returns the median seconds per call of every function (None when benchmarks are
+    disabled: the candidate then runs once, as a smoke test, and nothing else runs).
+    Records ``time_median_s``, ``rounds``, ``timer`` and ``<name>_median_s`` of each
+    baseline in ``benchmark.extra_info``.
+    """
+    device = torch.device(device)
+    # Every function's last result stays alive until its next call replaces it (as
+    # gradients live until the next step), the same for the candidate and the baselines,
+    # so that no side gets an allocator that trims and refaults its pages every call.
+    last: dict[str, object] = {}
+
+    def keeping(name):
+        def run():
+            last[name] = fns[name]()
+        return run
+
+    baselines = {name: keeping(name) for name in fns if name != candidate}
+    target = keeping(candidate)
+
+    if device.type == "cuda":
+        def synced():
+            target()
+            torch.cuda.synchronize(device)
+    else:
+        synced = target
+
+    if benchmark.disabled:
+        benchmark.pedantic(synced)
+        return None
+
+    for fn in fns.values():
+        prepare = getattr(fn, "prepare", None)
+        if prepare is not None:
+            prepare()
+
+    if device.type == "cuda":
+        names = [*baselines, candidate]
+        med, rounds = _cuda_medians(
+            [baselines.get(n, target) for n in names], device, warmup_ms=25.0, rep_ms=1e3 * budget_s,
+            min_rounds=max(min_rounds, 10), max_rounds=max_rounds,
+        )
+        medians = dict(zip(names, med))
+        # pytest-benchmark's own record: host wall time including a synchronize.
+        benchmark.pedantic(synced, rounds=min(rounds, 20), warmup_rounds=1)
+        timer = "cuda-events (median, interleaved, L2 flushed before each call)"
+    else:
+        # Warm-up. The first round is cold (lazy initialisation, first-touch pages); the
+        # last one sizes the number of rounds. A case whose warm round already takes
+        # most of its budget stops warming up there.
+        for i in range(max(warmup, 2)):
+            per_round = 0.0
+            for fn in (*baselines.values(), target):
+                t0 = time.perf_counter()
+                fn()
+                per_round += time.perf_counter() - t0
+            if i >= 1 and per_round > budget_s / 2:
+                break
+        rounds = min(max_rounds, max(min_rounds, math.ceil(budget_s / max(per_round, 1e-9))))
+        times: dict[str, list[float]] = {name: [] for name in baselines}
+
+        def run_baselines():
+            for name, fn in baselines.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+
+        benchmark.pedantic(target, setup=run_baselines, rounds=rounds, warmup_rounds=0)
+        medians = {name: statistics.median(ts) for name, ts in times.items()}
+        medians[candidate] = benchmark.stats.stats.median
+        timer = "perf_counter (median; baselines run right before the candidate each round)"
+
+    last.clear()
+    benchmark.extra_info.update(
+        time_median_s=medians[candidate],
+        rounds=rounds,
+        timer=timer,
+        **{f"{name}_median_s": t for name, t in medians.items() if name != candidate},
+    )
+    return medians
+
+
+def peak_memory(fn: Callable, device: torch.device | str) -> dict:
+    """``peak_mem_bytes``: the most memory one call of ``fn`` holds above what was allocated
+    before it (CUDA: ``torch.cuda.max_memory_allocated``; its results included). On a CPU
+    torch keeps no allocator statistics, so nothing is measured and the record says so."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {
+            "peak_mem_bytes": None,
+            "peak_mem_note": "not measured on CPU (torch keeps no CPU allocator statistics)",
+        }
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del result
+    return {"peak_mem_bytes": int(peak)}
