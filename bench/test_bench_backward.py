@@ -162,7 +162,7 @@ def test_meprop_backward(benchmark, request, device, shape_key, dt, backend, mod
 
 
 @needs_gpu
-@pytest.mark.parametrize("k", (0.01, 0.05, 0.10, 0.25), ids=k_id)
+@pytest.mark.parametrize("k", (0.01, 0.05, 0.10, 0.25), ids=lambda k: f"cuda-bf16-large-{k_id(k)}")
 def test_triton_gather_in_gemm(benchmark, k):
     """``triton_ops.COMPACT_GRAD``: G[:, S] compacted once (the default) vs gathered inside
     each GEMM's loads (no temporary), at bf16, 8192 x 4096->4096, side by side."""

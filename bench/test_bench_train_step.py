@@ -8,7 +8,7 @@ in the same run (``speedup_vs_dense``).
 * CPU, wide: MLP 784 -> 4096 -> 4096 -> 10, batch 64, k = 5%. Target (issue 5, asserted
   in a ``--benchmark-only`` run): sparse gradients + SparseAdam >= 3x the dense step.
 * CPU, mnist: MLP 784 -> 500 -> 500 -> 10, batch 50, k = 80 (the paper's setup).
-* GPU: MLP 4096 -> 4096 -> 4096 -> 10, 8192 tokens, bf16 parameters, k = 5%; the
+* GPU, large: MLP 4096 -> 4096 -> 4096 -> 10, 8192 tokens, bf16 parameters, k = 5%; the
   meProp layers on ``backend="auto"`` (Triton for dense gradients; the torch path for
   sparse ones). bf16 parameters rather than autocast over fp32 ones: row-sparse
   gradients cannot flow back through autocast's cast of the weight (torch's
@@ -32,7 +32,7 @@ from .workloads import needs_gpu, rotating
 MLPS = {
     "wide": ("cpu", 64, (784, 4096, 4096, 10), 0.05, torch.float32, 2.0),
     "mnist": ("cpu", 50, (784, 500, 500, 10), 80, torch.float32, 0.5),
-    "gpu": ("cuda", 8192, (4096, 4096, 4096, 10), 0.05, torch.bfloat16, 0.5),
+    "large": ("cuda", 8192, (4096, 4096, 4096, 10), 0.05, torch.bfloat16, 0.5),
 }
 TARGETS = {("wide", "sparse"): 3.0}  # least speedup_vs_dense
 N_SETS = 3
@@ -99,7 +99,7 @@ def _params(grads):
     for name, (device, *_rest) in MLPS.items():
         marks = [needs_gpu] if device == "cuda" else []
         for grad in grads:
-            yield pytest.param(name, grad, id=f"{name}-{grad}grad", marks=marks)
+            yield pytest.param(name, grad, id=f"{device}-{name}-{grad}grad", marks=marks)
 
 
 @pytest.mark.parametrize("name,grad", _params(["dense"]))
