@@ -191,6 +191,12 @@ def meprop_linear(
         k_units = None  # check_linear_args names the bad weight below
 
     dtype = _autocast_dtype(input)
+    if dtype is not None and sparse_grad:
+        raise ValueError(
+            f"sparse_grad=True cannot run under torch.autocast: autocast's cast of the weight "
+            f"to {dtype} cannot pass a sparse gradient back to it; keep the parameters in "
+            f"{dtype} instead of autocasting, or use sparse_grad=False"
+        )
     if dtype is not None and isinstance(weight, Tensor):
         # Do autocast's cast here, differentiably, and save the low-precision copies.
         def cast(t):

@@ -166,3 +166,11 @@ def test_functional_sparse_grad():
     w = torch.randn(9, 4, requires_grad=True)
     meprop_linear(x, w, k=2, sparse_grad=True).sum().backward()
     assert w.grad.is_sparse and w.grad._nnz() == 2 and x.grad.shape == (3, 4)
+
+
+def test_sparse_grad_under_autocast_is_refused_clearly():
+    layer = MePropLinear(4, 8, k=2, sparse_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="sparse_grad=True cannot run under torch.autocast"):
+            layer(torch.randn(3, 4))
+    assert layer.weight.grad is None
