@@ -13,17 +13,17 @@ Only the k selected columns of G and rows of W are ever copied: no dense mask, n
 (M x out) temporary.
 
 Per-example top-k (``unified=False``) keeps a set ``S_m`` for each row m (the top-k of
-``|G[m, :]|``, same tie and NaN rules); its products run as sparse (CSR) x dense matrix
-products over the ``M * k`` selected entries. Random-k draws uniform k-subsets instead.
+``|G[m, :]|``, same tie and NaN rules); its products are weighted row sums
+(``embedding_bag``) over the ``M * k`` selected entries. Random-k draws uniform k-subsets instead.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -68,17 +68,22 @@ def column_scores(grad: Tensor) -> Tensor:
     return scores.nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
-_LAZY_ZEROS_BYTES = 32 << 20  # glibc serves blocks this large from fresh mmap'd pages
+_LAZY_ZEROS_BYTES = 128 << 10  # glibc's smallest mmap threshold; smaller blocks come from bins
 
 
 def _weight_grad_zeros(shape, like: Tensor) -> Tensor:
     """Zeros for a dense weight gradient of which meProp writes only k rows.
 
-    On a CPU a large block comes from ``calloc`` (through numpy): the operating system
-    maps zero pages lazily, so rows that are never written cost nothing until read,
-    where ``torch.zeros`` would fault in and clear every page of the (out x in) matrix
-    (about 20 ms for 4096 x 4096 fp32 on a 2-core machine). Smaller blocks are recycled
-    by the allocator and cleared either way; ``torch.zeros`` is faster there.
+    On a CPU the block comes from ``calloc`` (through numpy). Where the allocator hands
+    out fresh pages (a new mmap, or heap it has just grown), ``calloc`` knows they are
+    zero and skips the clear, and the operating system maps a page only when it is first
+    touched, so the (out - k) rows meProp never writes cost no page faults inside the
+    backward. ``torch.zeros`` would write, and so fault in, every page of the
+    (out x in) matrix: measured on a 2-core VM at 784 x 500 fp32 (1.5 MiB), 20 us when
+    the allocator recycles the block and 370-480 us when it serves fresh pages, which
+    is more than both meProp GEMMs together. Recycled blocks are cleared by ``calloc``
+    as by ``torch.zeros``. Blocks under 128 KiB, CUDA tensors and traced code use
+    ``torch.zeros``.
     """
     numel = math.prod(shape)
     nbytes = numel * like.element_size()
@@ -91,15 +96,19 @@ def _weight_grad_zeros(shape, like: Tensor) -> Tensor:
 def select_topk(scores: Tensor, k: int) -> Tensor:
     """Indices of the ``k`` largest ``scores``, ties to the lower index, sorted ascending.
 
-    ``scores`` must not hold NaN (see :func:`column_scores`). A stable descending sort
-    keeps equal scores in index order, so the lower index wins every tie. On a CPU the
-    sort runs in numpy, whose per-call overhead is a fraction of torch's: at MNIST's
-    500 units this step is a visible share of the whole backward.
+    ``scores`` must not hold NaN (see :func:`column_scores`). The definition is a stable
+    descending sort, which keeps equal scores in index order, so the lower index wins
+    every tie. On a CPU ``topk`` finds the same set in a fraction of the time (a full
+    sort of MNIST's 500 scores costs about twice as much inside a training step); its
+    choice among equal values is unspecified, so it is kept only when the k-th and
+    (k+1)-th largest scores differ, and the stable sort decides otherwise.
     """
-    if scores.device.type == "cpu" and not torch.compiler.is_compiling():
-        order = np.argsort(-scores.numpy(), kind="stable")[:k]
-        order.sort()
-        return torch.from_numpy(order.astype(np.int64, copy=False))
+    n = scores.shape[0]
+    if scores.device.type == "cpu" and k < n and not torch.compiler.is_compiling():
+        values, idx = torch.topk(scores, k + 1)  # descending
+        values = values.tolist()
+        if values[k - 1] != values[k]:  # no tie at the boundary: the set is exact
+            return idx[:k].sort().values
     order = torch.sort(scores, descending=True, stable=True).indices
     return order[:k].sort().values
 
@@ -186,17 +195,25 @@ def per_example_random_indices(M: int, out: int, k: int, *, generator=None, devi
     return torch.topk(keys, k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
-def _sparse_mm(crow: Tensor, col: Tensor, val: Tensor, shape, dense: Tensor) -> Tensor:
-    """``CSR(crow, col, val) @ dense``; fp16/bf16 on a CPU go through fp32 (no half CSR kernel)."""
-    dtype = dense.dtype
-    if dense.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        val, dense = val.float(), dense.float()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        csr = torch.sparse_csr_tensor(
-            crow, col, val, shape, dtype=val.dtype, device=val.device, check_invariants=False
-        )
-    return (csr @ dense).to(dtype)
+def _pairs_by_unit(idx: Tensor, out: int):
+    """The ``M * k`` selected (row m, unit j) pairs of an ``(M, k)`` selection, grouped
+    by unit: ``rows`` (m of each pair, ascending within a unit), ``order`` (the pairs'
+    flat positions ``m * k + slot`` in that order) and ``counts[j]`` (pairs per unit)."""
+    k = idx.shape[1]
+    cols = idx.reshape(-1)
+    order = torch.sort(cols, stable=True).indices
+    rows = order.div(k, rounding_mode="floor")
+    counts = torch.bincount(cols, minlength=out)
+    return rows, order, counts
+
+
+def _bag_sums(rows: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
+    """``out[b] = sum_i weights[i] * table[rows[i]]`` over bag b's slice of ``rows``
+    (bags start at ``offsets``; an empty bag gives zeros): one ``embedding_bag`` call,
+    summed in order, so the result is deterministic."""
+    return F.embedding_bag(
+        rows, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype)
+    )
 
 
 def per_example_backward(
@@ -213,23 +230,20 @@ def per_example_backward(
 
     ``grad_x[m] = sum_{j in S_m} G[m, j] W[j, :]``;
     ``grad_W[j, :] = sum_{m: j in S_m} G[m, j] X[m, :]`` (rows never selected are zero);
-    ``grad_b = sum_m G[m, :]``. Both products are CSR x dense over the ``M * k`` kept
-    entries; the weight gradient's CSR is the transpose, its entries sorted by unit.
+    ``grad_b = sum_m G[m, :]``. Both products are weighted row sums over the ``M * k``
+    kept entries (``embedding_bag``): grad_x with one bag per example (its k rows of W),
+    grad_W with one bag per unit (the rows of X that selected it, in ascending order).
+    Nothing of size ``M * k * in`` or ``M * out`` beyond G itself is made.
     """
     M, out = grad.shape
-    k = idx.shape[1]
-    vals = grad.gather(1, idx).reshape(-1)
-    cols = idx.reshape(-1)
+    vals = grad.gather(1, idx)
     grad_x = grad_w = grad_b = None
     if need_input:
-        crow = torch.arange(0, M * k + 1, k, device=grad.device)
-        grad_x = _sparse_mm(crow, cols, vals, (M, out), weight.contiguous())
+        grad_x = _bag_sums(idx, weight, None, vals)
     if need_weight:
-        order = torch.argsort(cols, stable=True)
-        rows = torch.arange(M, device=grad.device).repeat_interleave(k)[order]
-        crow = torch.zeros(out + 1, dtype=torch.int64, device=grad.device)
-        torch.cumsum(torch.bincount(cols, minlength=out), 0, out=crow[1:])
-        grad_w = _sparse_mm(crow, rows, vals[order], (out, M), x.contiguous())
+        rows, order, counts = _pairs_by_unit(idx, out)
+        offsets = counts.cumsum(0) - counts
+        grad_w = _bag_sums(rows, x, offsets, vals.reshape(-1)[order])
     if need_bias:
         grad_b = grad.sum(0)
     return grad_x, grad_w, grad_b
@@ -291,27 +305,22 @@ def per_example_sparse_backward(
     """Per-example meProp with row-sparse weight and bias gradients.
 
     The rows kept are the units some example selected (the union of the ``S_m``); the
-    weight rows come from a CSR product compressed to those units, the bias rows are the
-    exact bias gradient's.
+    weight rows are the per-unit bag sums of :func:`per_example_backward` over those
+    units only, the bias rows are the exact bias gradient's.
     """
     M, out = grad.shape
-    k = idx.shape[1]
     grad_x = grad_w = grad_b = None
     if need_input:
         grad_x = per_example_backward(
             grad, x, weight, idx, need_input=True, need_weight=False, need_bias=False
         )[0]
     if need_weight or need_bias:
-        cols = idx.reshape(-1)
-        units, slot = torch.unique(cols, sorted=True, return_inverse=True)
+        rows, order, counts = _pairs_by_unit(idx, out)
+        units = counts.nonzero().squeeze(1)
     if need_weight:
-        vals = grad.gather(1, idx).reshape(-1)
-        order = torch.argsort(slot, stable=True)
-        rows = torch.arange(M, device=grad.device).repeat_interleave(k)[order]
-        crow = torch.zeros(len(units) + 1, dtype=torch.int64, device=grad.device)
-        torch.cumsum(torch.bincount(slot, minlength=len(units)), 0, out=crow[1:])
-        compact = _sparse_mm(crow, rows, vals[order], (len(units), M), x.contiguous())
-        grad_w = rows_to_sparse(units, compact, out)
+        offsets = (counts.cumsum(0) - counts).index_select(0, units)
+        vals = grad.gather(1, idx).reshape(-1)[order]
+        grad_w = rows_to_sparse(units, _bag_sums(rows, x, offsets, vals), out)
     if need_bias:
         grad_b = rows_to_sparse(units, grad.index_select(1, units).sum(0), out)
     return grad_x, grad_w, grad_b
