@@ -15,6 +15,9 @@ the machine lands on both sides of a ratio.
   median kept. The functions take turns within every repetition. pytest-benchmark's own
   record of the candidate (host wall time of a call plus a synchronize) is kept too, but
   ``extra_info['time_median_s']`` (the events' median) is the number the report uses.
+
+A speedup is the median over rounds of the two calls' ratio within a round
+(``Timings.paired``); the ratio of the two medians is recorded next to it.
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ def _flush_l2(device: torch.device) -> None:
     buf.zero_()
 
 
-def _cuda_medians(
+def _cuda_samples(
     fns: list[Callable], device: torch.device, *, warmup_ms: float, rep_ms: float,
     min_rounds: int, max_rounds: int,
-) -> tuple[list[float], int]:
-    """Median seconds per call of each function (CUDA events, interleaved, L2 flushed)."""
+) -> tuple[list[list[float]], int]:
+    """Seconds of each call of each function, per round (CUDA events, interleaved, L2
+    flushed)."""
     for fn in fns:  # compile / autotune outside the timing
         fn()
     torch.cuda.synchronize(device)
@@ -70,11 +74,18 @@ def _cuda_medians(
             fn()
             ends[i][r].record()
     torch.cuda.synchronize(device)
-    medians = [
-        statistics.median(s.elapsed_time(e) for s, e in zip(starts[i], ends[i])) / 1e3
-        for i in range(len(fns))
-    ]
-    return medians, rounds
+    samples = [[s.elapsed_time(e) / 1e3 for s, e in zip(starts[i], ends[i])] for i in range(len(fns))]
+    return samples, rounds
+
+
+class Timings(dict):
+    """Median seconds per call of each function timed (a dict, name -> seconds), with
+    ``paired[name]``: the median over rounds of ``baseline_time / candidate_time``, the two
+    taken in the same round. A slow spell of a shared machine lasts many rounds and
+    scales both calls of a round alike, so the paired ratio moves less than the ratio of
+    the two medians; it is the ``speedup_vs_*`` the suite records and asserts."""
+
+    paired: dict
 
 
 def measure(
@@ -87,11 +98,12 @@ def measure(
     min_rounds: int = 3,
     max_rounds: int = 200,
     warmup: int = 2,
-) -> dict[str, float] | None:
+) -> Timings | None:
     """Time ``fns[candidate]`` through ``benchmark`` with the other ``fns`` interleaved.
 
-    Returns the median seconds per call of every function (None when benchmarks are
-    disabled: the candidate then runs once, as a smoke test, and nothing else runs).
+    Returns the median seconds per call of every function, with the paired ratios
+    (:class:`Timings`; None when benchmarks are disabled: the candidate then runs once,
+    as a smoke test, and nothing else runs).
     Records ``time_median_s``, ``rounds``, ``timer`` and ``<name>_median_s`` of each
     baseline in ``benchmark.extra_info``.
     """
@@ -127,11 +139,11 @@ def measure(
 
     if device.type == "cuda":
         names = [*baselines, candidate]
-        med, rounds = _cuda_medians(
+        per_fn, rounds = _cuda_samples(
             [baselines.get(n, target) for n in names], device, warmup_ms=25.0, rep_ms=1e3 * budget_s,
             min_rounds=max(min_rounds, 10), max_rounds=max_rounds,
         )
-        medians = dict(zip(names, med))
+        samples = dict(zip(names, per_fn))
         # pytest-benchmark's own record: host wall time including a synchronize.
         benchmark.pedantic(synced, rounds=min(rounds, 20), warmup_rounds=1)
         timer = "cuda-events (median, interleaved, L2 flushed before each call)"
@@ -157,11 +169,15 @@ def measure(
                 times[name].append(time.perf_counter() - t0)
 
         benchmark.pedantic(target, setup=run_baselines, rounds=rounds, warmup_rounds=0)
-        medians = {name: statistics.median(ts) for name, ts in times.items()}
-        medians[candidate] = benchmark.stats.stats.median
+        samples = {**times, candidate: list(benchmark.stats.stats.data)}
         timer = "perf_counter (median; baselines run right before the candidate each round)"
 
     last.clear()
+    medians = Timings({name: statistics.median(ts) for name, ts in samples.items()})
+    medians.paired = {
+        name: statistics.median(b / c for b, c in zip(samples[name], samples[candidate]))
+        for name in baselines
+    }
     benchmark.extra_info.update(
         time_median_s=medians[candidate],
         rounds=rounds,
