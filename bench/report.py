@@ -217,8 +217,8 @@ def markdown(data: dict, png: str | None) -> str:
         parts += [
             "## One layer's backward: speedup vs dense `nn.Linear` backward, by k",
             "",
-            "Each cell is `median(dense) / median(meProp)`, both timed interleaved in the "
-            "same test. k is a share of out_features, or a number of units (the targets' "
+            "Each cell is the median over rounds of `dense time / meProp time`, the two "
+            "calls timed back to back in the same round of the same test. k is a share of out_features, or a number of units (the targets' "
             "k=20 and k=80 at the MNIST shape).",
             "",
             *summary,
@@ -230,9 +230,9 @@ def markdown(data: dict, png: str | None) -> str:
         "## Every case",
         "",
         "Median time per call (CPU: `time.perf_counter` through pytest-benchmark; GPU: CUDA "
-        "events). `speedup vs dense` divides the median of the dense baseline timed "
-        "interleaved with the case in the same test (`dense, same test`) by the case's "
-        "median; the `dense` rows are timed alone in their own test, so they can differ "
+        "events). `speedup vs dense` is the median over rounds of the dense baseline's "
+        "time over the case's, the two timed back to back in each round of the same test "
+        "(`dense, same test` is that baseline's median); the `dense` rows are timed alone in their own test, so they can differ "
         "from it (caches and the allocator see other work in between when interleaved).",
         "",
         *case_table(data),
