@@ -54,9 +54,12 @@ def dense_setup(dims, device, dtype):
 
 def meprop_setup(dims, device, dtype, k, sparse_grad):
     model = convert(mlp(dims, device, dtype), k=k, sparse_grad=sparse_grad, exclude=["4"])
+    if not sparse_grad:  # the dense model's optimizer, unchanged
+        return model, [torch.optim.Adam(model.parameters(), lr=1e-3)]
     hidden = [p for name, p in model.named_parameters() if not name.startswith("4.")]
-    opt = torch.optim.SparseAdam if sparse_grad else torch.optim.Adam
-    return model, [opt(hidden, lr=1e-3), torch.optim.Adam(model[4].parameters(), lr=1e-3)]
+    return model, [
+        torch.optim.SparseAdam(hidden, lr=1e-3), torch.optim.Adam(model[4].parameters(), lr=1e-3)
+    ]
 
 
 def step_call(model, opts, batch, dims, device, dtype, seed=1):
