@@ -138,11 +138,13 @@ class MePropFunction(torch.autograd.Function):
                 gx, gw, gb = triton_ops.per_example_topk_backward(grad, x2d, weight, k, *needs)
         else:
             if not ctx.unified:
+                # Each row's set in topk's order: the products do not need it sorted.
                 if ctx.selection == "topk":
-                    idx = reference.per_example_topk_indices(grad, k)
+                    idx = reference.per_example_topk_indices(grad, k, sort=False)
                 else:
                     idx = reference.per_example_random_indices(
-                        grad.shape[0], out_features, k, generator=ctx.generator, device=grad.device
+                        grad.shape[0], out_features, k, generator=ctx.generator,
+                        device=grad.device, sort=False,
                     )
                 run = reference.per_example_sparse_backward if sparse else reference.per_example_backward
             else:

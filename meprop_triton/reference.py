@@ -162,8 +162,10 @@ def dense_backward(
 # --- per-example and random selection -------------------------------------------------
 
 
-def per_example_topk_indices(grad: Tensor, k: int) -> Tensor:
-    """``(M, k)`` int64: for each row of ``grad`` the k largest ``|grad[m, :]|``, sorted.
+def per_example_topk_indices(grad: Tensor, k: int, *, sort: bool = True) -> Tensor:
+    """``(M, k)`` int64: for each row of ``grad`` the k largest ``|grad[m, :]|``, sorted
+    ascending (``sort=False``: the same sets, in an unspecified but deterministic order;
+    the backward takes them so, one operation fewer).
 
     Ties go to the lower index; NaN and inf count as +inf. For fp32/fp16/bf16 each
     ``|g|`` (exact in fp32) is packed with its reversed column index into a unique int64
@@ -181,7 +183,8 @@ def per_example_topk_indices(grad: Tensor, k: int) -> Tensor:
     # Non-negative floats order like their bit patterns read as integers.
     key = a.view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
     key |= torch.arange(out - 1, -1, -1, device=grad.device)
-    return torch.topk(key, k, dim=1, sorted=False).indices.sort(dim=1).values
+    idx = torch.topk(key, k, dim=1, sorted=False).indices
+    return idx.sort(dim=1).values if sort else idx
 
 
 def random_indices(out: int, k: int, *, generator=None, device=None) -> Tensor:
@@ -190,22 +193,24 @@ def random_indices(out: int, k: int, *, generator=None, device=None) -> Tensor:
     return perm[:k].sort().values
 
 
-def per_example_random_indices(M: int, out: int, k: int, *, generator=None, device=None) -> Tensor:
-    """``(M, k)``: an independent uniform random k-subset of ``range(out)`` per row, sorted."""
+def per_example_random_indices(
+    M: int, out: int, k: int, *, generator=None, device=None, sort: bool = True
+) -> Tensor:
+    """``(M, k)``: an independent uniform random k-subset of ``range(out)`` per row, sorted
+    (``sort=False``: in an unspecified order)."""
     keys = torch.rand(M, out, generator=generator, device=device)
-    return torch.topk(keys, k, dim=1, sorted=False).indices.sort(dim=1).values
+    idx = torch.topk(keys, k, dim=1, sorted=False).indices
+    return idx.sort(dim=1).values if sort else idx
 
 
-def _pairs_by_unit(idx: Tensor, out: int):
-    """The ``M * k`` selected (row m, unit j) pairs of an ``(M, k)`` selection, grouped
-    by unit: ``rows`` (m of each pair, ascending within a unit), ``order`` (the pairs'
-    flat positions ``m * k + slot`` in that order) and ``counts[j]`` (pairs per unit)."""
+def _pairs_by_unit(idx: Tensor):
+    """The ``M * k`` selected (row m, unit j) pairs of an ``(M, k)`` selection (each row's
+    units distinct, in any order), grouped by unit: ``units`` (j of each pair,
+    ascending), ``rows`` (m of each pair, ascending within a unit) and ``order`` (the
+    pairs' flat positions ``m * k + slot``)."""
     k = idx.shape[1]
-    cols = idx.reshape(-1)
-    order = torch.sort(cols, stable=True).indices
-    rows = order.div(k, rounding_mode="floor")
-    counts = torch.bincount(cols, minlength=out)
-    return rows, order, counts
+    units, order = torch.sort(idx.reshape(-1), stable=True)
+    return units, order.div(k, rounding_mode="floor"), order
 
 
 def _bag_sums(rows: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
@@ -262,8 +267,8 @@ def per_example_backward(
     if need_input:
         grad_x = _bag_sums(idx, weight, None, vals)
     if need_weight:
-        rows, order, counts = _pairs_by_unit(idx, out)
-        offsets = counts.cumsum(0) - counts
+        units, rows, order = _pairs_by_unit(idx)
+        offsets = torch.searchsorted(units, torch.arange(out, device=units.device))
         grad_w = _bag_sums(rows, x, offsets, vals.reshape(-1)[order])
     if need_bias:
         grad_b = grad.sum(0)
@@ -336,10 +341,10 @@ def per_example_sparse_backward(
             grad, x, weight, idx, need_input=True, need_weight=False, need_bias=False
         )[0]
     if need_weight or need_bias:
-        rows, order, counts = _pairs_by_unit(idx, out)
-        units = counts.nonzero().squeeze(1)
+        pair_units, rows, order = _pairs_by_unit(idx)
+        units = torch.unique_consecutive(pair_units)
     if need_weight:
-        offsets = (counts.cumsum(0) - counts).index_select(0, units)
+        offsets = torch.searchsorted(pair_units, units)
         vals = grad.gather(1, idx).reshape(-1)[order]
         grad_w = rows_to_sparse(units, _bag_sums(rows, x, offsets, vals), out)
     if need_bias:

@@ -203,3 +203,20 @@ def test_generator_errors():
     xm, wm = torch.randn(2, 3, device="meta", requires_grad=True), torch.randn(4, 3, device="meta")
     with pytest.raises(ValueError, match="generator lives on 'cpu' but the tensors on 'meta'"):
         meprop_linear(xm, wm, k=1, selection="random", generator=torch.Generator())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def test_unsorted_selection_is_the_same_sets(dtype):
+    """``sort=False`` (what the backward takes) gives each row the same set as the
+    sorted selection, ties and non-finite values included."""
+    gen = torch.Generator().manual_seed(11)
+    G = torch.randn(13, 40, generator=gen).to(dtype)
+    G[2, :] = 1.0  # a row of ties
+    G[5, 7], G[5, 30], G[6, 3] = float("nan"), float("inf"), float("-inf")
+    for k in (1, 6, 39):
+        got = reference.per_example_topk_indices(G, k, sort=False)
+        want = reference.per_example_topk_indices(G, k)
+        assert torch.equal(got.sort(dim=1).values, want)
+    r1 = reference.per_example_random_indices(13, 40, 6, generator=torch.Generator().manual_seed(3), sort=False)
+    r2 = reference.per_example_random_indices(13, 40, 6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(r1.sort(dim=1).values, r2)
