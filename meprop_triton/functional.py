@@ -153,7 +153,8 @@ class MePropFunction(torch.autograd.Function):
                         out_features, k, generator=ctx.generator, device=grad.device
                     )
                 else:
-                    idx = reference.unified_topk_indices(grad, k)
+                    # Sorted only where the rows become a coalesced sparse gradient.
+                    idx = reference.unified_topk_indices(grad, k, sort=sparse)
                 run = reference.unified_sparse_backward if sparse else reference.unified_backward
             gx, gw, gb = run(grad, x2d, weight, idx, **flags)
         if gx is not None:

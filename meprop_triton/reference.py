@@ -91,8 +91,10 @@ def _weight_grad_zeros(shape, like: Tensor) -> Tensor:
     return torch.from_numpy(raw).view(like.dtype).view(shape)
 
 
-def select_topk(scores: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` largest ``scores``, ties to the lower index, sorted ascending.
+def select_topk(scores: Tensor, k: int, *, sort: bool = True) -> Tensor:
+    """Indices of the ``k`` largest ``scores``, ties to the lower index, sorted ascending
+    (``sort=False``: the same set in an unspecified but deterministic order, one
+    operation fewer; the CPU backward takes it so).
 
     ``scores`` must not hold NaN (see :func:`column_scores`). The definition is a stable
     descending sort, which keeps equal scores in index order, so the lower index wins
@@ -106,14 +108,15 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
         values, idx = torch.topk(scores, k + 1)  # descending
         values = values.tolist()
         if values[k - 1] != values[k]:  # no tie at the boundary: the set is exact
-            return idx[:k].sort().values
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return order[:k].sort().values
+            return idx[:k].sort().values if sort else idx[:k]
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return order.sort().values if sort else order
 
 
-def unified_topk_indices(grad: Tensor, k: int) -> Tensor:
-    """The unified top-k set S of a 2-D gradient ``grad: (M, out)``."""
-    return select_topk(column_scores(grad), k)
+def unified_topk_indices(grad: Tensor, k: int, *, sort: bool = True) -> Tensor:
+    """The unified top-k set S of a 2-D gradient ``grad: (M, out)`` (see
+    :func:`select_topk` for ``sort``)."""
+    return select_topk(column_scores(grad), k, sort=sort)
 
 
 def unified_backward(

@@ -195,3 +195,13 @@ def test_unified_backward_lazily_zeroed_weight_grad(dtype, monkeypatch, oracle, 
     np.testing.assert_array_equal(oracle.selected_rows(gw), ref["selected"])
     gw.add_(1)  # writable, and owns its memory
     assert torch.equal(gw[~torch.from_numpy(ref["mask"])], torch.ones(out_f - 6, in_f, dtype=dtype))
+
+
+def test_select_topk_unsorted_is_the_same_set(gen):
+    """``sort=False`` (what the dense-gradient CPU backward takes) gives the same set,
+    on the topk route and on the stable-sort route that ties take."""
+    scores = torch.rand(300, generator=gen)
+    tied = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0, 3.0, 0.5])
+    for s, k in ((scores, 1), (scores, 37), (scores, 299), (tied, 2), (tied, 3), (tied, 6)):
+        got = reference.select_topk(s, k, sort=False)
+        assert torch.equal(got.sort().values, reference.select_topk(s, k))
