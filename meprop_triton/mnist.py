@@ -522,7 +522,7 @@ def write_plot(path, runs: list[dict], title: str) -> None:
     ax_time.set_ylabel("seconds (all epochs)")
     ax_time.set_title("Backprop time per run")
     ax_time.legend(fontsize=8)
-    ax_time.margins(y=0.15)
+    ax_time.margins(y=0.35)  # room for the legend above the bars
     fig.suptitle(title, fontsize=10)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
