@@ -59,6 +59,14 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     return "triton"
 
 
+try:  # what torch's own ``Function.apply`` calls on its arguments outside transforms
+    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
+except ImportError:  # pragma: no cover - a torch without it has no dead wrappers to unwrap
+
+    def _unwrap_dead_wrappers(args):
+        return args
+
+
 def _autocast_dtype(input) -> torch.dtype | None:
     """The dtype autocast would run ``F.linear`` in for ``input``, None when it is off."""
     if not isinstance(input, Tensor):
@@ -78,16 +86,17 @@ class MePropFunction(torch.autograd.Function):
     """
 
     @classmethod
-    def apply(cls, *args):
+    def apply(cls, *args, **kwargs):
         # ``Function.apply`` binds the arguments to ``forward``'s signature through
         # ``inspect`` on every call when ``setup_context`` is defined: about 45 us per
-        # layer on a small CPU, a sixth of a 50 x 784->500 forward. Every call here
-        # passes all nine arguments by position, so the binding changes nothing and is
-        # skipped, except under functorch transforms or tracing, which take the
-        # ordinary route.
-        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
-            return super().apply(*args)
-        return super(torch.autograd.Function, cls).apply(*args)
+        # layer on a small CPU, a sixth of a 50 x 784->500 forward. With all nine
+        # arguments given by position the binding changes nothing, so it is skipped;
+        # keyword arguments, functorch transforms and tracing take the ordinary route.
+        # What else the ordinary route does outside transforms is kept: tensors left
+        # over from a finished functorch transform are unwrapped.
+        if kwargs or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+            return super().apply(*args, **kwargs)
+        return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
 
     @staticmethod
     def forward(x, weight, bias, k, backend, unified, selection, sparse_grad, generator):

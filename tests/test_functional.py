@@ -376,3 +376,29 @@ def test_functorch_grad_matches_autograd():
     loss(w).backward()
     assert torch.equal(got, w.grad)
     assert int((got != 0).any(1).sum()) == 3
+
+
+def test_apply_takes_leftovers_of_a_functorch_transform_and_keywords():
+    """The fast ``apply`` keeps what torch's own does outside transforms: a tensor that
+    leaked out of a finished ``torch.func`` transform is unwrapped, and keyword
+    arguments are bound as usual."""
+    from meprop_triton.functional import MePropFunction
+
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    leak = []
+
+    def f(w_):
+        y = meprop_linear(x, w_, None, k=3, backend="torch")
+        leak.append(y)
+        return y.sum()
+
+    torch.func.grad(f)(w)
+    w2 = torch.randn(6, 5, generator=gen, requires_grad=True)
+    meprop_linear(leak[0], w2, None, k=2, backend="torch").sum().backward()
+    assert int((w2.grad != 0).any(1).sum()) == 2
+
+    w3 = w.clone().requires_grad_()
+    y = MePropFunction.apply(x, w3, None, 2, "torch", True, "topk", False, generator=None)
+    y.sum().backward()
+    assert int((w3.grad != 0).any(1).sum()) == 2
