@@ -268,6 +268,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _model_and_optimizer(args, k, device: torch.device):
+    """The run's model (dense when ``k`` is 0) on ``device`` and its optimizer."""
+    model = build_model(n_layer=args.n_layer, d_hidden=args.d_hidden, dropout=args.dropout,
+                        k=k, unified=args.unified, selection=args.selection,
+                        sparse_grad=args.sparse_grad).to(device)
+    return model, _make_optimizer(args.optimizer, model.parameters(), args.lr)
+
+
 def warm_up(args, data: dict, ks, device: torch.device) -> float:
     """``args.warmup_steps`` untimed training steps of each method, on throwaway models.
 
@@ -282,10 +290,7 @@ def warm_up(args, data: dict, ks, device: torch.device) -> float:
         return 0.0
     x_train, y_train = data["train"]
     for k in ks:
-        model = build_model(n_layer=args.n_layer, d_hidden=args.d_hidden, dropout=args.dropout,
-                            k=k, unified=args.unified, selection=args.selection,
-                            sparse_grad=args.sparse_grad).to(device)
-        opt = _make_optimizer(args.optimizer, model.parameters(), args.lr)
+        model, opt = _model_and_optimizer(args, k, device)
         model.train()
         for start in range(0, steps * args.d_minibatch, args.d_minibatch):
             i = start % max(1, len(x_train) - args.d_minibatch)
@@ -328,10 +333,7 @@ class Training:
         torch.manual_seed(args.random_seed)  # same initial weights and dropout masks for every run
         if device.type == "cuda":
             torch.cuda.manual_seed_all(args.random_seed)
-        self.model = build_model(n_layer=args.n_layer, d_hidden=args.d_hidden, dropout=args.dropout,
-                                 k=k, unified=args.unified, selection=args.selection,
-                                 sparse_grad=args.sparse_grad).to(device)
-        self.opt = _make_optimizer(args.optimizer, self.model.parameters(), args.lr)
+        self.model, self.opt = _model_and_optimizer(args, k, device)
         linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
         self.timer = LinearBackwardTimer(linears, device)
         self.order = torch.Generator().manual_seed(args.random_seed)  # same data order for every run

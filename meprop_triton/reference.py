@@ -177,8 +177,8 @@ def per_example_topk_indices(grad: Tensor, k: int, *, sort: bool = True) -> Tens
     M, out = grad.shape
     if grad.dtype == torch.float64:
         a = grad.abs().nan_to_num_(nan=math.inf, posinf=math.inf)
-        order = torch.sort(a, dim=1, descending=True, stable=True).indices
-        return order[:, :k].sort(dim=1).values
+        idx = torch.sort(a, dim=1, descending=True, stable=True).indices[:, :k]
+        return idx.sort(dim=1).values if sort else idx
     a = grad.abs()
     if a.dtype != torch.float32:
         a = a.float()
@@ -260,21 +260,22 @@ def per_example_backward(
     are the two dense GEMMs on a copy of G with the unkept entries zeroed.
     """
     M, out = grad.shape
+    grad_b = grad.sum(0) if need_bias else None
+    if not (need_input or need_weight):
+        return None, None, grad_b
     vals = grad.gather(1, idx)
-    grad_x = grad_w = grad_b = None
+    grad_x = grad_w = None
     if _masked_gemm_pays(M, idx.shape[1], out):
         masked = torch.zeros_like(grad).scatter_(1, idx, vals)
         grad_x = masked @ weight if need_input else None
         grad_w = masked.t() @ x if need_weight else None
-        return grad_x, grad_w, grad.sum(0) if need_bias else None
+        return grad_x, grad_w, grad_b
     if need_input:
         grad_x = _bag_sums(idx, weight, None, vals)
     if need_weight:
         units, rows, order = _pairs_by_unit(idx)
         offsets = torch.searchsorted(units, torch.arange(out, device=units.device))
         grad_w = _bag_sums(rows, x, offsets, vals.reshape(-1)[order])
-    if need_bias:
-        grad_b = grad.sum(0)
     return grad_x, grad_w, grad_b
 
 
