@@ -118,33 +118,16 @@ class MePropFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         out_features, in_features = weight.shape
-        grad = grad_output.reshape(-1, out_features)
-        x2d = x.reshape(-1, in_features)
-        flags = dict(need_input=need_x, need_weight=need_w, need_bias=need_b)
+        # Views only where the input had other than two dimensions (a reshape costs
+        # about a microsecond, and MNIST-sized backward passes take a few hundred).
+        grad = grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, out_features)
+        x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
         k, sparse = ctx.k, ctx.sparse_grad
-        kernels = ctx.backend == "triton" and not sparse
         if k >= out_features:
             run = reference.dense_sparse_backward if sparse else reference.dense_backward
-            gx, gw, gb = run(grad, x2d, weight, **flags)
-        elif kernels:
-            from . import triton_ops
-
-            needs = (need_x, need_w, need_b)
-            if ctx.selection == "random":
-                if ctx.unified:
-                    idx = reference.random_indices(
-                        out_features, k, generator=ctx.generator, device=grad.device
-                    )
-                    gx, gw, gb = triton_ops.unified_backward_from_indices(grad, x2d, weight, idx, *needs)
-                else:
-                    idx = reference.per_example_random_indices(
-                        grad.shape[0], out_features, k, generator=ctx.generator, device=grad.device
-                    )
-                    gx, gw, gb = triton_ops.per_example_backward_from_indices(grad, x2d, weight, idx, *needs)
-            elif ctx.unified:
-                gx, gw, gb = triton_ops.unified_topk_backward(grad, x2d, weight, k, *needs)
-            else:
-                gx, gw, gb = triton_ops.per_example_topk_backward(grad, x2d, weight, k, *needs)
+            gx, gw, gb = run(grad, x2d, weight, need_input=need_x, need_weight=need_w, need_bias=need_b)
+        elif ctx.backend == "triton" and not sparse:
+            gx, gw, gb = _triton_backward(ctx, grad, x2d, weight, k, (need_x, need_w, need_b))
         else:
             if not ctx.unified:
                 # Each row's set in topk's order: the products do not need it sorted.
@@ -165,10 +148,28 @@ class MePropFunction(torch.autograd.Function):
                     # Sorted only where the rows become a coalesced sparse gradient.
                     idx = reference.unified_topk_indices(grad, k, sort=sparse)
                 run = reference.unified_sparse_backward if sparse else reference.unified_backward
-            gx, gw, gb = run(grad, x2d, weight, idx, **flags)
-        if gx is not None:
+            gx, gw, gb = run(grad, x2d, weight, idx, need_input=need_x, need_weight=need_w, need_bias=need_b)
+        if gx is not None and gx.dim() != x.dim():
             gx = gx.reshape(x.shape)
         return gx, gw, gb, None, None, None, None, None, None
+
+
+def _triton_backward(ctx, grad, x2d, weight, k, needs):
+    """The Triton kernels' backward (CUDA tensors, or the interpreter): dense gradients."""
+    from . import triton_ops
+
+    out_features = weight.shape[0]
+    if ctx.selection == "random":
+        if ctx.unified:
+            idx = reference.random_indices(out_features, k, generator=ctx.generator, device=grad.device)
+            return triton_ops.unified_backward_from_indices(grad, x2d, weight, idx, *needs)
+        idx = reference.per_example_random_indices(
+            grad.shape[0], out_features, k, generator=ctx.generator, device=grad.device
+        )
+        return triton_ops.per_example_backward_from_indices(grad, x2d, weight, idx, *needs)
+    if ctx.unified:
+        return triton_ops.unified_topk_backward(grad, x2d, weight, k, *needs)
+    return triton_ops.per_example_topk_backward(grad, x2d, weight, k, *needs)
 
 
 def meprop_linear(

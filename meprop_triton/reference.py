@@ -49,6 +49,21 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _abs_column_sums(grad: Tensor) -> Tensor:
+    """``sum_m |grad[m, j]|`` for each column j, NaN and inf left as they come."""
+    M, out = grad.shape
+    dtype = _score_dtype(grad.dtype)
+    if grad.dtype == dtype:  # no dtype argument: the reduction is a little cheaper so
+        dtype = None
+    rows = max(1, _SCORE_CHUNK // max(out, 1))
+    if M <= rows:
+        return grad.abs().sum(0, dtype=dtype)
+    scores = torch.zeros(out, dtype=_score_dtype(grad.dtype), device=grad.device)
+    for start in range(0, M, rows):
+        scores += grad[start : start + rows].abs().sum(0, dtype=dtype)
+    return scores
+
+
 def column_scores(grad: Tensor) -> Tensor:
     """``sum_m |grad[m, j]|`` for each column j of a 2-D ``grad``, NaN mapped to +inf.
 
@@ -56,16 +71,7 @@ def column_scores(grad: Tensor) -> Tensor:
     time, so the temporary is bounded (at most ``_SCORE_CHUNK`` elements, or one row)
     whatever M is.
     """
-    M, out = grad.shape
-    dtype = _score_dtype(grad.dtype)
-    rows = max(1, _SCORE_CHUNK // max(out, 1))
-    if M <= rows:
-        scores = grad.abs().sum(0, dtype=dtype)
-    else:
-        scores = torch.zeros(out, dtype=dtype, device=grad.device)
-        for start in range(0, M, rows):
-            scores += grad[start : start + rows].abs().sum(0, dtype=dtype)
-    return scores.nan_to_num_(nan=math.inf, posinf=math.inf)
+    return _abs_column_sums(grad).nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
 _LAZY_ZEROS_BYTES = 32 << 20  # glibc serves blocks this large from fresh mmap'd pages
@@ -92,23 +98,27 @@ def _weight_grad_zeros(shape, like: Tensor) -> Tensor:
 
 
 def select_topk(scores: Tensor, k: int, *, sort: bool = True) -> Tensor:
-    """Indices of the ``k`` largest ``scores``, ties to the lower index, sorted ascending
-    (``sort=False``: the same set in an unspecified but deterministic order, one
-    operation fewer; the CPU backward takes it so).
+    """Indices of the ``k`` largest ``scores``, ties to the lower index, NaN counted as
+    +inf, sorted ascending (``sort=False``: the same set in an unspecified but
+    deterministic order, one operation fewer; the CPU backward takes it so).
 
-    ``scores`` must not hold NaN (see :func:`column_scores`). The definition is a stable
-    descending sort, which keeps equal scores in index order, so the lower index wins
-    every tie. On a CPU ``topk`` finds the same set in a fraction of the time (a full
-    sort of MNIST's 500 scores costs about twice as much inside a training step); its
-    choice among equal values is unspecified, so it is kept only when the k-th and
-    (k+1)-th largest scores differ, and the stable sort decides otherwise.
+    The definition is a stable descending sort, which keeps equal scores in index
+    order, so the lower index wins every tie. On a CPU ``topk`` finds the same set in a
+    fraction of the time (a full sort of MNIST's 500 scores costs about twice as much
+    inside a training step); its choice among equal values is unspecified, so it is
+    kept only when the k-th and (k+1)-th largest scores differ and the largest is
+    finite (``topk`` ranks NaN above inf, and both must count as +inf, in index
+    order); the stable sort decides otherwise. ``scores`` is not modified.
     """
     n = scores.shape[0]
     if scores.device.type == "cpu" and k < n and not torch.compiler.is_compiling():
         values, idx = torch.topk(scores, k + 1)  # descending
         values = values.tolist()
-        if values[k - 1] != values[k]:  # no tie at the boundary: the set is exact
+        # NaN != NaN, so a NaN in the top k+1 would pass the tie test: the finiteness
+        # test on the largest (NaN and inf rank first) sends those to the sort.
+        if values[k - 1] != values[k] and math.isfinite(values[0]):
             return idx[:k].sort().values if sort else idx[:k]
+    scores = torch.nan_to_num(scores, nan=math.inf, posinf=math.inf)
     order = torch.sort(scores, descending=True, stable=True).indices[:k]
     return order.sort().values if sort else order
 
@@ -116,7 +126,7 @@ def select_topk(scores: Tensor, k: int, *, sort: bool = True) -> Tensor:
 def unified_topk_indices(grad: Tensor, k: int, *, sort: bool = True) -> Tensor:
     """The unified top-k set S of a 2-D gradient ``grad: (M, out)`` (see
     :func:`select_topk` for ``sort``)."""
-    return select_topk(column_scores(grad), k, sort=sort)
+    return select_topk(_abs_column_sums(grad), k, sort=sort)
 
 
 def unified_backward(

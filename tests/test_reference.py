@@ -205,3 +205,29 @@ def test_select_topk_unsorted_is_the_same_set(gen):
     for s, k in ((scores, 1), (scores, 37), (scores, 299), (tied, 2), (tied, 3), (tied, 6)):
         got = reference.select_topk(s, k, sort=False)
         assert torch.equal(got.sort().values, reference.select_topk(s, k))
+
+
+@pytest.mark.parametrize("sort", [True, False], ids=["sorted", "unsorted"])
+def test_select_topk_takes_nonfinite_scores_as_inf(sort, gen):
+    """Raw scores (what the CPU backward passes: NaN and inf not yet mapped) give the
+    set of the mapped ones: NaN and inf both count as +inf, ties to the lower index,
+    even where ``topk`` alone would rank NaN above inf or see no tie between NaNs; the
+    caller's scores are left as they were."""
+    base = torch.rand(50, generator=gen) + 1.0
+    cases = []
+    for spots in ([(7, math.nan)], [(9, math.inf), (3, math.nan)], [(4, math.nan), (40, math.nan)],
+                  [(30, math.nan), (2, math.inf), (11, math.nan)]):
+        s = base.clone()
+        for i, v in spots:
+            s[i] = v
+        for k in (1, 2, len(spots), len(spots) + 1, 20):
+            cases.append((s, k))
+    for s, k in cases:
+        before = s.clone()
+        got = reference.select_topk(s, k, sort=sort)
+        mapped = torch.nan_to_num(s, nan=math.inf, posinf=math.inf)
+        expected = torch.sort(mapped, descending=True, stable=True).indices[:k]
+        assert torch.equal(got.sort().values, expected.sort().values), (s, k)
+        if sort:
+            assert torch.equal(got, expected.sort().values)
+        assert torch.equal(s.isnan(), before.isnan()) and torch.equal(s.nan_to_num(), before.nan_to_num())
