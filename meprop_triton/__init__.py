@@ -10,8 +10,8 @@ Importing this package never initialises CUDA and never needs a GPU.
 from .convert import convert
 from .functional import meprop_linear
 from .nn import MePropLinear
-from .utils import clip_grad_norm_
+from .utils import clip_grad_norm_, keep_freed_memory
 
 __version__ = "0.1.0"
 
-__all__ = ["MePropLinear", "meprop_linear", "convert", "clip_grad_norm_", "__version__"]
+__all__ = ["MePropLinear", "meprop_linear", "convert", "clip_grad_norm_", "keep_freed_memory", "__version__"]

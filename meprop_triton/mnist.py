@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__, convert
+from .utils import keep_freed_memory
 from .data import IDXFormatError, MNISTUnavailableError, load_mnist
 
 __all__ = ["main", "build_model", "LinearBackwardTimer"]
@@ -124,6 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare", action="store_true",
                    help="train densely and with meProp, taking turns every 10 minibatches (same "
                         "seed and data order; each run trains as it would alone)")
+    p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+                   help="leave glibc's malloc at its defaults (by default the process keeps "
+                        "freed memory for reuse: see meprop_triton.utils.keep_freed_memory)")
     p.add_argument("--warmup-steps", dest="warmup_steps", type=_nonnegative_int, default=50,
                    help="untimed training steps of each method before the timed runs, on "
                         "throwaway models, so that the first run does not pay the process's "
@@ -605,6 +609,9 @@ def main(argv=None) -> None:
     """The ``meprop-mnist`` command (``python -m meprop_triton.mnist``)."""
     args = parse_args(argv)
     device = _resolve_device(args.device)
+    # Both runs train in a process that reuses its freed memory: otherwise page faults
+    # from the allocator's trimming cost a fifth of a CPU step, and vary from run to run.
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     load_start = _loadavg()
     t_start = time.perf_counter()
     try:
@@ -652,6 +659,7 @@ def main(argv=None) -> None:
             n_test=len(data["test"][0]), input_scaling="pixels / 255, in [0, 1]",
             torch=torch.__version__, meprop_triton=__version__, python=platform.python_version(),
             torch_threads=torch.get_num_threads(), platform=platform.platform(),
+            malloc_keeps_freed_memory=kept,
             # 1-minute load average before and after: timings on a shared machine need it
             loadavg_start=load_start, loadavg_end=_loadavg(),
         )

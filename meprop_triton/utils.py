@@ -1,13 +1,57 @@
-"""Training helpers that also understand row-sparse (``sparse_grad=True``) gradients."""
+"""Training helpers: gradient clipping that understands row-sparse (``sparse_grad=True``)
+gradients, and a CPU allocator setting for training loops."""
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["clip_grad_norm_"]
+__all__ = ["clip_grad_norm_", "keep_freed_memory"]
+
+_M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Make glibc's ``malloc`` keep freed memory for reuse instead of handing it back to
+    the operating system; True when the setting took effect.
+
+    A CPU training step frees and reallocates the same tensors (gradients, activations,
+    optimizer temporaries) every step. With glibc's default, growing thresholds, blocks
+    of a few hundred KiB to a few MiB are often returned to the system when freed, and
+    the next step faults their pages back in, each fault cost paid again every step:
+    about 500 faults per step for MNIST's 784-500-500-10 MLP on a 2-core VM, where a
+    step takes 4 to 5 ms. After this call blocks under ``mmap_threshold`` come from the
+    heap, and the heap gives memory back only when more than ``trim_threshold`` bytes
+    are free at its top. PyTorch's CPU tuning advice reaches the same end by preloading
+    jemalloc or tcmalloc; this needs no extra library.
+
+    It changes the whole process, so call it at the start of a training script (the
+    ``meprop-mnist`` command does, unless ``--no-keep-freed-memory``). The equivalent
+    environment, set before Python starts, is ``MALLOC_MMAP_THRESHOLD_=33554432
+    MALLOC_TRIM_THRESHOLD_=268435456``. Returns False, changing nothing, off Linux or
+    where the C library is not glibc (musl, or an allocator without ``mallopt``).
+    """
+    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+            raise ValueError(f"{name} must be an int in [0, 2**31) bytes; got {value!r}")
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: musl's mallopt does nothing
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    # mallopt returns 1 on success, 0 for a value it refuses.
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) & bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ from torch import nn
 from meprop_triton import MePropLinear, data, mnist
 
 N_TRAIN, N_TEST, N_DEV = 240, 60, 40
-TINY = ["--d_hidden", "32", "--d_minibatch", "20", "--n_epoch", "1"]
+# --no-keep-freed-memory: the CLI runs inside the test process, whose malloc is left alone
+TINY = ["--d_hidden", "32", "--d_minibatch", "20", "--n_epoch", "1", "--no-keep-freed-memory"]
 
 
 def fake_mnist(seed=0) -> data.MNIST:
@@ -263,3 +264,15 @@ def test_module_entry_point_help():
                  "--unified", "--no-unified", "--random_seed", "--optimizer", "--lr", "--selection",
                  "--sparse-grad", "--device", "--data-dir", "--compare", "--json", "--plot"):
         assert flag in proc.stdout
+
+
+def test_cli_keeps_freed_memory_by_default(tmp_path, capsys, fake, monkeypatch):
+    """By default the command makes malloc keep freed memory (and says so in the JSON);
+    --no-keep-freed-memory leaves it alone."""
+    calls = []
+    monkeypatch.setattr(mnist, "keep_freed_memory", lambda: calls.append(1) or True)
+    base = [a for a in TINY if a != "--no-keep-freed-memory"]
+    result, _ = run_cli([*base, "--k", "8"], tmp_path, capsys)
+    assert calls == [1] and result["config"]["malloc_keeps_freed_memory"] is True
+    result, _ = run_cli([*base, "--k", "8", "--no-keep-freed-memory"], tmp_path, capsys)
+    assert calls == [1] and result["config"]["malloc_keeps_freed_memory"] is False
