@@ -231,3 +231,10 @@ def test_select_topk_takes_nonfinite_scores_as_inf(sort, gen):
         if sort:
             assert torch.equal(got, expected.sort().values)
         assert torch.equal(s.isnan(), before.isnan()) and torch.equal(s.nan_to_num(), before.nan_to_num())
+
+
+def test_select_topk_keeps_minus_inf_below_every_finite_score():
+    """Only NaN and +inf are mapped: -inf stays below the most negative finite score."""
+    s = torch.tensor([-math.inf, torch.finfo(torch.float32).min, 1.0, math.nan, -math.inf])
+    assert reference.select_topk(s, 3).tolist() == [1, 2, 3]
+    assert reference.select_topk(s, 4).tolist() == [0, 1, 2, 3]
