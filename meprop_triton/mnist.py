@@ -17,7 +17,9 @@ to just after each layer's autograd node runs), "backward time" the whole
 ``--compare`` trains the dense model and the meProp one from the same initial weights
 and in the same data order, taking turns every few minibatches after a short untimed
 warm-up (so that a slow spell of a shared machine lands on both), and prints a table like the
-original README's. MNIST is found or fetched as ``meprop_triton.data.load_mnist`` says.
+original README's. The process first keeps freed memory for reuse
+(``meprop_triton.keep_freed_memory``; ``--no-keep-freed-memory`` leaves malloc alone).
+MNIST is found or fetched as ``meprop_triton.data.load_mnist`` says.
 """
 
 from __future__ import annotations
