@@ -20,6 +20,7 @@ __all__ = [
     "check_float_tensor",
     "check_index",
     "check_out",
+    "out_or_empty",
     "launchable",
 ]
 
@@ -91,15 +92,22 @@ def check_index(name: str, idx: torch.Tensor, device: torch.device) -> torch.Ten
     return idx.contiguous()
 
 
-def check_out(name: str, out: torch.Tensor | None, shape, dtype, device) -> None:
+def check_out(name: str, out: torch.Tensor, shape, dtype, device) -> None:
     """Check a caller-provided output buffer (tests pass NaN-filled ones)."""
-    if out is None:
-        return
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
         raise ValueError(
             f"{name} must have shape {tuple(shape)}, dtype {dtype} on '{device}'; got "
             f"{tuple(out.shape)}, {out.dtype} on '{out.device}'"
         )
+
+
+def out_or_empty(name: str, out: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
+    """``out`` when the caller gave one (checked as :func:`check_out` does), else a new
+    uninitialised tensor of that shape, dtype and device."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    check_out(name, out, shape, dtype, device)
+    return out
 
 
 def launchable(kernel, traceable: bool):

@@ -310,10 +310,7 @@ def gather_columns(
     _launch.check_float_tensor("grad", grad, 2)
     idx = _launch.check_index("idx", idx, grad.device)
     M, K = grad.shape[0], idx.shape[0]
-    if out is None:
-        out = torch.empty((M, K), dtype=grad.dtype, device=grad.device)
-    else:
-        _launch.check_out("out", out, (M, K), grad.dtype, grad.device)
+    out = _launch.out_or_empty("out", out, (M, K), grad.dtype, grad.device)
     if M == 0 or K == 0:
         return out
     cfg = gather_configs()[0]
@@ -377,10 +374,7 @@ def gathered_grad_input(
         raise ValueError(f"weight {tuple(weight.shape)} does not match grad {tuple(grad.shape)}")
     n_in = weight.shape[1]
     K = idx.shape[0]
-    if out is None:
-        out = torch.empty((M, n_in), dtype=grad.dtype, device=grad.device)
-    else:
-        _launch.check_out("out", out, (M, n_in), grad.dtype, grad.device)
+    out = _launch.out_or_empty("out", out, (M, n_in), grad.dtype, grad.device)
     if M == 0 or n_in == 0:
         return out
     if K == 0:
@@ -443,10 +437,7 @@ def scattered_grad_weight(
     R = rest.shape[0]
     if K + R != n_out:
         raise ValueError(f"idx ({K}) and rest ({R}) must together list all {n_out} rows")
-    if out is None:
-        out = torch.empty((n_out, n_in), dtype=grad.dtype, device=grad.device)
-    else:
-        _launch.check_out("out", out, (n_out, n_in), grad.dtype, grad.device)
+    out = _launch.out_or_empty("out", out, (n_out, n_in), grad.dtype, grad.device)
     if n_out == 0 or n_in == 0:
         return out
 

@@ -421,12 +421,9 @@ def row_topk_indices(
     k = int(k)
     if not 1 <= k <= n:
         raise ValueError(f"k must lie in [1, {n}] for rows of {n} units; got {k}")
-    if out is None:
-        out = torch.empty((M, k), dtype=torch.int64, device=grad.device)
-    else:
-        _launch.check_out("out", out, (M, k), torch.int64, grad.device)
-        if not out.is_contiguous():
-            raise ValueError("out must be contiguous")
+    out = _launch.out_or_empty("out", out, (M, k), torch.int64, grad.device)
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
     if M == 0:
         return out
     cfg = config or pick_select_config(n)
@@ -460,10 +457,7 @@ def gathered_rows_grad_input(
     k = _check_idx(idx, M, n_out, grad.device)
     weight = _unit_inner(weight)
     n_in = weight.shape[1]
-    if out is None:
-        out = torch.empty((M, n_in), dtype=grad.dtype, device=grad.device)
-    else:
-        _launch.check_out("out", out, (M, n_in), grad.dtype, grad.device)
+    out = _launch.out_or_empty("out", out, (M, n_in), grad.dtype, grad.device)
     if M == 0 or n_in == 0:
         return out
     cfg = config or pick_product_config(grad_input_configs(), n_in)
@@ -561,10 +555,7 @@ def sorted_pairs_grad_weight(
         raise ValueError("lists must be (crow (out + 1,) int64, rows int32) from unit_lists")
     x = _unit_inner(x)
     n_in = x.shape[1]
-    if out is None:
-        out = torch.empty((n_out, n_in), dtype=grad.dtype, device=grad.device)
-    else:
-        _launch.check_out("out", out, (n_out, n_in), grad.dtype, grad.device)
+    out = _launch.out_or_empty("out", out, (n_out, n_in), grad.dtype, grad.device)
     if n_out == 0 or n_in == 0:
         return out
     cfg = config or pick_product_config(grad_weight_configs(), n_in)

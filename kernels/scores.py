@@ -125,15 +125,11 @@ def column_scores_and_bias(
     _launch.check_float_tensor("grad", grad, 2)
     M, N = grad.shape
     device = grad.device
-    if out is None:
-        scores = torch.empty(N, dtype=torch.float32, device=device)
-        grad_b = torch.empty(N, dtype=grad.dtype, device=device)
-    else:
-        scores, grad_b = out
-        _launch.check_out("scores", scores, (N,), torch.float32, device)
-        _launch.check_out("grad_b", grad_b, (N,), grad.dtype, device)
-        if not (scores.is_contiguous() and grad_b.is_contiguous()):
-            raise ValueError("out buffers must be contiguous")
+    scores, grad_b = out if out is not None else (None, None)
+    scores = _launch.out_or_empty("scores", scores, (N,), torch.float32, device)
+    grad_b = _launch.out_or_empty("grad_b", grad_b, (N,), grad.dtype, device)
+    if not (scores.is_contiguous() and grad_b.is_contiguous()):
+        raise ValueError("out buffers must be contiguous")
     if N == 0:
         return scores, grad_b
     if M == 0:

@@ -134,15 +134,9 @@ def topk_indices(
     if not 1 <= k <= n:
         raise ValueError(f"k must lie in [1, {n}] for {n} scores; got {k}")
     device = scores.device
-    if out is None:
-        out = torch.empty(k, dtype=torch.int64, device=device)
-    else:
-        _launch.check_out("out", out, (k,), torch.int64, device)
+    out = _launch.out_or_empty("out", out, (k,), torch.int64, device)
     if return_rest:
-        if rest_out is None:
-            rest_out = torch.empty(n - k, dtype=torch.int64, device=device)
-        else:
-            _launch.check_out("rest_out", rest_out, (n - k,), torch.int64, device)
+        rest_out = _launch.out_or_empty("rest_out", rest_out, (n - k,), torch.int64, device)
     if not out.is_contiguous() or (return_rest and not rest_out.is_contiguous()):
         raise ValueError("out buffers must be contiguous")
 

@@ -419,6 +419,14 @@ def test_launchers_reject_bad_arguments(rng, device):
         row_topk_indices(G, 6)
     with pytest.raises(TypeError, match="2-D int64"):
         gathered_rows_grad_input(G, W.float(), torch.zeros(3, dtype=torch.int64, device=device))
+    # A caller's output buffer of the wrong shape, dtype or layout is refused, named.
+    idx = torch.zeros(3, 1, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match=r"out must have shape \(3, 4\), dtype torch.float32.*got \(3, 5\)"):
+        gathered_rows_grad_input(G, W.float(), idx, out=torch.empty(3, 5, device=device))
+    with pytest.raises(ValueError, match=r"out must have shape \(3, 2\), dtype torch.int64.*got \(3, 2\), torch.int32"):
+        row_topk_indices(G, 2, out=torch.empty(3, 2, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        row_topk_indices(G, 2, out=torch.empty(2, 3, dtype=torch.int64, device=device).t())
 
 
 # --- the ops ---------------------------------------------------------------------------
