@@ -16,6 +16,10 @@ _env = os.environ.get("TRITON_INTERPRET")
 INTERPRET = _env.strip().lower() in ("1", "true", "yes", "on") if _env is not None else not CUDA
 DEVICE = "cpu" if INTERPRET else "cuda"
 
+#: the dtypes every kernel takes, and their test ids
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
 KERNEL_MODULES = (
     "meprop_triton.kernels.scores",
     "meprop_triton.kernels.topk",

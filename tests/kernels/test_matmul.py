@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from kernel_checks import (
+    DTYPE_IDS,
+    DTYPES,
     assert_reduction_close,
     poisoned,
     randn,
@@ -19,8 +21,6 @@ from meprop_triton import reference
 
 pytestmark = pytest.mark.interpreter
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp32", "fp16", "bf16"]
 # (M, out, in): every combination of M in {1, 7, 37}, out in {1, 5, 130, 1000} and
 # in in {3, 64, 129}, plus one shape with several tiles in every direction of the test
 # config.

@@ -17,6 +17,8 @@ import torch
 
 from kernel_checks import (
     DEVICE,
+    DTYPE_IDS,
+    DTYPES,
     assert_reduction_close,
     poisoned,
     randn,
@@ -28,8 +30,6 @@ from meprop_triton import reference
 
 pytestmark = pytest.mark.interpreter
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp32", "fp16", "bf16"]
 # (M, out, in): every combination of M in {1, 7, 37}, out in {1, 5, 130, 1000}, in in
 # {3, 64, 129}.
 SHAPES = [(m, o, i) for m in (1, 7, 37) for o in (1, 5, 130, 1000) for i in (3, 64, 129)]

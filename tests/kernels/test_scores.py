@@ -7,13 +7,19 @@ import math
 import pytest
 import torch
 
-from kernel_checks import assert_reduction_close, poisoned, randn, skip_unsupported, strided_copy
+from kernel_checks import (
+    DTYPE_IDS,
+    DTYPES,
+    assert_reduction_close,
+    poisoned,
+    randn,
+    skip_unsupported,
+    strided_copy,
+)
 from meprop_triton import reference
 
 pytestmark = pytest.mark.interpreter
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp32", "fp16", "bf16"]
 SHAPES = [(1, 1), (7, 5), (37, 130), (37, 1000), (300, 130)]  # (M, out)
 
 
