@@ -41,7 +41,10 @@ def _sort_key(x):
     x = tl.where(x == 0.0, 0.0, x)
     bits = x.to(tl.uint32, bitcast=True)
     neg = (bits >> 31) != 0
-    return tl.where(neg, ~bits, bits | 0x80000000)
+    # ``bits ^ 0xFFFFFFFF`` rather than ``~bits``: the same instruction, but the
+    # interpreter of triton 3.6-3.8 builds ``~`` of an unsigned tensor from
+    # ``np.full(1, -1, dtype=uint32)``, which numpy 2 refuses (OverflowError).
+    return tl.where(neg, bits ^ 0xFFFFFFFF, bits | 0x80000000)
 
 
 @triton.jit

@@ -88,8 +88,8 @@ def check_linear_args(input, weight, bias) -> None:
         raise ValueError("input must have at least one dimension (..., in_features); got a 0-d tensor")
     if input.shape[-1] != in_features:
         raise ValueError(
-            f"input's last dimension must equal in_features={in_features}; "
-            f"got input of shape {tuple(input.shape)}"
+            f"input's last dimension must equal in_features={in_features}, the width of "
+            f"weight {tuple(weight.shape)}; got input of shape {tuple(input.shape)}"
         )
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(

@@ -5,6 +5,7 @@ The forward pass is always the ordinary ``F.linear``; only the backward changes.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -15,7 +16,7 @@ from torch import Tensor
 from . import reference
 from ._validation import check_linear_args, check_options, resolve_k
 
-__all__ = ["meprop_linear", "MePropFunction", "resolve_backend", "triton_interpreter_enabled"]
+__all__ = ["meprop_linear", "MePropFunction", "apply_meprop", "resolve_backend", "triton_interpreter_enabled"]
 
 
 def triton_interpreter_enabled() -> bool:
@@ -26,7 +27,10 @@ def triton_interpreter_enabled() -> bool:
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
+    # Cached: ``find_spec`` walks sys.path (about 10 us), and installed packages do not
+    # come and go while a process trains.
     return importlib.util.find_spec("triton") is not None
 
 
@@ -59,14 +63,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     return "triton"
 
 
-try:  # what torch's own ``Function.apply`` calls on its arguments outside transforms
-    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
-except ImportError:  # pragma: no cover - a torch without it has no dead wrappers to unwrap
-
-    def _unwrap_dead_wrappers(args):
-        return args
-
-
 def _autocast_dtype(input) -> torch.dtype | None:
     """The dtype autocast would run ``F.linear`` in for ``input``, None when it is off."""
     if not isinstance(input, Tensor):
@@ -83,20 +79,12 @@ class MePropFunction(torch.autograd.Function):
 
     ``k`` is a resolved number of units (an int in [1, out]); ``k == out`` gives the
     exact dense gradient. ``unified``/``selection``/``generator`` choose the units kept.
-    """
 
-    @classmethod
-    def apply(cls, *args, **kwargs):
-        # ``Function.apply`` binds the arguments to ``forward``'s signature through
-        # ``inspect`` on every call when ``setup_context`` is defined: about 45 us per
-        # layer on a small CPU, a sixth of a 50 x 784->500 forward. With all nine
-        # arguments given by position the binding changes nothing, so it is skipped;
-        # keyword arguments, functorch transforms and tracing take the ordinary route.
-        # What else the ordinary route does outside transforms is kept: tensors left
-        # over from a finished functorch transform are unwrapped.
-        if kwargs or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
-            return super().apply(*args, **kwargs)
-        return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
+    This is the form ``torch.func`` transforms and ``torch.compile`` need (a separate
+    ``setup_context``). Its ``apply`` binds the arguments to ``forward``'s signature
+    through ``inspect`` on every call, 45-150 us depending on the torch release, so eager
+    calls go through ``_EagerMePropFunction`` instead (``apply_meprop`` chooses).
+    """
 
     @staticmethod
     def forward(x, weight, bias, k, backend, unified, selection, sparse_grad, generator):
@@ -105,53 +93,85 @@ class MePropFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, k, backend, unified, selection, sparse_grad, generator = inputs
-        ctx.k = k
-        ctx.backend = backend
-        ctx.unified = unified
-        ctx.selection = selection
-        ctx.sparse_grad = sparse_grad
-        ctx.generator = generator
-        ctx.save_for_backward(x, weight)
+        _save(ctx, x, weight, k, backend, unified, selection, sparse_grad, generator)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        out_features, in_features = weight.shape
-        # Views only where the input had other than two dimensions (a reshape costs
-        # about a microsecond, and MNIST-sized backward passes take a few hundred).
-        grad = grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, out_features)
-        x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
-        k, sparse = ctx.k, ctx.sparse_grad
-        if k >= out_features:
-            run = reference.dense_sparse_backward if sparse else reference.dense_backward
-            gx, gw, gb = run(grad, x2d, weight, need_input=need_x, need_weight=need_w, need_bias=need_b)
-        elif ctx.backend == "triton" and not sparse:
-            gx, gw, gb = _triton_backward(ctx, grad, x2d, weight, k, (need_x, need_w, need_b))
-        else:
-            if not ctx.unified:
-                # Each row's set in topk's order: the products do not need it sorted.
-                if ctx.selection == "topk":
-                    idx = reference.per_example_topk_indices(grad, k, sort=False)
-                else:
-                    idx = reference.per_example_random_indices(
-                        grad.shape[0], out_features, k, generator=ctx.generator,
-                        device=grad.device, sort=False,
-                    )
-                run = reference.per_example_sparse_backward if sparse else reference.per_example_backward
+        return _backward(ctx, grad_output)
+
+
+class _EagerMePropFunction(torch.autograd.Function):
+    """The same Function in the combined ``forward(ctx, ...)`` form, which torch applies
+    without any signature binding on every supported release (torch.func transforms
+    refuse this form, so ``apply_meprop`` uses it only outside them)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k, backend, unified, selection, sparse_grad, generator):
+        _save(ctx, x, weight, k, backend, unified, selection, sparse_grad, generator)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        return _backward(ctx, grad_output)
+
+
+def apply_meprop(x, weight, bias, k, backend, unified, selection, sparse_grad, generator):
+    """Enter autograd with checked, resolved arguments (``k`` a number of units,
+    ``backend`` "torch" or "triton"): the eager Function outside torch.func transforms
+    and compilation, ``MePropFunction`` inside them."""
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return MePropFunction.apply(x, weight, bias, k, backend, unified, selection, sparse_grad, generator)
+    return _EagerMePropFunction.apply(x, weight, bias, k, backend, unified, selection, sparse_grad, generator)
+
+
+def _save(ctx, x, weight, k, backend, unified, selection, sparse_grad, generator):
+    ctx.k = k
+    ctx.backend = backend
+    ctx.unified = unified
+    ctx.selection = selection
+    ctx.sparse_grad = sparse_grad
+    ctx.generator = generator
+    ctx.save_for_backward(x, weight)
+
+
+def _backward(ctx, grad_output: Tensor):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    out_features, in_features = weight.shape
+    # Views only where the input had other than two dimensions (a reshape costs
+    # about a microsecond, and MNIST-sized backward passes take a few hundred).
+    grad = grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, out_features)
+    x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
+    k, sparse = ctx.k, ctx.sparse_grad
+    if k >= out_features:
+        run = reference.dense_sparse_backward if sparse else reference.dense_backward
+        gx, gw, gb = run(grad, x2d, weight, need_input=need_x, need_weight=need_w, need_bias=need_b)
+    elif ctx.backend == "triton" and not sparse:
+        gx, gw, gb = _triton_backward(ctx, grad, x2d, weight, k, (need_x, need_w, need_b))
+    else:
+        if not ctx.unified:
+            # Each row's set in topk's order: the products do not need it sorted.
+            if ctx.selection == "topk":
+                idx = reference.per_example_topk_indices(grad, k, sort=False)
             else:
-                if ctx.selection == "random":
-                    idx = reference.random_indices(
-                        out_features, k, generator=ctx.generator, device=grad.device
-                    )
-                else:
-                    # Sorted only where the rows become a coalesced sparse gradient.
-                    idx = reference.unified_topk_indices(grad, k, sort=sparse)
-                run = reference.unified_sparse_backward if sparse else reference.unified_backward
-            gx, gw, gb = run(grad, x2d, weight, idx, need_input=need_x, need_weight=need_w, need_bias=need_b)
-        if gx is not None and gx.dim() != x.dim():
-            gx = gx.reshape(x.shape)
-        return gx, gw, gb, None, None, None, None, None, None
+                idx = reference.per_example_random_indices(
+                    grad.shape[0], out_features, k, generator=ctx.generator,
+                    device=grad.device, sort=False,
+                )
+            run = reference.per_example_sparse_backward if sparse else reference.per_example_backward
+        else:
+            if ctx.selection == "random":
+                idx = reference.random_indices(
+                    out_features, k, generator=ctx.generator, device=grad.device
+                )
+            else:
+                # Sorted only where the rows become a coalesced sparse gradient.
+                idx = reference.unified_topk_indices(grad, k, sort=sparse)
+            run = reference.unified_sparse_backward if sparse else reference.unified_backward
+        gx, gw, gb = run(grad, x2d, weight, idx, need_input=need_x, need_weight=need_w, need_bias=need_b)
+    if gx is not None and gx.dim() != x.dim():
+        gx = gx.reshape(x.shape)
+    return gx, gw, gb, None, None, None, None, None, None
 
 
 def _triton_backward(ctx, grad, x2d, weight, k, needs):
@@ -250,6 +270,6 @@ def meprop_linear(
         return F.linear(input, weight, bias)
     args = (input, weight, bias, k_units, resolved, unified, selection, sparse_grad, generator)
     if dtype is None:
-        return MePropFunction.apply(*args)
+        return apply_meprop(*args)
     with torch.autocast(input.device.type, enabled=False):
-        return MePropFunction.apply(*args)
+        return apply_meprop(*args)

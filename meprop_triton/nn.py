@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_options, resolve_k
-from .functional import meprop_linear
+import torch.nn.functional as F
+
+from ._validation import check_k, check_options, resolve_k
+from .functional import apply_meprop, meprop_linear, resolve_backend
 
 __all__ = ["MePropLinear"]
 
@@ -33,6 +35,12 @@ class MePropLinear(nn.Linear):
     ``sum |grad|`` pass their gradient to the input and the weight (the bias gradient
     stays dense). ``k`` is an int >= 1 or a float in (0, 1] (a fraction of
     ``out_features``, rounded up); ``k >= out_features`` gives the dense gradient.
+
+    The settings (``k``, ``unified``, ``selection``, ``sparse_grad``, ``backend``) are
+    checked when they are set, at construction or by assignment (``layer.k = 0.1``), so
+    a bad value is refused there and the layer keeps its old one. A forward call checks
+    only what can change from call to call: the input (and the parameters, which may be
+    replaced); everything else comes from the settings as checked.
     """
 
     def __init__(
@@ -58,10 +66,58 @@ class MePropLinear(nn.Linear):
         self.sparse_grad = sparse_grad
         self.backend = backend
 
+    # Settings: validated on assignment, stored under a private name.
+    @property
+    def k(self):
+        """An int >= 1 (units kept) or a float in (0, 1] (a fraction of out_features)."""
+        return self._k
+
+    @k.setter
+    def k(self, value) -> None:
+        check_k(value)
+        self.__dict__["_k"] = value
+        self.__dict__["_k_for"] = (-1, -1)  # (out_features, units): resolved at forward
+
+    @property
+    def unified(self) -> bool:
+        return self._unified
+
+    @unified.setter
+    def unified(self, value) -> None:
+        check_options(unified=value, selection="topk", sparse_grad=False, backend="auto")
+        self.__dict__["_unified"] = value
+
+    @property
+    def selection(self) -> str:
+        return self._selection
+
+    @selection.setter
+    def selection(self, value) -> None:
+        check_options(unified=True, selection=value, sparse_grad=False, backend="auto")
+        self.__dict__["_selection"] = value
+
+    @property
+    def sparse_grad(self) -> bool:
+        return self._sparse_grad
+
+    @sparse_grad.setter
+    def sparse_grad(self, value) -> None:
+        check_options(unified=True, selection="topk", sparse_grad=value, backend="auto")
+        self.__dict__["_sparse_grad"] = value
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value) -> None:
+        check_options(unified=True, selection="topk", sparse_grad=False, backend=value)
+        self.__dict__["_backend"] = value
+
     @property
     def k_units(self) -> int:
         """The number of output units kept in backward (``k`` resolved for this layer)."""
-        return resolve_k(self.k, self.out_features)
+        return resolve_k(self._k, self.weight.shape[0])
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, k, **options) -> "MePropLinear":
@@ -104,6 +160,60 @@ class MePropLinear(nn.Linear):
         return new
 
     def forward(self, input: Tensor) -> Tensor:
+        weight, bias = self.weight, self.bias
+        # The common case, checked in a few hundred nanoseconds: a tensor of the
+        # parameters' dtype and device whose width matches, no autocast. Anything else
+        # (including every error) takes ``meprop_linear``'s full checks below.
+        if isinstance(input, Tensor) and isinstance(weight, Tensor):
+            dtype, device = weight.dtype, weight.device
+            wshape = weight.shape
+            if (
+                input.dtype == dtype
+                and input.device == device
+                and len(wshape) == 2
+                and input.dim() > 0
+                and input.shape[-1] == wshape[1]
+                and (bias is None or (isinstance(bias, Tensor) and bias.dtype == dtype
+                                      and bias.device == device and bias.shape == wshape[:1]))
+                and not torch.is_autocast_enabled(device.type)
+            ):
+                if not torch.is_grad_enabled() or not (
+                    input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+                ):
+                    return F.linear(input, weight, bias)
+                if not dtype.is_floating_point:
+                    return self._checked_forward(input)  # names the integer tensor
+                out_features = wshape[0]
+                k_for = self._k_for
+                if k_for[0] != out_features:
+                    k_for = self.__dict__["_k_for"] = (out_features, resolve_k(self._k, out_features))
+                backend = self._backend
+                if backend != "torch":
+                    backend = "torch" if backend == "auto" and device.type == "cpu" else resolve_backend(backend, device, dtype)
+                if backend == "triton" and self._sparse_grad:
+                    return self._checked_forward(input)  # refused there, with the reason
+                return apply_meprop(
+                    input, weight, bias, k_for[1], backend,
+                    self._unified, self._selection, self._sparse_grad, None,
+                )
+        return self._checked_forward(input)
+
+    def _checked_forward(self, input: Tensor) -> Tensor:
+        weight = self.weight
+        if (
+            isinstance(input, Tensor)
+            and isinstance(weight, Tensor)
+            and input.dim() > 0
+            and weight.dim() == 2
+            and input.shape[-1] != weight.shape[1]
+            and input.shape[-1] == self.in_features
+        ):
+            raise ValueError(
+                f"this layer's weight has shape {tuple(weight.shape)}, which does not match "
+                f"in_features={self.in_features}: the weight must be (out_features, "
+                f"in_features) = ({self.out_features}, {self.in_features}); the input, of "
+                f"shape {tuple(input.shape)}, fits the layer"
+            )
         return meprop_linear(
             input,
             self.weight,

@@ -105,14 +105,42 @@ def test_bad_k_convert_changes_nothing(case):
 
 
 @pytest.mark.parametrize("case", [(0, ValueError), (1.5, ValueError), ("2", TypeError)], ids=_k_id)
-def test_bad_k_set_on_module_is_refused_at_forward(case, trained_layer):
+def test_bad_k_set_on_module_is_refused_at_assignment(case, trained_layer):
     k, exc = case
     before = snapshot(trained_layer)
-    trained_layer.k = k
+    old_k = trained_layer.k
     with pytest.raises(exc, match=k_message(k)):
-        trained_layer(torch.randn(2, 5))
-    trained_layer.k = 2
+        trained_layer.k = k
+    assert trained_layer.k == old_k
     assert_unchanged(trained_layer, before)
+    trained_layer(torch.randn(2, 5)).sum().backward()  # still works with the old k
+
+
+@pytest.mark.parametrize(
+    "name,value,exc,match",
+    [
+        ("unified", 1, TypeError, r"unified must be True or False; got 1"),
+        ("sparse_grad", "yes", TypeError, r"sparse_grad must be True or False; got 'yes'"),
+        ("selection", "top", ValueError, r"selection must be one of 'topk', 'random'; got 'top'"),
+        ("backend", "cuda", ValueError, r"backend must be one of 'auto', 'torch', 'triton'; got 'cuda'"),
+    ],
+)
+def test_bad_setting_on_module_is_refused_at_assignment(name, value, exc, match, trained_layer):
+    before = snapshot(trained_layer)
+    old = getattr(trained_layer, name)
+    with pytest.raises(exc, match=match):
+        setattr(trained_layer, name, value)
+    assert getattr(trained_layer, name) == old
+    assert_unchanged(trained_layer, before)
+
+
+def test_weight_of_wrong_shape_is_blamed_on_the_weight():
+    layer = MePropLinear(8, 16, k=4)
+    layer.weight = torch.nn.Parameter(torch.randn(16, 7))
+    with pytest.raises(ValueError, match=r"weight has shape \(16, 7\).*in_features=8.*\(16, 8\)"):
+        layer(torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"in_features=7, the width of weight \(16, 7\); got input of shape \(2, 8\)"):
+        meprop_linear(torch.randn(2, 8), torch.randn(16, 7), k=4)
 
 
 # ---------------------------------------------------------------- tensor args
