@@ -51,6 +51,7 @@ __all__ = [
     "grad_weight_kernel",
     "input_precision_for",
     "prune_configs",
+    "keep_config",
 ]
 
 
@@ -232,18 +233,46 @@ def gather_columns_kernel(
     tl.store(out_ptr + rm[:, None] * stride_om + rk[None, :] * stride_ok, g, mask=mask)
 
 
+def _triton_before(major: int, minor: int) -> bool:
+    try:
+        got = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    except ValueError:  # a local build with an odd version string: assume it is new
+        return False
+    return got < (major, minor)
+
+
+def keep_config(config, dtype, input_precision, capability, old_triton=None) -> bool:
+    """Whether the autotuner may try ``config`` for ``dtype`` operands with this
+    ``input_precision`` on a GPU of compute ``capability`` ((major, minor)).
+
+    * Plain fp32 (``ieee``, no tensor cores): tiles up to 64 x 64 x 32 only; its
+      FMA-based ``tl.dot`` spills registers beyond that.
+    * fp32 through tf32 on sm_8x with triton < 3.7: tiles up to 128 x 128; the 128 x 256
+      tile spills in its main loop there (41 spill instructions under triton 3.6.0, none
+      under 3.8 / 3.9).
+
+    Both are read off the AOT builds' SASS (tests/kernels/test_aot.py).
+    """
+    kw = config.kwargs
+    if dtype == torch.float32 and input_precision == "ieee":
+        return kw["BLOCK_M"] * kw["BLOCK_N"] <= 64 * 64 and kw["BLOCK_K"] <= 32
+    if old_triton is None:
+        old_triton = _triton_before(3, 7)
+    if dtype == torch.float32 and capability[0] == 8 and old_triton:
+        return kw["BLOCK_M"] * kw["BLOCK_N"] <= 128 * 128
+    return True
+
+
 def prune_configs(configs, named_args, **kwargs):
-    """Autotune pruning: plain fp32 (``ieee``, no tensor cores) keeps only tiles up to
-    64 x 64 x 32, since its FMA-based ``tl.dot`` spills registers beyond that (see the
-    AOT builds' register report, tests/kernels/test_aot.py)."""
+    """Autotune pruning by :func:`keep_config` (the first config if none is kept)."""
     g = named_args.get("g_ptr")
-    if getattr(g, "dtype", None) == torch.float32 and kwargs.get("INPUT_PRECISION") == "ieee":
-        small = [
-            c for c in configs
-            if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.kwargs["BLOCK_K"] <= 32
-        ]
-        return small or configs[:1]
-    return configs
+    dtype = getattr(g, "dtype", None)
+    device = getattr(g, "device", None)
+    capability = (9, 0)
+    if device is not None and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+    kept = [c for c in configs if keep_config(c, dtype, kwargs.get("INPUT_PRECISION"), capability)]
+    return kept or configs[:1]
 
 
 #: Copy ``weight`` / ``x`` to a contiguous tensor once, before the GEMM, when their last

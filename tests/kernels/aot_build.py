@@ -318,9 +318,37 @@ def _compile_one(args):
     return rec
 
 
+def inner_loop_spills(sass: str) -> int:
+    """Spill instructions (``STL`` / ``LDL``) inside innermost loops of a SASS listing.
+
+    A loop is a backward branch: the addresses from its target to the branch. An
+    innermost loop holds no other loop. A value spilled once per outer iteration (per
+    unit of a per-example program, say) costs one local load there; inside the innermost
+    loop it would cost one per step of the main accumulation.
+    """
+    import re
+
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    loops = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    inner = [(a, z) for a, z in loops if not any(a <= a2 and z2 <= z and (a2, z2) != (a, z) for a2, z2 in loops)]
+    return sum(
+        1 for addr, text in ins
+        if re.search(r"\b(STL|LDL)\b", text) and any(a <= addr <= z for a, z in inner)
+    )
+
+
 def _resource_usage(cubin: bytes) -> dict:
     """Registers per thread and stack frame bytes from ``cuobjdump -res-usage`` (the one
-    shipped with triton); empty if it cannot be run."""
+    shipped with triton), and the spill instructions inside innermost loops from its
+    ``-sass``; empty if it cannot be run."""
     import re
     import subprocess
     import tempfile
@@ -334,8 +362,11 @@ def _resource_usage(cubin: bytes) -> dict:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
-    return {"registers": int(m.group(1)), "stack": int(m.group(2))} if m else {}
+    if not m:
+        return {}
+    return {"registers": int(m.group(1)), "stack": int(m.group(2)), "inner_loop_spills": inner_loop_spills(sass)}
 
 
 def main(argv=None) -> int:

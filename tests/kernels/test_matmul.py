@@ -247,6 +247,22 @@ def test_prune_configs_for_plain_fp32():
         assert matmul.prune_configs(configs, {"g_ptr": f16}, INPUT_PRECISION="ieee") == configs
 
 
+def test_keep_config_drops_the_tile_that_spills_on_sm80_under_old_triton():
+    """fp32 through tf32 on sm_80 under triton < 3.7: tiles up to 128 x 128 only (the
+    128 x 256 one spills in its main loop there); elsewhere every config is kept."""
+    from meprop_triton.kernels import matmul
+
+    cfgs = matmul.grad_input_configs()
+    big = [c for c in cfgs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128]
+    assert big
+    for c in cfgs:
+        small = c not in big
+        assert matmul.keep_config(c, torch.float32, "tf32", (8, 0), old_triton=True) == small
+        assert matmul.keep_config(c, torch.float32, "tf32", (8, 0), old_triton=False)
+        assert matmul.keep_config(c, torch.float32, "tf32", (9, 0), old_triton=True)
+        assert matmul.keep_config(c, torch.bfloat16, "ieee", (8, 0), old_triton=True)
+
+
 def test_autotuned_path(rng, device, monkeypatch):
     """The autotuner (not the single test config) picks a config and gets the same result."""
     if device != "cuda":
