@@ -102,6 +102,13 @@ def notes(e: dict) -> str:
             if isinstance(value, (int, float)):
                 other = key.removeprefix("speedup_vs_")
                 parts.append(f"{value:.2f}x vs {names.get(other, other)}")
+    if e.get("overhead_us") is not None:
+        parts.append(
+            f"forward {e['meprop_forward_us']:.1f} us vs {e['dense_forward_us']:.1f} us: "
+            f"+{e['overhead_us']:.1f} us per call"
+        )
+    if e.get("optimizer") and str(r_group(e)).startswith("train-step"):
+        parts.append(e["optimizer"])
     if e.get("share_of_backward") is not None:
         parts.append(f"{e['share_of_backward'] * 100:.1f}% of its backward")
     if e.get("device_type") == "cuda":
@@ -116,6 +123,34 @@ def notes(e: dict) -> str:
     return "; ".join(parts)
 
 
+def r_group(e: dict) -> str:
+    return e.get("_group", "")
+
+
+def training_table(data: dict) -> list[str]:
+    """Whole training steps (forward + backward + optimizer) and the forward overhead."""
+    lines = []
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if b["group"].startswith("train-step") and e.get("mode") != "dense" and e.get("speedup_vs_dense") is not None:
+            lines.append(
+                f"| {fmt_shape(e['shape'], None)} | {e.get('grad')} | {e.get('optimizer')} | k={e.get('k')} | "
+                f"{fmt_time(e.get('dense_median_s'))} | {fmt_time(case_time(b))} | {fmt_x(e['speedup_vs_dense'])} |"
+            )
+        if b["group"].startswith("forward-") and e.get("overhead_us") is not None:
+            lines.append(
+                f"| forward {e['shape_name']} ({e['device_type']}) | - | - | - | "
+                f"{e['dense_forward_us']:.1f} us | {e['meprop_forward_us']:.1f} us | +{e['overhead_us']:.1f} us |"
+            )
+    if not lines:
+        return []
+    return [
+        "| case | grad | optimizer | k | dense | meProp | speedup (paired) |",
+        "|---|---|---|---|---:|---:|---:|",
+        *lines,
+    ]
+
+
 def case_time(b: dict) -> float:
     return b["extra_info"].get("time_median_s", b["stats"]["median"])
 
@@ -124,7 +159,7 @@ def rows(data: dict) -> list[dict]:
     order = {}
     out = []
     for b in data["benchmarks"]:
-        e = b["extra_info"]
+        e = dict(b["extra_info"], _group=b["group"])
         order.setdefault(b["group"], len(order))
         out.append({"group": b["group"], "e": e, "t": case_time(b), "name": b["name"]})
     out.sort(key=lambda r: (
@@ -226,6 +261,19 @@ def markdown(data: dict, png: str | None) -> str:
         ]
     if png:
         parts += [f"![speedup vs k]({png})", ""]
+    training = training_table(data)
+    if training:
+        parts += [
+            "## Whole training steps, and what a meProp layer adds to a forward",
+            "",
+            "A step is forward, backward and optimizer; both models use the same optimizer. "
+            "The forward row is one `MePropLinear` call against one `nn.Linear` call, grad "
+            "enabled (its last column: the time it adds, median over rounds of the paired "
+            "difference).",
+            "",
+            *training,
+            "",
+        ]
     parts += [
         "## Every case",
         "",

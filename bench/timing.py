@@ -17,7 +17,8 @@ the machine lands on both sides of a ratio.
   ``extra_info['time_median_s']`` (the events' median) is the number the report uses.
 
 A speedup is the median over rounds of the two calls' ratio within a round
-(``Timings.paired``); the ratio of the two medians is recorded next to it.
+(``Timings.paired``); the ratio of the two medians is recorded next to it. An overhead is
+the median over rounds of the difference within a round (``Timings.paired_diff``).
 """
 
 from __future__ import annotations
@@ -83,9 +84,11 @@ class Timings(dict):
     ``paired[name]``: the median over rounds of ``baseline_time / candidate_time``, the two
     taken in the same round. A slow spell of a shared machine lasts many rounds and
     scales both calls of a round alike, so the paired ratio moves less than the ratio of
-    the two medians; it is the ``speedup_vs_*`` the suite records and asserts."""
+    the two medians; it is the ``speedup_vs_*`` the suite records and asserts.
+    ``paired_diff[name]``: the median over rounds of ``candidate_time - baseline_time``."""
 
     paired: dict
+    paired_diff: dict
 
 
 def measure(
@@ -176,6 +179,10 @@ def measure(
     medians = Timings({name: statistics.median(ts) for name, ts in samples.items()})
     medians.paired = {
         name: statistics.median(b / c for b, c in zip(samples[name], samples[candidate]))
+        for name in baselines
+    }
+    medians.paired_diff = {  # candidate minus baseline, per round: the time it adds
+        name: statistics.median(c - b for b, c in zip(samples[name], samples[candidate]))
         for name in baselines
     }
     benchmark.extra_info.update(

@@ -115,13 +115,26 @@ class _EagerMePropFunction(torch.autograd.Function):
         return _backward(ctx, grad_output)
 
 
+try:
+    # torch's C++ ``apply`` itself, bound to the eager Function. On torch releases whose
+    # ``Function.apply`` is a Python classmethod (2.13 and older) that wrapper costs about
+    # 2 us a call; what it does besides (transform checks, unwrapping tensors left over
+    # from a finished functorch transform) ``apply_meprop`` does first.
+    _eager_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _EagerMePropFunction)
+    _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+except (AttributeError, KeyError):  # pragma: no cover - a torch laid out otherwise
+    _eager_apply = None
+
+
 def apply_meprop(x, weight, bias, k, backend, unified, selection, sparse_grad, generator):
     """Enter autograd with checked, resolved arguments (``k`` a number of units,
     ``backend`` "torch" or "triton"): the eager Function outside torch.func transforms
     and compilation, ``MePropFunction`` inside them."""
     if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return MePropFunction.apply(x, weight, bias, k, backend, unified, selection, sparse_grad, generator)
-    return _EagerMePropFunction.apply(x, weight, bias, k, backend, unified, selection, sparse_grad, generator)
+    if _eager_apply is None or _is_wrapped(x) or _is_wrapped(weight) or (bias is not None and _is_wrapped(bias)):
+        return _EagerMePropFunction.apply(x, weight, bias, k, backend, unified, selection, sparse_grad, generator)
+    return _eager_apply(x, weight, bias, k, backend, unified, selection, sparse_grad, generator)
 
 
 def _save(ctx, x, weight, k, backend, unified, selection, sparse_grad, generator):

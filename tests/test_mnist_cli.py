@@ -86,6 +86,9 @@ def test_compare_json_plot(tmp_path, capsys, fake):
         assert best["dev_acc"] == max(e["dev_acc"] for e in run["epochs"])
         assert run["test_acc"] == best["test_acc"]  # test accuracy at the best dev epoch
         assert run["backprop_time_s"] == pytest.approx(sum(e["backprop_time_s"] for e in run["epochs"]))
+        assert run["training_time_s"] == pytest.approx(sum(e["train_s"] for e in run["epochs"]))
+        # a step's forward, backward and optimizer: more than its backward alone
+        assert run["training_time_s"] > run["backward_time_s"] > run["backprop_time_s"] > 0
     assert dense["k"] == 0 and meprop["k"] == 8
     assert meprop["unified"] is True and meprop["selection"] == "topk"
     cfg = result["config"]
@@ -95,9 +98,10 @@ def test_compare_json_plot(tmp_path, capsys, fake):
     assert isinstance(result["device"], str) and result["device"].startswith("cpu")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the table, like the original README's
-    assert "| Method (Adam, CPU) | Backprop time (s) | Speedup |" in printed
+    assert "| Method (Adam, CPU) | Backprop time (s) | Speedup | Backward time (s) | Training time (s) | Speedup |" in printed
+    assert cfg["fused"] is True
     assert "| MLP 32d (dense) |" in printed and "| meProp top-8 (unified) |" in printed
-    assert "1.0x" in printed
+    assert "1.00x" in printed
     assert fake == [None]
 
 
@@ -276,3 +280,12 @@ def test_cli_keeps_freed_memory_by_default(tmp_path, capsys, fake, monkeypatch):
     assert calls == [1] and result["config"]["malloc_keeps_freed_memory"] is True
     result, _ = run_cli([*base, "--k", "8", "--no-keep-freed-memory"], tmp_path, capsys)
     assert calls == [1] and result["config"]["malloc_keeps_freed_memory"] is False
+
+
+def test_adam_is_fused_unless_asked_not_to():
+    from meprop_triton.mnist import _make_optimizer, parse_args
+
+    p = [torch.nn.Parameter(torch.randn(3, 2))]
+    assert _make_optimizer("adam", p, 1e-3).param_groups[0]["fused"] is True
+    assert not _make_optimizer("adam", p, 1e-3, fused=False).param_groups[0]["fused"]
+    assert parse_args([]).fused is True and parse_args(["--no-fused"]).fused is False

@@ -62,6 +62,19 @@ def _import_kernels() -> None:
             os.environ["TRITON_INTERPRET"] = _env
     from meprop_triton.kernels import scores
 
+    import triton
+
+    if INTERPRET and _version(triton.__version__) < (3, 7) and _version(np.__version__) >= (2, 4):
+        # triton 3.6's interpreter turns a scalar argument into an int with
+        # ``int(handle.data)``, a 1-element 1-D array, which numpy 2.4 refuses ("only
+        # 0-dimensional arrays can be converted to Python scalars"): every loop with a
+        # runtime bound (``for c in range(0, N, BLOCK)``) fails. triton 3.7+ squeezes first.
+        MODE_ERROR = (
+            f"triton {triton.__version__}'s interpreter cannot run loops with runtime bounds "
+            f"under numpy {np.__version__} (it calls int() on a 1-element array, refused "
+            f"since numpy 2.4); install numpy<2.4 to run the interpreter tests with it"
+        )
+        return
     modes = {
         type(tl_standard.zeros).__name__ == "InterpretedFunction",
         type(scores.partial_kernel).__name__ == "InterpretedFunction",
@@ -72,6 +85,14 @@ def _import_kernels() -> None:
             f"imported in the wrong Triton mode (interpreter wanted: {INTERPRET}); set "
             f"TRITON_INTERPRET before starting pytest"
         )
+
+
+def _version(v: str) -> tuple:
+    parts = []
+    for p in v.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 _import_kernels()
