@@ -114,6 +114,15 @@ class MePropLinear(nn.Linear):
         check_options(unified=True, selection="topk", sparse_grad=False, backend=value)
         self.__dict__["_backend"] = value
 
+    def __setstate__(self, state) -> None:
+        # A layer pickled before the settings became checked properties kept them in its
+        # __dict__ under their public names.
+        for name in ("k", "unified", "selection", "sparse_grad", "backend"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        state["_k_for"] = (-1, -1)
+        super().__setstate__(state)
+
     @property
     def k_units(self) -> int:
         """The number of output units kept in backward (``k`` resolved for this layer)."""

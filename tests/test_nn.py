@@ -228,3 +228,20 @@ def test_from_linear_refuses_a_pruned_layer_with_the_fix():
         MePropLinear.from_linear(lin, k=2)
     prune.remove(lin, "weight")
     assert isinstance(MePropLinear.from_linear(lin, k=2), MePropLinear)
+
+
+def test_layer_pickled_with_public_setting_names_loads():
+    """A layer whose __dict__ holds the settings under their public names (as pickled
+    before they became checked properties) loads and trains."""
+    import copy
+
+    layer = MePropLinear(6, 5, k=2, unified=False)
+    state = layer.__dict__.copy()
+    for name in ("k", "unified", "selection", "sparse_grad", "backend"):
+        state[name] = state.pop("_" + name)
+    state.pop("_k_for")
+    old = MePropLinear.__new__(MePropLinear)
+    old.__setstate__(copy.copy(state))
+    assert old.k == 2 and old.unified is False and old.backend == "auto"
+    old(torch.randn(3, 6)).sum().backward()
+    assert int((old.weight.grad != 0).any(1).sum()) <= 5
