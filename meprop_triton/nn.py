@@ -170,15 +170,18 @@ class MePropLinear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         weight, bias = self.weight, self.bias
-        # The common case, checked in a few hundred nanoseconds: a tensor of the
-        # parameters' dtype and device whose width matches, no autocast. Anything else
-        # (including every error) takes ``meprop_linear``'s full checks below.
+        # The common case, checked in a few hundred nanoseconds: a floating-point tensor
+        # of the parameters' dtype and device (CPU or CUDA) whose width matches, no
+        # autocast. Anything else (including every error) takes ``meprop_linear``'s full
+        # checks below.
         if isinstance(input, Tensor) and isinstance(weight, Tensor):
             dtype, device = weight.dtype, weight.device
             wshape = weight.shape
             if (
                 input.dtype == dtype
+                and dtype.is_floating_point
                 and input.device == device
+                and device.type in ("cpu", "cuda")
                 and len(wshape) == 2
                 and input.dim() > 0
                 and input.shape[-1] == wshape[1]
@@ -186,21 +189,20 @@ class MePropLinear(nn.Linear):
                                       and bias.device == device and bias.shape == wshape[:1]))
                 and not torch.is_autocast_enabled(device.type)
             ):
+                backend = self._backend
+                if backend != "torch":
+                    # "triton" is refused here, before any work, where it cannot run
+                    backend = "torch" if backend == "auto" and device.type == "cpu" else resolve_backend(backend, device, dtype)
+                if self._sparse_grad and self._backend == "triton":
+                    return self._checked_forward(input)  # refused there, with the reason
                 if not torch.is_grad_enabled() or not (
                     input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
                 ):
                     return F.linear(input, weight, bias)
-                if not dtype.is_floating_point:
-                    return self._checked_forward(input)  # names the integer tensor
                 out_features = wshape[0]
                 k_for = self._k_for
                 if k_for[0] != out_features:
                     k_for = self.__dict__["_k_for"] = (out_features, resolve_k(self._k, out_features))
-                backend = self._backend
-                if backend != "torch":
-                    backend = "torch" if backend == "auto" and device.type == "cpu" else resolve_backend(backend, device, dtype)
-                if backend == "triton" and self._sparse_grad:
-                    return self._checked_forward(input)  # refused there, with the reason
                 return apply_meprop(
                     input, weight, bias, k_for[1], backend,
                     self._unified, self._selection, self._sparse_grad, None,

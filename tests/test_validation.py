@@ -345,3 +345,26 @@ def test_convert_bare_linear_refused_leaves_it_alone():
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         convert(lin, k=0)
     assert type(lin) is nn.Linear and lin.weight is w
+
+
+def test_checks_hold_without_grad_too():
+    """Under no_grad / inference_mode the module refuses what it refuses with grad: a
+    layer that cannot train does not pass for one at evaluation time."""
+    with torch.no_grad():
+        layer = MePropLinear(3, 2, k=1, backend="triton")
+        with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors"):
+            layer(torch.randn(2, 3))
+        layer = MePropLinear(3, 2, k=1)
+        layer.weight = nn.Parameter(torch.ones(2, 3, dtype=torch.int64), requires_grad=False)
+        layer.bias = None
+        with pytest.raises(TypeError, match=r"meProp needs floating-point tensors; input has dtype torch.int64"):
+            layer(torch.ones(2, 3, dtype=torch.int64))
+    with torch.inference_mode():
+        layer = MePropLinear(3, 2, k=1, backend="triton", sparse_grad=True)
+        with pytest.raises(RuntimeError, match=r"backend='triton'"):
+            layer(torch.randn(2, 3))
+
+
+def test_meta_device_layer_runs():
+    layer = MePropLinear(4, 3, k=1, device="meta")
+    assert layer(torch.ones(2, 4, device="meta")).shape == (2, 3)
