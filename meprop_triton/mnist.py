@@ -20,8 +20,7 @@ fused Adam (``--no-fused``: its default one; ``_make_optimizer`` says why).
 and in the same data order, taking turns every few minibatches after a short untimed
 warm-up (so that a slow spell of a shared machine lands on both), and prints a table like the
 original README's. The process first keeps freed memory for reuse
-(``meprop_triton.keep_freed_memory``; ``--no-keep-freed-memory`` leaves malloc alone) and,
-on a CPU, flushes denormals to zero while it trains (``--no-flush-denormal``: not).
+(``meprop_triton.keep_freed_memory``; ``--no-keep-freed-memory`` leaves malloc alone).
 MNIST is found or fetched as ``meprop_triton.data.load_mnist`` says.
 """
 
@@ -137,12 +136,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                    help="leave glibc's malloc at its defaults (by default the process keeps "
                         "freed memory for reuse: see meprop_triton.utils.keep_freed_memory)")
-    p.add_argument("--no-flush-denormal", dest="flush_denormal", action="store_false",
-                   help="keep the CPU's denormal arithmetic (by default the process flushes "
-                        "denormals to zero while it trains, as TensorFlow does on CPUs: Adam's "
-                        "first moments of rows that get no gradient for hundreds of steps "
-                        "decay into denormals, and each operation on one costs a microcode "
-                        "assist)")
     p.add_argument("--warmup-steps", dest="warmup_steps", type=_nonnegative_int, default=50,
                    help="untimed training steps of each method before the timed runs, on "
                         "throwaway models, so that the first run does not pay the process's "
@@ -650,20 +643,6 @@ def main(argv=None) -> None:
     # Both runs train in a process that reuses its freed memory: otherwise page faults
     # from the allocator's trimming cost a fifth of a CPU step, and vary from run to run.
     kept = keep_freed_memory() if args.keep_freed_memory else False
-    flushed = _flush_denormal(True) if args.flush_denormal and device.type == "cpu" else False
-    try:
-        _main(args, device, kept, flushed)
-    finally:
-        if flushed:
-            _flush_denormal(False)
-
-
-def _flush_denormal(on: bool) -> bool:
-    """``torch.set_flush_denormal``: True where the CPU supports it (x86 with SSE3)."""
-    return torch.set_flush_denormal(on)
-
-
-def _main(args, device, kept, flushed) -> None:
     load_start = _loadavg()
     t_start = time.perf_counter()
     try:
@@ -712,7 +691,6 @@ def _main(args, device, kept, flushed) -> None:
             torch=torch.__version__, meprop_triton=__version__, python=platform.python_version(),
             torch_threads=torch.get_num_threads(), platform=platform.platform(),
             malloc_keeps_freed_memory=kept,
-            flush_denormal=flushed,
             # 1-minute load average before and after: timings on a shared machine need it
             loadavg_start=load_start, loadavg_end=_loadavg(),
         )

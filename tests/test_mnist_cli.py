@@ -23,8 +23,7 @@ from meprop_triton import MePropLinear, data, mnist
 
 N_TRAIN, N_TEST, N_DEV = 240, 60, 40
 # --no-keep-freed-memory: the CLI runs inside the test process, whose malloc is left alone
-TINY = ["--d_hidden", "32", "--d_minibatch", "20", "--n_epoch", "1", "--no-keep-freed-memory",
-        "--no-flush-denormal"]
+TINY = ["--d_hidden", "32", "--d_minibatch", "20", "--n_epoch", "1", "--no-keep-freed-memory"]
 
 
 def fake_mnist(seed=0) -> data.MNIST:
@@ -267,8 +266,7 @@ def test_module_entry_point_help():
     assert proc.returncode == 0
     for flag in ("--n_epoch", "--d_hidden", "--n_layer", "--d_minibatch", "--dropout", "--k",
                  "--unified", "--no-unified", "--random_seed", "--optimizer", "--lr", "--selection",
-                 "--sparse-grad", "--device", "--data-dir", "--compare", "--json", "--plot",
-                 "--no-fused", "--no-flush-denormal"):
+                 "--sparse-grad", "--device", "--data-dir", "--compare", "--json", "--plot"):
         assert flag in proc.stdout
 
 
@@ -291,15 +289,3 @@ def test_adam_is_fused_unless_asked_not_to():
     assert _make_optimizer("adam", p, 1e-3).param_groups[0]["fused"] is True
     assert not _make_optimizer("adam", p, 1e-3, fused=False).param_groups[0]["fused"]
     assert parse_args([]).fused is True and parse_args(["--no-fused"]).fused is False
-
-
-def test_cli_flushes_denormals_while_it_trains(tmp_path, capsys, fake, monkeypatch):
-    """By default a CPU run flushes denormals to zero while it trains and turns that off
-    again when it ends (the JSON says so); --no-flush-denormal leaves the CPU alone."""
-    calls = []
-    monkeypatch.setattr(mnist, "_flush_denormal", lambda on: calls.append(on) or True)
-    base = [a for a in TINY if a != "--no-flush-denormal"]
-    result, _ = run_cli([*base, "--k", "8"], tmp_path, capsys)
-    assert calls == [True, False] and result["config"]["flush_denormal"] is True
-    result, _ = run_cli([*base, "--k", "8", "--no-flush-denormal"], tmp_path, capsys)
-    assert calls == [True, False] and result["config"]["flush_denormal"] is False
