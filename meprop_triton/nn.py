@@ -7,10 +7,17 @@ from torch import Tensor, nn
 
 import torch.nn.functional as F
 
-from ._validation import check_k, check_options, resolve_k
+from ._validation import check_k, check_linear_args, check_options, resolve_k
 from .functional import apply_meprop, meprop_linear, resolve_backend
 
 __all__ = ["MePropLinear"]
+
+try:  # one C call, whatever the device type
+    _any_autocast = torch._C._is_any_autocast_enabled
+except AttributeError:  # pragma: no cover - older torch
+
+    def _any_autocast() -> bool:
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -170,46 +177,55 @@ class MePropLinear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         weight, bias = self.weight, self.bias
-        # The common case, checked in a few hundred nanoseconds: a floating-point tensor
-        # of the parameters' dtype and device (CPU or CUDA) whose width matches, no
-        # autocast. Anything else (including every error) takes ``meprop_linear``'s full
-        # checks below.
-        if isinstance(input, Tensor) and isinstance(weight, Tensor):
-            dtype, device = weight.dtype, weight.device
-            wshape = weight.shape
-            if (
-                input.dtype == dtype
-                and dtype.is_floating_point
-                and input.device == device
-                and device.type in ("cpu", "cuda")
-                and len(wshape) == 2
-                and input.dim() > 0
-                and input.shape[-1] == wshape[1]
-                and (bias is None or (isinstance(bias, Tensor) and bias.dtype == dtype
-                                      and bias.device == device and bias.shape == wshape[:1]))
-                and not torch.is_autocast_enabled(device.type)
-            ):
-                backend = self._backend
-                if backend != "torch":
-                    # "triton" is refused here, before any work, where it cannot run
-                    backend = "torch" if backend == "auto" and device.type == "cpu" else resolve_backend(backend, device, dtype)
-                if self._sparse_grad and self._backend == "triton":
-                    return self._checked_forward(input)  # refused there, with the reason
+        # The common case in as few Python operations as possible (inside a training
+        # step this code runs cold, at several times its tight-loop cost): CPU or CUDA
+        # floating-point parameters, no autocast. Whether input, weight and bias agree in
+        # dtype, device and width is left to F.linear, which raises before anything is
+        # recorded; the full checks then name the bad value. Anything unusual takes
+        # ``meprop_linear``'s full checks (``_checked_forward``).
+        if (
+            isinstance(input, Tensor)
+            and isinstance(weight, Tensor)
+            and not _any_autocast()
+            and weight.dtype.is_floating_point
+            and (weight.is_cpu or weight.is_cuda)
+            and weight.dim() == 2
+            and (bias is None or (isinstance(bias, Tensor) and bias.dim() == 1))
+        ):
+            backend = self._backend
+            try:
                 if not torch.is_grad_enabled() or not (
                     input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
                 ):
+                    if backend == "triton" or input.dtype != weight.dtype:
+                        return self._checked_forward(input)  # refused there where it must be
                     return F.linear(input, weight, bias)
-                out_features = wshape[0]
+                out_features = weight.shape[0]
+                if bias is not None and bias.shape[0] != out_features:
+                    return self._checked_forward(input)  # a broadcastable bias F.linear would take
                 k_for = self._k_for
                 if k_for[0] != out_features:
                     k_for = self.__dict__["_k_for"] = (out_features, resolve_k(self._k, out_features))
+                if backend != "torch":
+                    if backend == "auto" and weight.is_cpu:
+                        backend = "torch"
+                    elif self._sparse_grad and backend == "triton":
+                        return self._checked_forward(input)  # refused there, with the reason
+                    else:  # "triton" is refused here, before any work, where it cannot run
+                        backend = resolve_backend(backend, weight.device, weight.dtype)
                 return apply_meprop(
                     input, weight, bias, k_for[1], backend,
                     self._unified, self._selection, self._sparse_grad, None,
                 )
+            except RuntimeError:
+                # the clear error for a bad input, if it is one (autocast is off here)
+                self._blame_weight(input)
+                check_linear_args(input, weight, bias)
+                raise
         return self._checked_forward(input)
 
-    def _checked_forward(self, input: Tensor) -> Tensor:
+    def _blame_weight(self, input) -> None:
+        """Raise if the input fits the layer but its weight, replaced, does not."""
         weight = self.weight
         if (
             isinstance(input, Tensor)
@@ -225,6 +241,9 @@ class MePropLinear(nn.Linear):
                 f"in_features) = ({self.out_features}, {self.in_features}); the input, of "
                 f"shape {tuple(input.shape)}, fits the layer"
             )
+
+    def _checked_forward(self, input: Tensor) -> Tensor:
+        self._blame_weight(input)
         return meprop_linear(
             input,
             self.weight,

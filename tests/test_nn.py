@@ -245,3 +245,17 @@ def test_layer_pickled_with_public_setting_names_loads():
     assert old.k == 2 and old.unified is False and old.backend == "auto"
     old(torch.randn(3, 6)).sum().backward()
     assert int((old.weight.grad != 0).any(1).sum()) <= 5
+
+
+def test_autocast_with_low_precision_input_and_fp32_layer():
+    """Under autocast the input often arrives in the autocast dtype from an earlier layer
+    while this layer's parameters stay fp32: the layer runs in the autocast dtype and its
+    weight gradient is fp32, k rows."""
+    layer = MePropLinear(8, 4, k=2)
+    x = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    assert int((layer.weight.grad != 0).any(1).sum()) == 2
