@@ -107,7 +107,7 @@ def notes(e: dict) -> str:
             f"forward {e['meprop_forward_us']:.1f} us vs {e['dense_forward_us']:.1f} us: "
             f"+{e['overhead_us']:.1f} us per call"
         )
-    if e.get("optimizer") and str(r_group(e)).startswith("train-step"):
+    if e.get("optimizer"):  # training-step cases only
         parts.append(e["optimizer"])
     if e.get("share_of_backward") is not None:
         parts.append(f"{e['share_of_backward'] * 100:.1f}% of its backward")
@@ -121,10 +121,6 @@ def notes(e: dict) -> str:
         if e.get("peak_mem_bytes") is not None:
             parts.append(f"peak {fmt_mem(e['peak_mem_bytes'])}")
     return "; ".join(parts)
-
-
-def r_group(e: dict) -> str:
-    return e.get("_group", "")
 
 
 def training_table(data: dict) -> list[str]:
@@ -159,7 +155,7 @@ def rows(data: dict) -> list[dict]:
     order = {}
     out = []
     for b in data["benchmarks"]:
-        e = dict(b["extra_info"], _group=b["group"])
+        e = b["extra_info"]
         order.setdefault(b["group"], len(order))
         out.append({"group": b["group"], "e": e, "t": case_time(b), "name": b["name"]})
     out.sort(key=lambda r: (

@@ -52,7 +52,8 @@ def resolve_k(k, out_features: int) -> int:
     return max(1, min(n, int(out_features)))
 
 
-def check_options(*, unified, selection, sparse_grad, backend) -> None:
+def check_options(*, unified=True, selection="topk", sparse_grad=False, backend="auto") -> None:
+    """Check the meProp options given (the defaults always pass)."""
     if not isinstance(unified, bool):
         raise TypeError(f"unified must be True or False; got {unified!r}")
     if not isinstance(sparse_grad, bool):

@@ -34,6 +34,21 @@ _HOOK_DICTS = (
 )
 
 
+def _checked_setting(name: str, doc: str) -> property:
+    """A setting stored as ``_<name>``, checked by ``check_options`` when it is set (a
+    refused value leaves the old one in place)."""
+    private = "_" + name
+
+    def get(self):
+        return self.__dict__[private]
+
+    def set(self, value) -> None:
+        check_options(**{name: value})
+        self.__dict__[private] = value
+
+    return property(get, set, doc=doc)
+
+
 class MePropLinear(nn.Linear):
     """``nn.Linear`` with a meProp backward.
 
@@ -85,41 +100,10 @@ class MePropLinear(nn.Linear):
         self.__dict__["_k"] = value
         self.__dict__["_k_for"] = (-1, -1)  # (out_features, units): resolved at forward
 
-    @property
-    def unified(self) -> bool:
-        return self._unified
-
-    @unified.setter
-    def unified(self, value) -> None:
-        check_options(unified=value, selection="topk", sparse_grad=False, backend="auto")
-        self.__dict__["_unified"] = value
-
-    @property
-    def selection(self) -> str:
-        return self._selection
-
-    @selection.setter
-    def selection(self, value) -> None:
-        check_options(unified=True, selection=value, sparse_grad=False, backend="auto")
-        self.__dict__["_selection"] = value
-
-    @property
-    def sparse_grad(self) -> bool:
-        return self._sparse_grad
-
-    @sparse_grad.setter
-    def sparse_grad(self, value) -> None:
-        check_options(unified=True, selection="topk", sparse_grad=value, backend="auto")
-        self.__dict__["_sparse_grad"] = value
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value) -> None:
-        check_options(unified=True, selection="topk", sparse_grad=False, backend=value)
-        self.__dict__["_backend"] = value
+    unified = _checked_setting("unified", "True: one set of units per call; False: one per row")
+    selection = _checked_setting("selection", '"topk" or "random"')
+    sparse_grad = _checked_setting("sparse_grad", "True: row-sparse weight and bias gradients")
+    backend = _checked_setting("backend", '"auto", "torch" or "triton"')
 
     def __setstate__(self, state) -> None:
         # A layer pickled before the settings became checked properties kept them in its
