@@ -16,6 +16,7 @@ import torch
 from meprop_triton.utils import keep_freed_memory
 
 from .hardware import cpu_name
+from .targets import ASSERT_OPTION, UNMET
 
 try:
     _LOAD_AT_START = list(os.getloadavg())  # when pytest loaded the suite
@@ -24,6 +25,28 @@ except OSError:
 
 
 _KEPT_FREED_MEMORY = None
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--assert-targets",
+        action="store_true",
+        dest=ASSERT_OPTION,
+        default=False,
+        help="fail a benchmark case whose speed target is not met (by default a "
+        "--benchmark-only run records each target and whether it was met in the case's "
+        "extra_info, and fails only when a case breaks)",
+    )
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """List the targets not met in this run (they fail it only under --assert-targets)."""
+    if not UNMET:
+        return
+    how = "failed" if config.getoption(ASSERT_OPTION) else "recorded; --assert-targets makes them fail"
+    terminalreporter.section(f"speed targets not met ({how})")
+    for line in UNMET:
+        terminalreporter.write_line(line)
 
 
 def pytest_configure(config):

@@ -1,12 +1,15 @@
-"""Turn a pytest-benchmark JSON file into a Markdown table and a PNG.
+"""Turn pytest-benchmark JSON files into a Markdown table and a PNG.
 
-    python bench/report.py results.json --md out.md --png out.png
+    python bench/report.py results.json [more.json ...] --md out.md --png out.png
 
 The Markdown is headed by the machine (GPU name, or CPU model and cores), the torch and
-triton versions, the date and commit, and the command that produced the JSON; then a
-summary (speedup vs dense by k for every backward series) and one row per case. The PNG
-plots speedup vs dense against k, one panel per mode and gradient kind, one line per
-backend, shape and dtype. Every number comes from the JSON; nothing is extrapolated.
+triton versions, the date and commit, and the command that produced the JSON (each
+command, when several files are merged: e.g. the groups of one ``bench/gpu_run.sh``
+run); then a summary (speedup vs dense by k for every backward series), on a GPU a table
+of GPU time beside the host time of launching the same call, and one row per case with
+its speed target, if it has one, and whether it was met. The PNG plots speedup vs dense
+against k, one panel per mode and gradient kind, one line per backend, shape and dtype.
+Every number comes from the JSON; nothing is extrapolated.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 from collections import defaultdict
 from datetime import datetime
 
@@ -21,6 +26,30 @@ from datetime import datetime
 def _load(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def merge(datas: list[dict], names: list[str] | None = None) -> dict:
+    """One report's data from several JSON files: the first file's machine and date, the
+    cases of all of them in order, and every file's command. Files from different
+    machines are refused (their numbers do not belong in one table)."""
+    if not datas:
+        raise ValueError("no JSON files to report")
+    names = names or [f"file {i + 1}" for i in range(len(datas))]
+    first = datas[0]
+    if len(datas) == 1:
+        return first
+    machines = {machine_line(d) for d in datas}
+    if len(machines) > 1:
+        raise SystemExit(
+            "the JSON files come from different machines, report them separately: "
+            + "; ".join(f"{n}: {machine_line(d)}" for n, d in zip(names, datas))
+        )
+    merged = dict(first)
+    merged["benchmarks"] = [b for d in datas for b in d.get("benchmarks", [])]
+    merged["commands"] = [
+        (n, d.get("machine_info", {}).get("meprop", {}).get("command")) for n, d in zip(names, datas)
+    ]
+    return merged
 
 
 def machine_line(data: dict) -> str:
@@ -52,7 +81,11 @@ def header(data: dict) -> list[str]:
         f"Python {mi.get('python_version', '?')}, {me.get('platform', mi.get('system', ''))}  ",
         f"**Date:** {when}; commit {commit}  ",
     ]
-    if me.get("command"):
+    if data.get("commands"):
+        lines.append("**Commands** (one JSON file each):  ")
+        lines += [f"- `{name}`: `{cmd or '?'}`" for name, cmd in data["commands"]]
+        lines.append("")
+    elif me.get("command"):
         lines.append(f"**Command:** `{me['command']}`  ")
     if me.get("loadavg_at_start") or me.get("loadavg_at_end"):
         start, end = me.get("loadavg_at_start"), me.get("loadavg_at_end")
@@ -111,7 +144,15 @@ def notes(e: dict) -> str:
         parts.append(e["optimizer"])
     if e.get("share_of_backward") is not None:
         parts.append(f"{e['share_of_backward'] * 100:.1f}% of its backward")
+    if e.get("paper_table7"):
+        p = e["paper_table7"]
+        paper = f"paper (GTX 1080): dense {p['dense_ms']:g} ms"
+        if p.get("meprop_ms") is not None:
+            paper += f", meProp {p['meprop_ms']:g} ms ({p['speedup']:g}x)"
+        parts.append(paper)
     if e.get("device_type") == "cuda":
+        if e.get("host_launch_us") is not None:
+            parts.append(f"host {e['host_launch_us']:.0f} us per call")
         if e.get("tflops") is not None and e.get("flops"):
             parts.append(f"{e['tflops']:.1f} TFLOP/s")
         elif e.get("gb_s") is not None:
@@ -169,11 +210,65 @@ def rows(data: dict) -> list[dict]:
     return out
 
 
+def fmt_target(e: dict) -> str:
+    """``speedup_vs_dense >= 2: met`` (or NOT MET), one entry per target of the case
+    (``bench/targets.py`` records them); empty for a case without one."""
+    target = e.get("target")
+    if not target:
+        return ""
+    parts = []
+    for t in target if isinstance(target, list) else [target]:
+        bound = f">= {t['least']:g}" if t.get("least") is not None else f"<= {t['most']:g}"
+        met = t.get("met", e.get("target_met"))
+        value = t.get("value")
+        got = f" ({value:.4g})" if isinstance(value, (int, float)) else ""
+        parts.append(f"{t['metric']} {bound}: {'met' if met else '**NOT MET**'}{got}")
+    return "; ".join(parts)
+
+
+def targets_table(data: dict) -> list[str]:
+    """Every case with a target: what it had to reach, what it measured, met or not."""
+    lines = []
+    for r in rows(data):
+        if r["e"].get("target"):
+            lines.append(f"| `{r['name']}` | {fmt_target(r['e'])} |")
+    if not lines:
+        return []
+    return ["| case | target: result (measured) |", "|---|---|", *lines]
+
+
+def gpu_table(data: dict) -> list[str]:
+    """CUDA backward cases: GPU time (CUDA events) beside the host time of one eager call
+    (launching it, no synchronize), for meProp and for dense."""
+    lines = []
+    for r in rows(data):
+        e = r["e"]
+        if e.get("device_type") != "cuda" or "host_launch_us" not in e:
+            continue
+        if not (r["group"].startswith("backward-") or r["group"].startswith("triton-gather-")):
+            continue
+        dense_host = e.get("dense_host_launch_us")
+        lines.append(
+            f"| {fmt_shape(e.get('shape', []), None)} | {e.get('dtype')} | {e.get('backend')} | "
+            f"{e.get('mode')} | {fmt_k(e)} | {fmt_time(r['t'])} | {e['host_launch_us']:.1f} us | "
+            f"{fmt_time(e.get('dense_median_s'))} | "
+            f"{'-' if dense_host is None else f'{dense_host:.1f} us'} | {fmt_x(e.get('speedup_vs_dense'))} |"
+        )
+    if not lines:
+        return []
+    return [
+        "| shape | dtype | backend | mode | k | GPU time | host launch | dense GPU time "
+        "| dense host launch | speedup vs dense |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
+        *lines,
+    ]
+
+
 def case_table(data: dict) -> list[str]:
     lines = [
         "| group | backend | mode | grad | shape | k | dtype | median time | dense, same test "
-        "| speedup vs dense | notes |",
-        "|---|---|---|---|---|---|---|---:|---:|---:|---|",
+        "| speedup vs dense | target | notes |",
+        "|---|---|---|---|---|---|---|---:|---:|---:|---|---|",
     ]
     for r in rows(data):
         e = r["e"]
@@ -181,7 +276,7 @@ def case_table(data: dict) -> list[str]:
             f"| {r['group']} | {e.get('backend')} | {e.get('mode')} | {e.get('grad')} | "
             f"{fmt_shape(e.get('shape', []), e.get('shape_name'))} | {fmt_k(e)} | {e.get('dtype')} | "
             f"{fmt_time(r['t'])} | {fmt_time(e.get('dense_median_s'))} | "
-            f"{fmt_x(e.get('speedup_vs_dense'))} | {notes(e)} |"
+            f"{fmt_x(e.get('speedup_vs_dense'))} | {fmt_target(e)} | {notes(e)} |"
         )
     return lines
 
@@ -270,6 +365,31 @@ def markdown(data: dict, png: str | None) -> str:
             *training,
             "",
         ]
+    gpu = gpu_table(data)
+    if gpu:
+        parts += [
+            "## GPU: device time and host time of one backward",
+            "",
+            "`GPU time`: CUDA events around each call, L2 flushed before it, median. `host "
+            "launch`: the CPU wall time of one eager call, `perf_counter` around it with no "
+            "synchronize between calls (median of 25 in a row): what Python, autograd and the "
+            "kernel launches cost. Where it is near or above the GPU time, the GPU waits on "
+            "the host (a CUDA graph removes that).",
+            "",
+            *gpu,
+            "",
+        ]
+    targets = targets_table(data)
+    if targets:
+        parts += [
+            "## Speed targets",
+            "",
+            "Recorded by every case that has one (`bench/targets.py`); an unmet target fails "
+            "a run only under `--assert-targets`.",
+            "",
+            *targets,
+            "",
+        ]
     parts += [
         "## Every case",
         "",
@@ -294,7 +414,7 @@ def plot(data: dict, path: str) -> None:
     by = series(data)
     panels = sorted(by, key=lambda mg: (MODE_ORDER.index(mg[0]) if mg[0] in MODE_ORDER else 9, mg[1]))
     if not panels:
-        raise SystemExit("no backward k-sweep cases with speedup_vs_dense in the JSON")
+        raise NoSeries("no backward k-sweep cases with speedup_vs_dense in the JSON")
     ncols = 2
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 3.6 * nrows), squeeze=False)
@@ -315,9 +435,10 @@ def plot(data: dict, path: str) -> None:
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ticks = [1, 2, 5, 10, 25, 50]
+        lowest = min(p[0] * 100 for lab in by[(mode, grad)] for p in by[(mode, grad)][lab])
+        ticks = [t for t in (0.1, 0.2, 0.5) if t >= lowest / 2] + [1, 2, 5, 10, 25, 50]
         ax.set_xticks(ticks)
-        ax.set_xticklabels([f"{t}%" for t in ticks])
+        ax.set_xticklabels([f"{t:g}%" for t in ticks])
         ax.set_title(f"{mode}, {grad} gradients", fontsize=10)
         ax.set_xlabel("k (share of out_features)")
         ax.set_ylabel("speedup vs dense backward")
@@ -339,16 +460,27 @@ def plot(data: dict, path: str) -> None:
     plt.close(fig)
 
 
+class NoSeries(Exception):
+    """Nothing to plot: the JSON holds no backward k-sweep case with a speedup."""
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", help="a pytest --benchmark-json file")
+    ap.add_argument("json", nargs="+", help="pytest --benchmark-json files (one machine)")
     ap.add_argument("--md", help="write the Markdown table here")
     ap.add_argument("--png", help="write the speedup-vs-k plot here")
     args = ap.parse_args(argv)
-    data = _load(args.json)
-    if args.png:
-        plot(data, args.png)
-    text = markdown(data, _relative(args.png, args.md))
+    data = merge([_load(p) for p in args.json], [os.path.basename(p) for p in args.json])
+    png = args.png
+    if png:
+        try:
+            plot(data, png)
+        except NoSeries as e:
+            if len(args.json) == 1 and not data.get("benchmarks"):
+                raise SystemExit(f"{args.json[0]}: no benchmarks in it") from None
+            print(f"report.py: no PNG written ({e})", file=sys.stderr)
+            png = None
+    text = markdown(data, _relative(png, args.md))
     if args.md:
         with open(args.md, "w") as f:
             f.write(text)
@@ -360,8 +492,6 @@ def _relative(png: str | None, md: str | None) -> str | None:
     """The PNG's path as the Markdown file should link it."""
     if png is None:
         return None
-    import os
-
     if md is None:
         return png
     return os.path.relpath(png, os.path.dirname(os.path.abspath(md)))

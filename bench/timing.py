@@ -16,6 +16,12 @@ the machine lands on both sides of a ratio.
   record of the candidate (host wall time of a call plus a synchronize) is kept too, but
   ``extra_info['time_median_s']`` (the events' median) is the number the report uses.
 
+On a GPU every function's host time is recorded too (``host_launch_us``, and
+``<baseline>_host_launch_us``): the CPU wall time of one eager call, which only launches
+the work (:func:`host_launch_seconds`: ``perf_counter`` around each call, no synchronize
+between calls, one after them all). Where it exceeds the GPU time the GPU waits on Python,
+autograd and launch overheads, and only a CUDA graph can help.
+
 A speedup is the median over rounds of the two calls' ratio within a round
 (``Timings.paired``); the ratio of the two medians is recorded next to it. An overhead is
 the median over rounds of the difference within a round (``Timings.paired_diff``).
@@ -23,6 +29,7 @@ the median over rounds of the difference within a round (``Timings.paired_diff``
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -79,6 +86,29 @@ def _cuda_samples(
     return samples, rounds
 
 
+def host_launch_seconds(fn: Callable, *, calls: int = 25, sync: Callable[[], None] | None = None) -> float:
+    """Median host wall time of one call of ``fn`` over ``calls`` calls in a row.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs once before the first call and once
+    after the last, never in between: on a GPU each call then costs what it takes to
+    launch its work (Python, autograd, kernel launches), not the GPU's time. ``calls`` is
+    kept small enough that the launch queue does not fill (which would make a launch wait
+    on the GPU).
+    """
+    if calls < 1:
+        raise ValueError(f"calls must be at least 1; got {calls}")
+    if sync is not None:
+        sync()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    if sync is not None:
+        sync()
+    return statistics.median(times)
+
+
 class Timings(dict):
     """Median seconds per call of each function timed (a dict, name -> seconds), with
     ``paired[name]``: the median over rounds of ``baseline_time / candidate_time``, the two
@@ -108,7 +138,8 @@ def measure(
     (:class:`Timings`; None when benchmarks are disabled: the candidate then runs once,
     as a smoke test, and nothing else runs).
     Records ``time_median_s``, ``rounds``, ``timer`` and ``<name>_median_s`` of each
-    baseline in ``benchmark.extra_info``.
+    baseline in ``benchmark.extra_info``; on a GPU also ``host_launch_us`` and
+    ``<name>_host_launch_us`` (:func:`host_launch_seconds`).
     """
     device = torch.device(device)
     # Every function's last result stays alive until its next call replaces it (as
@@ -147,6 +178,12 @@ def measure(
             min_rounds=max(min_rounds, 10), max_rounds=max_rounds,
         )
         samples = dict(zip(names, per_fn))
+        sync = functools.partial(torch.cuda.synchronize, device)
+        host = {n: host_launch_seconds(baselines.get(n, target), sync=sync) for n in names}
+        host_info = {
+            ("host_launch_us" if n == candidate else f"{n}_host_launch_us"): round(t * 1e6, 2)
+            for n, t in host.items()
+        }
         # pytest-benchmark's own record: host wall time including a synchronize.
         benchmark.pedantic(synced, rounds=min(rounds, 20), warmup_rounds=1)
         timer = "cuda-events (median, interleaved, L2 flushed before each call)"
@@ -174,6 +211,7 @@ def measure(
         benchmark.pedantic(target, setup=run_baselines, rounds=rounds, warmup_rounds=0)
         samples = {**times, candidate: list(benchmark.stats.stats.data)}
         timer = "perf_counter (median; baselines run right before the candidate each round)"
+        host_info = {}
 
     last.clear()
     medians = Timings({name: statistics.median(ts) for name, ts in samples.items()})
@@ -190,6 +228,7 @@ def measure(
         rounds=rounds,
         timer=timer,
         **{f"{name}_median_s": t for name, t in medians.items() if name != candidate},
+        **host_info,
     )
     return medians
 

@@ -27,6 +27,24 @@ SHAPES = {
     "cuda": {"mnist": (50, 784, 500), "large": (8192, 4096, 4096)},
 }
 
+#: the paper's GPU table (Sun et al. 2017, Table 7): batch 1024, 8192 -> 8192, k in units;
+#: timed on a GPU only, Triton unified top-k vs dense, bf16 and fp32
+PAPER_SHAPES = {"cuda": {"table7": (1024, 8192, 8192)}}
+TABLE7_K = (8, 16, 32, 64, 128, 256, 512)
+TABLE7_DTYPES = ("bf16", "fp32")
+#: the paper's own figures for that table (GTX 1080, its code): backprop time in ms,
+#: dense and meProp at the k values it states (36.8x at k=8)
+PAPER_TABLE7 = {"dense_ms": 308.0, "meprop_ms": {8: 8.4, 512: 70.0}}
+
+
+def shape_of(device: str, shape_key: str):
+    """(M, in, out) of a shape key: the k-sweep shapes (``SHAPES``) or the paper's."""
+    shape = SHAPES.get(device, {}).get(shape_key) or PAPER_SHAPES.get(device, {}).get(shape_key)
+    if shape is None:
+        raise KeyError(f"no shape {shape_key!r} for device {device!r}")
+    return shape
+
+
 #: mode name -> (unified, selection)
 MODES = {
     "unified-topk": (True, "topk"),

@@ -1,0 +1,163 @@
+"""bench/targets.py (speed targets as data), bench/timing.host_launch_seconds and the
+report's target column: no GPU, no timing of real work."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: bench/ is not installed
+from bench import report, targets  # noqa: E402
+from bench.targets import Target, check_targets  # noqa: E402
+from bench.timing import host_launch_seconds  # noqa: E402
+
+
+class FakeBenchmark:
+    def __init__(self, name="test_case[x]"):
+        self.name = name
+        self.extra_info = {}
+
+
+class FakeConfig:
+    def __init__(self, assert_targets=False, registered=True):
+        self._value = assert_targets
+        self._registered = registered
+
+    def getoption(self, name):
+        if not self._registered:
+            raise ValueError(f"no option named {name!r}")
+        assert name == targets.ASSERT_OPTION
+        return self._value
+
+
+@pytest.fixture(autouse=True)
+def _fresh_unmet(monkeypatch):
+    monkeypatch.setattr(targets, "UNMET", [])
+
+
+def test_met_least_target_recorded():
+    b = FakeBenchmark()
+    assert check_targets(b, FakeConfig(), Target("speedup_vs_dense", least=2.0), {"speedup_vs_dense": 2.5})
+    assert b.extra_info["target"] == {"metric": "speedup_vs_dense", "least": 2.0, "value": 2.5, "met": True}
+    assert b.extra_info["target_met"] is True
+    assert targets.UNMET == []
+
+
+def test_bound_itself_counts_as_met():
+    b = FakeBenchmark()
+    assert check_targets(b, FakeConfig(True), Target("speedup_vs_dense", least=2.0), {"speedup_vs_dense": 2.0})
+    assert check_targets(b, FakeConfig(True), Target("overhead_us", most=15), {"overhead_us": 15.0})
+
+
+def test_unmet_target_recorded_not_raised_by_default():
+    b = FakeBenchmark("test_forward_overhead[cpu]")
+    met = check_targets(b, FakeConfig(), Target("overhead_us", most=15), {"overhead_us": 15.5}, context="ctx")
+    assert met is False
+    assert b.extra_info["target"] == {"metric": "overhead_us", "most": 15, "value": 15.5, "met": False}
+    assert b.extra_info["target_met"] is False
+    assert len(targets.UNMET) == 1
+    assert targets.UNMET[0].startswith("test_forward_overhead[cpu]: overhead_us = 15.5, target overhead_us <= 15")
+    assert "ctx" in targets.UNMET[0]
+
+
+def test_unmet_target_raises_under_assert_targets():
+    b = FakeBenchmark()
+    with pytest.raises(AssertionError, match=r"target not met: speedup_vs_dense = 1\.5, target speedup_vs_dense >= 2"):
+        check_targets(b, FakeConfig(True), Target("speedup_vs_dense", least=2.0), {"speedup_vs_dense": 1.5})
+    # recorded before raising, so the JSON still says what happened
+    assert b.extra_info["target_met"] is False
+
+
+def test_option_not_registered_means_no_assert():
+    b = FakeBenchmark()
+    cfg = FakeConfig(True, registered=False)
+    assert not check_targets(b, cfg, Target("speedup_vs_dense", least=2.0), {"speedup_vs_dense": 1.0})
+    assert not targets.assert_targets(None)
+
+
+def test_several_targets_all_must_be_met():
+    b = FakeBenchmark()
+    two = [Target("speedup_vs_dense", least=5.0), Target("speedup_vs_torch", least=1.5)]
+    met = check_targets(b, FakeConfig(), two, {"speedup_vs_dense": 6.0, "speedup_vs_torch": 1.2})
+    assert met is False
+    assert [r["met"] for r in b.extra_info["target"]] == [True, False]
+    assert b.extra_info["target_met"] is False
+    assert "speedup_vs_torch = 1.2" in targets.UNMET[0] and "speedup_vs_dense" not in targets.UNMET[0].split(":", 1)[1]
+    with pytest.raises(AssertionError, match="speedup_vs_torch"):
+        check_targets(b, FakeConfig(True), two, {"speedup_vs_dense": 6.0, "speedup_vs_torch": 1.2})
+    assert check_targets(b, FakeConfig(True), two, {"speedup_vs_dense": 6.0, "speedup_vs_torch": 1.6})
+    assert b.extra_info["target_met"] is True
+
+
+@pytest.mark.parametrize("value", [float("nan"), None])
+def test_nothing_measured_is_not_met(value):
+    b = FakeBenchmark()
+    assert not check_targets(b, FakeConfig(), Target("speedup_vs_dense", least=1.0), {"speedup_vs_dense": value})
+    with pytest.raises(AssertionError, match="speedup_vs_dense"):
+        check_targets(b, FakeConfig(True), Target("speedup_vs_dense", least=1.0), {"speedup_vs_dense": value})
+
+
+def test_bad_targets_refused():
+    with pytest.raises(ValueError, match="exactly one of least= and most="):
+        Target("x")
+    with pytest.raises(ValueError, match="exactly one of least= and most="):
+        Target("x", least=1, most=2)
+    with pytest.raises(KeyError, match="speedup_vs_torch"):
+        check_targets(FakeBenchmark(), FakeConfig(), Target("speedup_vs_torch", least=1), {"speedup_vs_dense": 2})
+    with pytest.raises(ValueError, match="at least one target"):
+        check_targets(FakeBenchmark(), FakeConfig(), [], {})
+
+
+def test_report_shows_met_and_not_met():
+    met = {"target": {"metric": "speedup_vs_dense", "least": 2.0, "value": 2.5, "met": True}, "target_met": True}
+    unmet = {"target": [{"metric": "speedup_vs_dense", "least": 5.0, "value": 6.0, "met": True},
+                        {"metric": "speedup_vs_torch", "least": 1.5, "value": 1.2, "met": False}],
+             "target_met": False}
+    assert report.fmt_target(met) == "speedup_vs_dense >= 2: met (2.5)"
+    assert report.fmt_target(unmet) == "speedup_vs_dense >= 5: met (6); speedup_vs_torch >= 1.5: **NOT MET** (1.2)"
+    assert report.fmt_target({}) == ""
+
+
+def test_report_merges_files_of_one_machine_and_refuses_two():
+    def data(gpu, cmd, n):
+        return {
+            "machine_info": {"meprop": {"gpu": gpu, "command": cmd}},
+            "benchmarks": [{"name": f"t{i}", "group": "g", "extra_info": {}, "stats": {"median": 1.0}} for i in range(n)],
+        }
+    h200 = {"name": "NVIDIA H200", "capability": "9.0", "count": 1}
+    merged = report.merge([data(h200, "a", 2), data(h200, "b", 3)], ["a.json", "b.json"])
+    assert len(merged["benchmarks"]) == 5
+    assert merged["commands"] == [("a.json", "a"), ("b.json", "b")]
+    a100 = {"name": "NVIDIA A100", "capability": "8.0", "count": 1}
+    with pytest.raises(SystemExit, match="different machines"):
+        report.merge([data(h200, "a", 1), data(a100, "b", 1)], ["a.json", "b.json"])
+
+
+def test_host_launch_syncs_only_around_the_calls():
+    events = []
+    sleep = 0.002
+
+    def fn():
+        events.append("call")
+        time.sleep(sleep)
+
+    t = host_launch_seconds(fn, calls=7, sync=lambda: events.append("sync"))
+    assert events == ["sync"] + ["call"] * 7 + ["sync"]
+    assert sleep <= t < sleep + 0.05
+    with pytest.raises(ValueError, match="calls must be at least 1"):
+        host_launch_seconds(fn, calls=0)
+
+
+def test_assert_targets_option_is_registered(pytestconfig):
+    """bench/conftest.py registers --assert-targets when the suite is loaded."""
+    from bench import conftest
+
+    seen = {}
+    parser = SimpleNamespace(addoption=lambda *a, **kw: seen.update({a[0]: kw}))
+    conftest.pytest_addoption(parser)
+    assert seen["--assert-targets"]["dest"] == targets.ASSERT_OPTION
+    assert seen["--assert-targets"]["action"] == "store_true"
