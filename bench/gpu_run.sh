@@ -1,0 +1,295 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: install the checkout offline, record the environment, run
+# the CUDA tests, then the GPU benchmarks in order of importance (each group its own pytest
+# run writing its own JSON at once, so a run cut off keeps what it measured), the paper's
+# MNIST Table 8 run if time is left, the sm_90 code-generation report, and the Markdown /
+# PNG report over every JSON written. Everything stays inside --budget-s.
+#
+#   bash bench/gpu_run.sh [--budget-s N] [--out DIR] [--dry-run] [--tests-s N]
+#                         [--wheels DIR] [--mnist-dir DIR]
+#
+#   --budget-s N   wall-time budget of the whole run in seconds (default 480: 8 minutes on
+#                  an H200). No step starts when too little is left; each runs under
+#                  `timeout` with what is left (a benchmark group is stopped with SIGINT,
+#                  so pytest-benchmark still writes the cases it finished).
+#   --out DIR      where the results go (default: $OUT when set, else bench/results/)
+#   --dry-run      the same orchestration on a machine without a GPU, in miniature: no
+#                  install; kernel tests (CUDA-graph and op tests) under TRITON_INTERPRET=1;
+#                  each benchmark group's selection checked (not empty, CUDA cases only) and
+#                  run once as a smoke test (--benchmark-disable: on a CPU they skip); one
+#                  quick CPU case timed to JSON; a tiny MNIST run on the CPU; codegen; the
+#                  report. About a minute on 2 cores.
+#   --tests-s N    time cap of the CUDA test step (default 120)
+#   --wheels DIR   a folder of wheels (pytest, pytest-benchmark, hypothesis and their
+#                  dependencies) to install offline when they are missing
+#   --mnist-dir DIR  the four MNIST IDX files, for the Table 8 run (default: the cache;
+#                  without data, and with no network, that step is skipped)
+#
+# Exits non-zero when a step failed (a step cut off by its time cap is reported, not failed,
+# except in a dry run); the summary lists every step as ok / FAILED / cut off / skipped.
+set -euo pipefail
+
+BUDGET=480
+DRY=0
+OUTDIR=""
+TESTS_S=120
+WHEELS=""
+MNIST_DIR=""
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --budget-s) BUDGET=${2:?--budget-s needs a number of seconds}; shift 2 ;;
+        --out) OUTDIR=${2:?--out needs a folder}; shift 2 ;;
+        --dry-run) DRY=1; shift ;;
+        --tests-s) TESTS_S=${2:?--tests-s needs a number of seconds}; shift 2 ;;
+        --wheels) WHEELS=${2:?--wheels needs a folder}; shift 2 ;;
+        --mnist-dir) MNIST_DIR=${2:?--mnist-dir needs a folder}; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "gpu_run.sh: unknown argument '$1' (--help lists the options)" >&2; exit 2 ;;
+    esac
+done
+case "$BUDGET$TESTS_S" in *[!0-9]*) echo "gpu_run.sh: --budget-s and --tests-s take whole seconds" >&2; exit 2 ;; esac
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUTDIR=${OUTDIR:-${OUT:-bench/results}}
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+LOG="$OUTDIR/gpu-run.log"
+: >"$LOG"
+exec > >(tee -a "$LOG") 2>&1
+
+PY=python3
+START=$SECONDS
+RESERVE=25            # seconds kept for the report at the end
+STAMP=$(date -u +%Y-%m-%dT%H%M%SZ)
+SUMMARY=()
+FAILED=0
+JSONS=()
+
+left() { echo $((BUDGET - (SECONDS - START))); }
+note() { SUMMARY+=("$(printf '%-27s %s' "$1" "$2")"); echo "   -> $1: $2"; }
+
+# run_step NAME MIN_S CAP_S CMD...: run CMD under `timeout -s INT` with min(CAP_S, what is
+# left of the budget less the reserve); skipped when less than MIN_S is left.
+run_step() {
+    local name=$1 min=$2 cap=$3
+    shift 3
+    local avail=$(( $(left) - RESERVE ))
+    if [ "$avail" -lt "$min" ]; then
+        note "$name" "skipped: ${avail} s of the budget left, it needs at least ${min} s"
+        return 0
+    fi
+    local t=$(( avail < cap ? avail : cap ))
+    echo
+    echo "== $name (time cap ${t} s; $(left) s of the ${BUDGET} s budget left)"
+    echo "   \$ $*"
+    local t0=$SECONDS rc=0
+    timeout -s INT -k 20 "${t}s" "$@" || rc=$?
+    local took=$((SECONDS - t0))
+    case $rc in
+        0) note "$name" "ok (${took} s)" ;;
+        124|137)
+            if [ "$DRY" = 1 ]; then
+                note "$name" "FAILED: cut off at its ${t} s cap in a dry run"; FAILED=1
+            else
+                note "$name" "cut off at its ${t} s cap (what finished is kept)"
+            fi ;;
+        5) note "$name" "FAILED: the selection matched no test (exit 5)"; FAILED=1 ;;
+        *) note "$name" "FAILED: exit ${rc} after ${took} s"; FAILED=1 ;;
+    esac
+}
+
+echo "== meprop-triton GPU run: $ROOT -> $OUTDIR (budget ${BUDGET} s$([ "$DRY" = 1 ] && echo ', dry run'))"
+
+# --- 1. install the checkout (offline) ----------------------------------------------------
+installed_here() {  # from another folder, so that the checkout on sys.path cannot fake it
+    (cd / && "$PY" - "$ROOT" <<'EOF'
+import os, sys
+root = os.path.realpath(sys.argv[1])
+try:
+    import meprop_triton, meprop_triton.kernels
+except Exception as e:  # noqa: BLE001
+    print(f"meprop_triton is not importable here: {e}")
+    sys.exit(1)
+pkg = os.path.realpath(os.path.dirname(meprop_triton.__file__))
+ker = os.path.realpath(os.path.dirname(meprop_triton.kernels.__file__))
+if (pkg, ker) != (os.path.join(root, "meprop_triton"), os.path.join(root, "kernels")):
+    print(f"meprop_triton imports from {pkg} (kernels {ker}), not from this checkout")
+    sys.exit(1)
+EOF
+    )
+}
+echo
+echo "== install"
+if [ "$DRY" = 1 ]; then
+    note install "skipped (dry run: nothing is installed)"
+elif why=$(installed_here); then
+    note install "skipped: meprop_triton already imports from this checkout"
+else
+    echo "   $why"
+    if "$PY" -m pip install --no-deps --no-build-isolation -e . ; then
+        note install "ok (pip install --no-deps --no-build-isolation -e .)"
+    else
+        note install "FAILED: pip install --no-deps --no-build-isolation -e ."; FAILED=1
+    fi
+fi
+missing=$("$PY" - <<'EOF'
+import importlib.util
+print(" ".join(m for m in ("pytest", "pytest_benchmark", "hypothesis") if importlib.util.find_spec(m) is None))
+EOF
+)
+if [ -n "$missing" ] && [ -n "$WHEELS" ]; then
+    echo "   installing from $WHEELS (offline): ${missing//_/-}"
+    "$PY" -m pip install --no-index --find-links "$WHEELS" ${missing//_/-} || true
+    missing=$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("pytest","pytest_benchmark","hypothesis") if u.find_spec(m) is None))')
+fi
+if [ -n "$missing" ]; then
+    echo "gpu_run.sh: missing Python packages: $missing. With no network, fetch their wheels" \
+         "elsewhere (pip download pytest pytest-benchmark hypothesis -d wheels/) and pass" \
+         "--wheels wheels/." >&2
+    exit 2
+fi
+
+# --- 2. environment -----------------------------------------------------------------------
+echo
+echo "== environment"
+"$PY" - "$OUTDIR/gpu-env.json" "$DRY" "$BUDGET" <<'EOF'
+import datetime, json, platform, shutil, subprocess, sys
+
+out, dry, budget = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+
+def run(*cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+import torch
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = None
+env = {
+    "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "dry_run": dry,
+    "budget_s": budget,
+    "nvidia_smi": run("nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader")
+    if shutil.which("nvidia-smi") else None,
+    "cuda_available": torch.cuda.is_available(),
+    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    "torch": torch.__version__,
+    "torch_cuda": torch.version.cuda,
+    "triton": triton_version,
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "commit": run("git", "rev-parse", "HEAD"),
+    "uncommitted_changes": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
+}
+with open(out, "w") as f:
+    json.dump(env, f, indent=2)
+with open(out.removesuffix(".json") + ".txt", "w") as f:
+    f.writelines(f"{k}: {v}\n" for k, v in env.items())
+for k, v in env.items():
+    print(f"   {k}: {v}")
+EOF
+note environment "written to gpu-env.json / gpu-env.txt"
+
+# --- 3. the CUDA tests (tests/kernels runs on CUDA tensors when a GPU is present) -----------
+if [ "$DRY" = 1 ]; then
+    run_step tests 20 "$TESTS_S" env TRITON_INTERPRET=1 "$PY" -m pytest -x -q -p no:cacheprovider \
+        -m "not aot" tests/kernels/test_cuda_graph.py tests/kernels/test_triton_ops.py
+else
+    # the CUDA-graph and op tests first, so that a cut-off run has checked them
+    run_step tests 30 "$TESTS_S" "$PY" -m pytest -x -q -p no:cacheprovider -m "not aot" \
+        tests/kernels/test_cuda_graph.py tests/kernels/test_triton_ops.py \
+        tests/kernels/test_functional_triton.py tests/kernels
+fi
+
+# --- 4. GPU benchmark groups, in order of importance -------------------------------------
+# bench_group NAME MIN_S CAP_S "-k expression" FILE...
+bench_group() {
+    local name=$1 min=$2 cap=$3 expr=$4
+    shift 4
+    if [ "$DRY" = 1 ]; then
+        local ids n bad
+        ids=$("$PY" -m pytest --co -q -p no:cacheprovider "$@" -k "$expr" 2>&1 | grep -E '^[^ ]+::[^ ]+$' || true)
+        n=$(grep -c . <<<"$ids" || true)
+        bad=$(grep -v 'cuda' <<<"$ids" || true)
+        if [ "$n" = 0 ]; then
+            note "bench $name" "FAILED: -k '$expr' selects no case"; FAILED=1; return 0
+        elif [ -n "$bad" ]; then
+            note "bench $name" "FAILED: -k '$expr' selects non-CUDA cases: $(head -3 <<<"$bad" | tr '\n' ' ')"
+            FAILED=1; return 0
+        fi
+        echo "   $name: $n CUDA cases selected"
+        run_step "bench $name" 5 120 "$PY" -m pytest -q -p no:cacheprovider "$@" -k "$expr" --benchmark-disable
+    else
+        local json="$OUTDIR/gpu-$STAMP-$name.json"
+        run_step "bench $name" "$min" "$cap" "$PY" -m pytest -q -p no:cacheprovider "$@" -k "$expr" \
+            --benchmark-only --benchmark-columns=min,median,max,rounds --benchmark-json "$json"
+        if [ -s "$json" ]; then JSONS+=("$json"); fi
+    fi
+}
+B=bench/test_bench_backward.py
+bench_group a-bf16-unified 30 180 \
+    "cuda-bf16-large and (triton-unified-topk-densegrad or test_dense_backward or (test_selection and triton))" \
+    "$B" bench/test_bench_selection.py
+bench_group b-compact-vs-gather 15 60 "test_triton_gather_in_gemm" "$B"
+bench_group c-fp16-fp32-5pct 15 60 \
+    "(cuda-fp16-large or cuda-fp32-large) and (triton-unified-topk-densegrad-k5pct or test_dense_backward)" "$B"
+bench_group d-table7 30 150 "table7" "$B"
+bench_group e-per-example 20 90 "cuda-bf16-large-triton-per-example-topk" "$B"
+bench_group f-train-step 15 60 "cuda" bench/test_bench_train_step.py bench/test_bench_forward.py
+
+if [ "$DRY" = 1 ]; then  # one quick CPU case timed for real, so that the report has a JSON
+    json="$OUTDIR/cpu-smoke-$STAMP.json"
+    run_step "bench cpu-smoke" 10 90 "$PY" -m pytest -q -p no:cacheprovider "$B" \
+        -k "cpu-fp32-mnist-torch-unified-topk-densegrad and (k5pct or k80)" \
+        --benchmark-only --benchmark-json "$json"
+    if [ -s "$json" ]; then JSONS+=("$json"); fi
+fi
+
+# --- 5. the paper's Table 8 (MNIST, h = 8192) if time is left ------------------------------
+mnist_args=()
+if [ -n "$MNIST_DIR" ]; then
+    MNIST_DIR=$(cd "$MNIST_DIR" && pwd)
+    mnist_args=(--data-dir "$MNIST_DIR")
+fi
+if (cd / && "$PY" -c "import sys; from meprop_triton.data import load_mnist; load_mnist(sys.argv[1] or None, download=False, log=lambda s: None)" "$MNIST_DIR") >/dev/null 2>&1; then
+    if [ "$DRY" = 1 ]; then
+        run_step mnist-table8 20 120 "$PY" -m meprop_triton.mnist --device cpu --d_hidden 32 --k 8 \
+            --n_epoch 1 --compare --warmup-steps 5 "${mnist_args[@]}" \
+            --json "$OUTDIR/mnist-table8-dry.json"
+    else
+        run_step mnist-table8 60 150 "$PY" -m meprop_triton.mnist --device cuda --d_hidden 8192 --k 8 \
+            --n_epoch 1 --compare "${mnist_args[@]}" \
+            --json "$OUTDIR/mnist-table8-$STAMP.json" --plot "$OUTDIR/mnist-table8-$STAMP.png"
+    fi
+else
+    note mnist-table8 "skipped: no MNIST files offline (cache or --mnist-dir)"
+fi
+
+# --- 6. code generation for sm_90 (bench/codegen.py, when the checkout has it) --------------
+if [ -f bench/codegen.py ]; then
+    run_step codegen-sm90 30 90 "$PY" bench/codegen.py --arch 90 --shape 8192 4096 4096 --k 205 \
+        --dtype bfloat16 --json "$OUTDIR/codegen-sm90.json"
+else
+    note codegen-sm90 "skipped: bench/codegen.py is not in this checkout"
+fi
+
+# --- 7. the report over every JSON written --------------------------------------------------
+echo
+RESERVE=0
+if [ ${#JSONS[@]} -gt 0 ]; then
+    name=$([ "$DRY" = 1 ] && echo "dry-$STAMP" || echo "gpu-$STAMP")
+    run_step report 5 60 "$PY" bench/report.py "${JSONS[@]}" --md "$OUTDIR/$name.md" --png "$OUTDIR/$name.png"
+else
+    note report "FAILED: no benchmark JSON was written"; FAILED=1
+fi
+
+echo
+echo "== summary ($((SECONDS - START)) s of ${BUDGET} s; results in $OUTDIR)"
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUTDIR/gpu-run-summary.txt"
+exit "$FAILED"
