@@ -240,7 +240,7 @@ bench_group b-compact-vs-gather 15 60 "test_triton_gather_in_gemm" "$B"
 bench_group c-fp16-fp32-5pct 15 60 \
     "(cuda-fp16-large or cuda-fp32-large) and (triton-unified-topk-densegrad-k5pct or test_dense_backward)" "$B"
 bench_group d-table7 30 150 "table7" "$B"
-bench_group e-per-example 20 90 "cuda-bf16-large-triton-per-example-topk" "$B"
+bench_group e-per-example 20 120 "cuda-bf16-large-triton-per-example-topk or test_triton_per_example_routes" "$B"
 bench_group f-train-step 15 60 "cuda" bench/test_bench_train_step.py bench/test_bench_forward.py
 
 if [ "$DRY" = 1 ]; then  # one quick CPU case timed for real, so that the report has a JSON

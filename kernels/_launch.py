@@ -17,6 +17,7 @@ __all__ = [
     "single_config_mode",
     "interpreter_enabled",
     "num_sms",
+    "capability",
     "check_float_tensor",
     "check_index",
     "check_out",
@@ -63,6 +64,20 @@ def num_sms(device: torch.device) -> int:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return _cuda_sm_count(index)
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of ``device``; off CUDA (the interpreter) that of a Hopper GPU,
+    so that the configs chosen there are the ones sm_90 runs."""
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_capability(index)
+    return (9, 0)
 
 
 def check_float_tensor(name: str, t: torch.Tensor, dim: int) -> None:

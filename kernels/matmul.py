@@ -6,14 +6,20 @@ With ``S = idx`` (k selected output units, int64, any order; ascending from
 * :func:`gathered_grad_input`: ``grad_x = G[:, S] @ W[S, :]`` -- an ``(M, in)`` GEMM whose
   reduction runs over the k selected units. Each K step loads one tile of ``S`` and uses it
   for both operands: the columns ``G[rows, S_tile]`` and the rows ``W[S_tile, cols]``.
-* :func:`scattered_grad_weight`: the dense ``grad_W`` written in one launch. The first
-  programs compute ``(G[:, S]^T @ X)`` tiles and store them straight into rows ``S`` of
-  ``grad_W``; the remaining programs write zeros into the ``out - k`` other rows (given by
-  ``rest``, the complement from :func:`.topk.topk_indices`). Every element of ``grad_W``
-  is written exactly once: no ``zeros()`` + ``index_copy_``.
-* :func:`gather_columns`: ``G[:, S]`` as a dense ``(M, k)`` tensor. Both GEMMs take it as
-  ``grad_selected=`` and then read G's part densely instead of gathering it (``W``'s rows
-  are still gathered in the loads, and ``grad_W``'s rows still scattered in the stores).
+* :func:`scattered_grad_weight`: the dense ``grad_W``. The product programs compute
+  ``(G[:, S]^T @ X)`` tiles and store them straight into rows ``S`` of ``grad_W``; the
+  remaining programs write zeros into the ``out - k`` other rows (given by ``rest``, the
+  complement from :func:`.topk.topk_indices`). When those tiles are too few to fill the
+  GPU (k of a few hundred), the token reduction is split (:func:`weight_split`): each
+  program reduces a slice of the tokens into an fp32 workspace, and
+  :func:`split_reduce_kernel` adds the slices in a fixed order and writes the rows,
+  zeros included. Either way every element of ``grad_W`` is written exactly once: no
+  ``zeros()`` + ``index_copy_``.
+* :func:`gather_columns`: ``G[:, S]`` as a dense ``(M, k)`` tensor, padded with zero
+  columns to a multiple of 16 (:data:`PAD_COLUMNS`). Both GEMMs take it as
+  ``grad_selected=`` and then read G's part densely, as asynchronous copies, instead of
+  gathering it (``W``'s rows are still gathered in the loads, and ``grad_W``'s rows still
+  scattered in the stores).
 
 Which of the two ways to read ``G[:, S]`` is faster is a GPU measurement (see
 :mod:`meprop_triton.triton_ops`, which picks one): gathering in the loads needs no
@@ -26,7 +32,13 @@ stride is used as it is. Both GEMMs accumulate in fp32 with ``tl.dot`` (tf32 for
 inputs only when ``torch.backends.cuda.matmul.allow_tf32`` is True) and store in the
 input dtype. Offsets are int64; all strides are runtime arguments. Programs are ordered
 in groups of ``GROUP_M`` row tiles (L2 reuse of the gathered operand). Results are
-deterministic: no atomics, one program owns each output tile.
+deterministic: no atomics, one program owns each output tile (of grad_W's workspace
+slices, with split-K).
+
+``bench/codegen.py`` reports what each launch compiles to (MMA kind, asynchronous
+operand loads, spills, shared memory, programs); ``tests/kernels/test_codegen.py``
+holds the sm_90 code to ``wgmma`` fed asynchronously, with no spills, at k = 41, 205,
+410 and 1024.
 """
 
 from __future__ import annotations
@@ -52,6 +64,10 @@ __all__ = [
     "input_precision_for",
     "prune_configs",
     "keep_config",
+    "split_reduce_kernel",
+    "reduce_configs",
+    "weight_split",
+    "padded_width",
 ]
 
 
@@ -66,6 +82,8 @@ def grad_input_configs() -> list:
     """Autotune configs of :func:`grad_input_kernel`; the first is the single test config.
 
     BLOCK_M: rows of G (tokens); BLOCK_N: columns of grad_x (in); BLOCK_K: selected units.
+    The 32-row tile serves the interpreter, sm_80 and plain fp32; on sm_90
+    :func:`keep_config` keeps the tiles of 64 rows or more, which ``wgmma`` takes.
     """
     return [
         _cfg(32, 64, 32, 4, 2),
@@ -74,6 +92,8 @@ def grad_input_configs() -> list:
         _cfg(128, 64, 32, 4, 4),
         _cfg(128, 128, 32, 8, 3),
         _cfg(128, 256, 32, 8, 3),
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 256, 64, 8, 3),
     ]
 
 
@@ -81,8 +101,9 @@ def grad_weight_configs() -> list:
     """Autotune configs of :func:`grad_weight_kernel`; the first is the single test config.
 
     BLOCK_M: selected units (rows of grad_W); BLOCK_N: in; BLOCK_K: tokens (the reduction).
-    Small BLOCK_M matters: k is often only a few hundred, and the product tiles must still
-    cover the GPU (the zero-row programs run beside them).
+    No tile exceeds :data:`MAX_WEIGHT_TILE` elements: k is often only a few hundred, and
+    :func:`weight_split` sizes the split-K from that bound so that every config fills
+    the GPU.
     """
     return [
         _cfg(32, 64, 32, 4, 2),
@@ -92,6 +113,8 @@ def grad_weight_configs() -> list:
         _cfg(64, 128, 32, 4, 4),
         _cfg(128, 128, 32, 8, 3),
         _cfg(64, 256, 32, 8, 3),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(128, 128, 64, 8, 3),
     ]
 
 
@@ -117,7 +140,7 @@ def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def grad_input_kernel(
     g_ptr, w_ptr, idx_ptr, out_ptr,
-    M, N, K,
+    M, N, K, KA,
     stride_gm, stride_gn, stride_wo, stride_wi, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, GATHER_G: tl.constexpr,
@@ -125,7 +148,10 @@ def grad_input_kernel(
     """``out[M, N] = G[:, idx] @ W[idx, :]``; ``N`` = in_features, ``K`` = len(idx).
 
     ``GATHER_G``: ``g_ptr`` is the whole G and its columns ``idx`` are gathered here;
-    otherwise ``g_ptr`` is the compacted ``G[:, idx]`` (M, K), read densely.
+    otherwise ``g_ptr`` is the compacted ``G[:, idx]``, ``(M, KA)`` with ``KA >= K`` and
+    zeros in columns ``[K, KA)`` (:func:`gather_columns` pads KA to a multiple of 16, so
+    that the mask of this contiguous load is constant over whole vectors and the load
+    becomes an asynchronous copy feeding the MMA), read densely.
     """
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -143,10 +169,9 @@ def grad_input_kernel(
         k_ok = kk < K
         sel = tl.load(idx_ptr + kk, mask=k_ok, other=0)  # the index tile, once per step
         if GATHER_G:
-            g_col = sel
-        else:
-            g_col = kk
-        a = tl.load(g_rows + g_col[None, :] * stride_gn, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(g_rows + sel[None, :] * stride_gn, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        else:  # padding columns hold zeros; W's rows there are masked to zero below
+            a = tl.load(g_rows + kk[None, :] * stride_gn, mask=m_ok[:, None] & (kk < KA)[None, :], other=0.0)
         b = tl.load(w_cols + sel[:, None] * stride_wo, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
@@ -156,56 +181,130 @@ def grad_input_kernel(
 
 @triton.jit
 def grad_weight_kernel(
-    g_ptr, x_ptr, idx_ptr, rest_ptr, out_ptr,
-    M, N, K, R,
+    g_ptr, x_ptr, idx_ptr, rest_ptr, out_ptr, ws_ptr,
+    M, N, K, R, KA, SPLIT,
     stride_gm, stride_gn, stride_xm, stride_xi, stride_wo, stride_wi,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, GATHER_G: tl.constexpr,
+    USE_WS: tl.constexpr,
 ):
     """Rows ``idx`` of ``out`` get ``G[:, idx]^T @ X``; rows ``rest`` get zeros.
 
     ``M`` tokens (the reduction), ``N`` = in_features, ``K`` = len(idx), ``R`` = len(rest).
-    Programs ``[0, P)`` are the product tiles, ``[P, P + Z)`` the zero tiles.
-    ``GATHER_G``: as in :func:`grad_input_kernel` (``g_ptr`` is G, or ``G[:, idx]``).
+    ``GATHER_G``: as in :func:`grad_input_kernel` (``g_ptr`` is G, or the compacted
+    ``G[:, idx]`` of width ``KA``, zero beyond K).
+
+    ``USE_WS`` False: programs ``[0, P)`` are the product tiles, stored straight into
+    rows ``idx`` of ``out``; programs ``[P, P + Z)`` write the zero rows.
+    ``USE_WS`` True (split-K): the tokens are cut into ``SPLIT`` slices of whole
+    ``BLOCK_K`` steps; program ``s * P + tile`` reduces slice ``s`` of one tile and
+    stores its fp32 sum in ``ws[s, rows, cols]`` (``ws``: ``(SPLIT, K, N)``, contiguous);
+    :func:`split_reduce_kernel` then adds the slices in order and writes ``out``. Both
+    ways are deterministic (no atomics).
     """
     pid = tl.program_id(0)
     num_pid_k = tl.cdiv(K, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_prod = num_pid_k * num_pid_n
+    num_tiles = num_pid_k * num_pid_n
+    if USE_WS:
+        num_prod = num_tiles * SPLIT
+    else:
+        num_prod = num_tiles
     if pid < num_prod:
-        pid_r, pid_n = _tile_ids(pid, num_pid_k, num_pid_n, GROUP_M)
+        # Slice-major order: the programs running together share one slice of tokens
+        # (its rows of X and of the compacted G stay in L2).
+        s = pid // num_tiles
+        pid_r, pid_n = _tile_ids(pid % num_tiles, num_pid_k, num_pid_n, GROUP_M)
         rr = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
         r_ok = rr < K
-        sel = tl.load(idx_ptr + rr, mask=r_ok, other=0)  # the index tile, once per block
         rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         rt = tl.arange(0, BLOCK_K).to(tl.int64)
         if GATHER_G:
-            g_cols = g_ptr + sel[:, None] * stride_gn  # A[i, t] = G[t, idx[i]]
+            sel_a = tl.load(idx_ptr + rr, mask=r_ok, other=0)
+            g_cols = g_ptr + sel_a[:, None] * stride_gn  # A[i, t] = G[t, idx[i]]
+            a_ok = r_ok
         else:
             g_cols = g_ptr + rr[:, None].to(tl.int64) * stride_gn  # A[i, t] = G_S[t, i]
+            a_ok = rr < KA  # padding columns are zeros: whole vectors, an async copy
         x_cols = x_ptr + rn[None, :] * stride_xi
+        if USE_WS:
+            steps = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_K)
+            t_first = s * steps * BLOCK_K
+        else:
+            steps = tl.cdiv(M, BLOCK_K)
+            t_first = 0
+        t_end = tl.minimum(t_first + steps * BLOCK_K, M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for t0 in range(0, M, BLOCK_K):
-            t = t0 + rt
-            t_ok = t < M
-            a = tl.load(g_cols + t[None, :] * stride_gm, mask=r_ok[:, None] & t_ok[None, :], other=0.0)
+        for i in range(0, steps):
+            t = t_first + i * BLOCK_K + rt
+            t_ok = t < t_end
+            a = tl.load(g_cols + t[None, :] * stride_gm, mask=a_ok[:, None] & t_ok[None, :], other=0.0)
             b = tl.load(x_cols + t[:, None] * stride_xm, mask=t_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        out = out_ptr + sel[:, None] * stride_wo + rn[None, :] * stride_wi
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
+        if USE_WS:
+            part = ws_ptr + (s * K + rr[:, None]).to(tl.int64) * N + rn[None, :]
+            tl.store(part, acc, mask=r_ok[:, None] & n_ok[None, :])
+        else:
+            sel = tl.load(idx_ptr + rr, mask=r_ok, other=0)
+            out = out_ptr + sel[:, None] * stride_wo + rn[None, :] * stride_wi
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
     else:
-        z = pid - num_prod
-        pid_r = z // num_pid_n
-        pid_n = z % num_pid_n
+        _zero_rows(pid - num_prod, rest_ptr, out_ptr, R, N, stride_wo, stride_wi, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _zero_rows(z, rest_ptr, out_ptr, R, N, stride_wo, stride_wi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Zero tile ``z``: rows ``rest[...]`` of ``out``, BLOCK_M x BLOCK_N of them."""
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_r = z // num_pid_n
+    pid_n = z % num_pid_n
+    rr = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rr < R
+    rows = tl.load(rest_ptr + rr, mask=r_ok, other=0)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty)
+    out = out_ptr + rows[:, None] * stride_wo + rn[None, :] * stride_wi
+    tl.store(out, zero, mask=r_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def split_reduce_kernel(
+    ws_ptr, idx_ptr, rest_ptr, out_ptr,
+    N, K, R, SPLIT,
+    stride_wo, stride_wi,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Rows ``idx`` of ``out`` = ``sum_s ws[s]`` (s = 0, 1, ... in order, fp32), cast to
+    ``out``'s dtype; then the zero rows ``rest``: every element of ``out`` written once."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_sel = tl.cdiv(K, BLOCK_M) * num_pid_n
+    if pid < num_sel:
+        pid_r = pid // num_pid_n
+        pid_n = pid % num_pid_n
         rr = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
-        r_ok = rr < R
-        rows = tl.load(rest_ptr + rr, mask=r_ok, other=0)
+        r_ok = rr < K
         rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty)
-        out = out_ptr + rows[:, None] * stride_wo + rn[None, :] * stride_wi
-        tl.store(out, zero, mask=r_ok[:, None] & n_ok[None, :])
+        mask = r_ok[:, None] & n_ok[None, :]
+        part = ws_ptr + rr[:, None].to(tl.int64) * N + rn[None, :]
+        slice_stride = K.to(tl.int64) * N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for _ in range(0, SPLIT):  # slice 0, 1, ...: a fixed order
+            acc += tl.load(part, mask=mask, other=0.0)
+            part += slice_stride
+        sel = tl.load(idx_ptr + rr, mask=r_ok, other=0)
+        out = out_ptr + sel[:, None] * stride_wo + rn[None, :] * stride_wi
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        _zero_rows(pid - num_sel, rest_ptr, out_ptr, R, N, stride_wo, stride_wi, BLOCK_M, BLOCK_N)
+
+
+def reduce_configs() -> list[dict]:
+    """The launch config of :func:`split_reduce_kernel` (one: it is bandwidth-bound)."""
+    return [{"BLOCK_M": 16, "BLOCK_N": 256, "num_warps": 4}]
 
 
 def gather_configs() -> list[dict]:
@@ -216,11 +315,12 @@ def gather_configs() -> list[dict]:
 @triton.jit
 def gather_columns_kernel(
     g_ptr, idx_ptr, out_ptr,
-    M, K,
+    M, K, KP,
     stride_gm, stride_gn, stride_om, stride_ok,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``out[M, K] = G[:, idx]``: one read of the selected columns, a dense write."""
+    """``out[:, :K] = G[:, idx]``, ``out[:, K:KP] = 0``: one read of the selected
+    columns, a dense write."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -228,9 +328,8 @@ def gather_columns_kernel(
     m_ok = rm < M
     k_ok = rk < K
     sel = tl.load(idx_ptr + rk, mask=k_ok, other=0)
-    mask = m_ok[:, None] & k_ok[None, :]
-    g = tl.load(g_ptr + rm[:, None] * stride_gm + sel[None, :] * stride_gn, mask=mask, other=0.0)
-    tl.store(out_ptr + rm[:, None] * stride_om + rk[None, :] * stride_ok, g, mask=mask)
+    g = tl.load(g_ptr + rm[:, None] * stride_gm + sel[None, :] * stride_gn, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    tl.store(out_ptr + rm[:, None] * stride_om + rk[None, :] * stride_ok, g, mask=m_ok[:, None] & (rk < KP)[None, :])
 
 
 def _triton_before(major: int, minor: int) -> bool:
@@ -241,21 +340,42 @@ def _triton_before(major: int, minor: int) -> bool:
     return got < (major, minor)
 
 
-def keep_config(config, dtype, input_precision, capability, old_triton=None) -> bool:
+#: Shared memory a block may use (opt-in maximum): A100 163 KiB, H100 / H200 227 KiB.
+SHARED_LIMIT = {8: 167936, 9: 232448}
+
+
+def keep_config(config, dtype, input_precision, capability, old_triton=None, gather=False) -> bool:
     """Whether the autotuner may try ``config`` for ``dtype`` operands with this
-    ``input_precision`` on a GPU of compute ``capability`` ((major, minor)).
+    ``input_precision`` on a GPU of compute ``capability`` ((major, minor)); ``gather``:
+    G's columns are gathered inside the GEMM's loads (``GATHER_G``).
 
     * Plain fp32 (``ieee``, no tensor cores): tiles up to 64 x 64 x 32 only; its
       FMA-based ``tl.dot`` spills registers beyond that.
+    * Tensor cores on sm_90 (16-bit inputs, or tf32) with the compacted G: tiles of at
+      least 64 rows, which ``wgmma`` takes (a 32-row tile compiles to the older
+      ``mma.sync``). With G gathered in the loads, its operand arrives element by
+      element whatever the tile, and the 32-row tiles stay: on sizes that are not
+      multiples of 16 they are the ones that do not spill.
+    * sm_8x: no 128 x 256 tile with BLOCK_K = 64 (``mma.sync`` fragments of that tile
+      spill in the main loop).
+    * The operand ring (``num_stages`` x (A tile + B tile)) fits shared memory.
     * fp32 through tf32 on sm_8x with triton < 3.7: tiles up to 128 x 128; the 128 x 256
       tile spills in its main loop there (41 spill instructions under triton 3.6.0, none
       under 3.8 / 3.9).
 
-    Both are read off the AOT builds' SASS (tests/kernels/test_aot.py).
+    All are read off the compiled code (tests/kernels/test_aot.py, bench/codegen.py).
     """
     kw = config.kwargs
     if dtype == torch.float32 and input_precision == "ieee":
         return kw["BLOCK_M"] * kw["BLOCK_N"] <= 64 * 64 and kw["BLOCK_K"] <= 32
+    if capability[0] >= 9 and kw["BLOCK_M"] < 64 and not gather:
+        return False
+    if capability[0] == 8 and kw["BLOCK_K"] >= 64 and kw["BLOCK_M"] * kw["BLOCK_N"] > 128 * 128:
+        return False
+    elem = 4 if dtype == torch.float32 else 2
+    ring = config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem
+    if ring > SHARED_LIMIT.get(capability[0], SHARED_LIMIT[8]) - 8192:
+        return False
     if old_triton is None:
         old_triton = _triton_before(3, 7)
     if dtype == torch.float32 and capability[0] == 8 and old_triton:
@@ -267,11 +387,11 @@ def prune_configs(configs, named_args, **kwargs):
     """Autotune pruning by :func:`keep_config` (the first config if none is kept)."""
     g = named_args.get("g_ptr")
     dtype = getattr(g, "dtype", None)
-    device = getattr(g, "device", None)
-    capability = (9, 0)
-    if device is not None and device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
-    kept = [c for c in configs if keep_config(c, dtype, kwargs.get("INPUT_PRECISION"), capability)]
+    capability = _launch.capability(getattr(g, "device", None))
+    kept = [
+        c for c in configs
+        if keep_config(c, dtype, kwargs.get("INPUT_PRECISION"), capability, gather=bool(kwargs.get("GATHER_G")))
+    ]
     return kept or configs[:1]
 
 
@@ -303,25 +423,39 @@ def _autotuned(which: str):
         if which == "grad_input"
         else (grad_weight_kernel, grad_weight_configs())
     )
+    key = _AUTOTUNE_KEY + (["SPLIT"] if which == "grad_weight" else [])
     return triton.autotune(
-        configs=cfgs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_configs}
+        configs=cfgs, key=key, prune_configs_by={"early_config_prune": prune_configs}
     )(fn)
 
 
-def _launch_kernel(which, kernel, grid_of, args, precision, gather, config, traceable):
+def _launch_kernel(which, kernel, grid_of, args, precision, gather, config, traceable, **constexprs):
     """Launch with ``config`` (a triton.Config), the single test config, or the autotuner."""
     if config is None and _launch.single_config_mode():
         config = (grad_input_configs if which == "grad_input" else grad_weight_configs)()[0]
     if config is not None:
         meta = dict(config.kwargs)
         _launch.launchable(kernel, traceable)[grid_of(meta)](
-            *args, **meta, INPUT_PRECISION=precision, GATHER_G=gather,
+            *args, **meta, INPUT_PRECISION=precision, GATHER_G=gather, **constexprs,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     else:
         _launch.launchable(_autotuned(which), traceable)[grid_of](
-            *args, INPUT_PRECISION=precision, GATHER_G=gather
+            *args, INPUT_PRECISION=precision, GATHER_G=gather, **constexprs
         )
+
+
+#: :func:`gather_columns` pads the compacted ``G[:, S]`` to a width that is a multiple of
+#: this many columns (zeros after the k selected ones): its row stride and the mask of
+#: the GEMMs' loads along it are then divisible by 16, which Triton needs to turn those
+#: loads into asynchronous copies (cp.async / TMA) feeding the MMA. At k = 205 a
+#: ``(M, 205)`` operand is loaded element by element and every wgmma waits for it.
+PAD_COLUMNS = 16
+
+
+def padded_width(k: int) -> int:
+    """The width of :func:`gather_columns`' output for ``k`` selected columns."""
+    return -(-k // PAD_COLUMNS) * PAD_COLUMNS
 
 
 def gather_columns(
@@ -331,21 +465,24 @@ def gather_columns(
     out: torch.Tensor | None = None,
     traceable: bool = False,
 ) -> torch.Tensor:
-    """``grad[:, idx]`` as a contiguous ``(M, k)`` tensor (the compacted G, read once).
+    """``grad[:, idx]`` compacted into a contiguous ``(M, padded_width(k))`` tensor whose
+    columns after the first k are zeros (the GEMMs read it whole; ``[:, :k]`` is
+    ``grad[:, idx]``).
 
-    ``out``: optional preallocated result (any strides); ``traceable``: launch through
-    ``torch.library.wrap_triton`` (inside a ``triton_op``).
+    ``out``: optional preallocated result of that shape (any strides); ``traceable``:
+    launch through ``torch.library.wrap_triton`` (inside a ``triton_op``).
     """
     _launch.check_float_tensor("grad", grad, 2)
     idx = _launch.check_index("idx", idx, grad.device)
     M, K = grad.shape[0], idx.shape[0]
-    out = _launch.out_or_empty("out", out, (M, K), grad.dtype, grad.device)
-    if M == 0 or K == 0:
+    KP = padded_width(K)
+    out = _launch.out_or_empty("out", out, (M, KP), grad.dtype, grad.device)
+    if M == 0 or KP == 0:
         return out
     cfg = gather_configs()[0]
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(KP, cfg["BLOCK_K"]))
     _launch.launchable(gather_columns_kernel, traceable)[grid](
-        grad, idx, out, M, K,
+        grad, idx, out, M, K, KP,
         grad.stride(0), grad.stride(1), out.stride(0), out.stride(1),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
     )
@@ -353,16 +490,22 @@ def gather_columns(
 
 
 def _grad_operand(grad, idx, grad_selected):
-    """(G operand, GATHER_G): the compacted ``grad[:, idx]`` when given, else G itself."""
-    if grad_selected is None:
-        return grad, True
+    """(G operand, GATHER_G, KA): the compacted ``grad[:, idx]`` when given (``(M, k)``,
+    or :func:`gather_columns`' zero-padded ``(M, padded_width(k))``), else G itself."""
     M, K = grad.shape[0], idx.shape[0]
-    if tuple(grad_selected.shape) != (M, K) or grad_selected.dtype != grad.dtype or grad_selected.device != grad.device:
+    if grad_selected is None:
+        return grad, True, K
+    widths = {K, padded_width(K)}
+    if (
+        grad_selected.dim() != 2 or grad_selected.shape[0] != M or grad_selected.shape[1] not in widths
+        or grad_selected.dtype != grad.dtype or grad_selected.device != grad.device
+    ):
         raise ValueError(
-            f"grad_selected must be grad[:, idx]: shape {(M, K)}, {grad.dtype} on '{grad.device}'; "
+            f"grad_selected must be grad[:, idx] (shape {(M, K)}) or gather_columns' padded form "
+            f"(shape {(M, padded_width(K))}), {grad.dtype} on '{grad.device}'; "
             f"got {tuple(grad_selected.shape)}, {grad_selected.dtype} on '{grad_selected.device}'"
         )
-    return grad_selected, False
+    return grad_selected, False, grad_selected.shape[1]
 
 
 def _check_operands(grad, other, other_name, idx):
@@ -412,9 +555,9 @@ def gathered_grad_input(
     def grid_of(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_in, meta["BLOCK_N"]),)
 
-    g_op, gather = _grad_operand(grad, idx, grad_selected)
+    g_op, gather, KA = _grad_operand(grad, idx, grad_selected)
     args = (
-        g_op, weight, idx, out, M, n_in, K,
+        g_op, weight, idx, out, M, n_in, K, KA,
         g_op.stride(0), g_op.stride(1), weight.stride(0), weight.stride(1),
         out.stride(0), out.stride(1),
     )
@@ -422,6 +565,26 @@ def gathered_grad_input(
         "grad_input", grad_input_kernel, grid_of, args, input_precision_for(grad.dtype), gather, config, traceable
     )
     return out
+
+
+#: No grad_W config has a product tile larger than this (BLOCK_M x BLOCK_N; a test checks).
+MAX_WEIGHT_TILE = 128 * 128
+#: Tokens a split-K slice reduces over at the least.
+MIN_SPLIT_TOKENS = 512
+MAX_SPLIT = 16
+
+
+def weight_split(M: int, K: int, n_in: int, device: torch.device) -> int:
+    """Slices of the token reduction for grad_W (split-K) so that its programs fill the
+    GPU: with ``K * in / MAX_WEIGHT_TILE`` product tiles at the least, enough slices for
+    one program per SM whatever config the autotuner picks, each slice at least
+    ``MIN_SPLIT_TOKENS`` tokens. At M = 8192, k = 205, in = 4096 on 132 SMs: 51 tiles at
+    the least, 3 slices. 1 (no split) when the tiles alone fill the GPU."""
+    tiles = max(1, (K * n_in) // MAX_WEIGHT_TILE)
+    sms = _launch.num_sms(device)
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), M // MIN_SPLIT_TOKENS, MAX_SPLIT))
 
 
 def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -440,6 +603,7 @@ def scattered_grad_weight(
     grad_selected: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config=None,
+    split: int | None = None,
     traceable: bool = False,
 ) -> torch.Tensor:
     """The dense ``(out_features, in_features)`` weight gradient of unified meProp.
@@ -450,7 +614,8 @@ def scattered_grad_weight(
     ``idx`` and ``rest`` together must cover every row once. ``grad_selected``: the
     compacted ``grad[:, idx]`` (:func:`gather_columns`), read instead of gathering from
     G. ``out``: optional preallocated result (any strides); ``config``: force one
-    ``triton.Config`` (tests);
+    ``triton.Config`` (tests); ``split``: slices of the token reduction (split-K, see
+    :func:`weight_split`, the default; 1: none);
     ``traceable``: launch through ``torch.library.wrap_triton`` (inside a ``triton_op``).
     """
     idx = _check_operands(grad, x, "x", idx)
@@ -470,18 +635,34 @@ def scattered_grad_weight(
     if n_out == 0 or n_in == 0:
         return out
 
+    if split is None:
+        split = weight_split(M, K, n_in, grad.device)
+    split = max(1, min(int(split), max(M, 1)))
+    use_ws = split > 1 and K > 0 and M > 0
+    ws = torch.empty((split, K, n_in) if use_ws else (0,), dtype=torch.float32, device=grad.device)
+
     def grid_of(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
         n_tiles = triton.cdiv(n_in, bn)
+        if use_ws:
+            return (triton.cdiv(K, bm) * n_tiles * split,)
         return ((triton.cdiv(K, bm) + triton.cdiv(R, bm)) * n_tiles,)
 
-    g_op, gather = _grad_operand(grad, idx, grad_selected)
+    g_op, gather, KA = _grad_operand(grad, idx, grad_selected)
     args = (
-        g_op, x, idx, rest, out, M, n_in, K, R,
+        g_op, x, idx, rest, out, ws, M, n_in, K, R, KA, split,
         g_op.stride(0), g_op.stride(1), x.stride(0), x.stride(1),
         out.stride(0), out.stride(1),
     )
     _launch_kernel(
-        "grad_weight", grad_weight_kernel, grid_of, args, input_precision_for(grad.dtype), gather, config, traceable
+        "grad_weight", grad_weight_kernel, grid_of, args, input_precision_for(grad.dtype), gather, config,
+        traceable, USE_WS=use_ws,
     )
+    if use_ws:
+        rc = reduce_configs()[0]
+        grid = ((triton.cdiv(K, rc["BLOCK_M"]) + triton.cdiv(R, rc["BLOCK_M"])) * triton.cdiv(n_in, rc["BLOCK_N"]),)
+        _launch.launchable(split_reduce_kernel, traceable)[grid](
+            ws, idx, rest, out, n_in, K, R, split, out.stride(0), out.stride(1),
+            BLOCK_M=rc["BLOCK_M"], BLOCK_N=rc["BLOCK_N"], num_warps=rc["num_warps"],
+        )
     return out

@@ -35,9 +35,10 @@ __all__ = [
 
 OP_NAME = "meprop_triton::unified_topk_backward"
 
-#: Read ``G[:, S]`` once into a dense ``(M, k)`` tensor (one gather kernel) that both GEMMs
-#: then read densely (True), or gather G's selected columns inside each GEMM's loads
-#: (False: no temporary). Not yet measured on a GPU; the estimate behind the default:
+#: Read ``G[:, S]`` once into a dense ``(M, k)`` tensor, padded with zero columns to a
+#: multiple of 16 (one gather kernel), that both GEMMs then read densely with
+#: asynchronous copies (True), or gather G's selected columns inside each GEMM's loads
+#: (False: no temporary, but element-by-element operand loads). Not yet measured on a GPU; the estimate behind the default:
 #: with a row-major G each gathered element costs its own 32-byte sector, and the
 #: in-GEMM gather re-reads the sectors once per output column tile (in / BLOCK_N times
 #: per GEMM). At M = 8192, in = out = 4096, k = 5 %, bf16, BLOCK_N = 128 that is ~1.7 GB
@@ -168,19 +169,74 @@ def _per_example_products(
     return grad_x, grad_w, _bias_only(grad, need_b)
 
 
+#: The per-example products on a GPU take one of two exact routes (PER_EXAMPLE_ROUTE:
+#: "auto" picks by :func:`per_example_route`; "gather" / "masked" force one, for bench/):
+#:
+#: * ``gather``: kernels/per_example.py, CUDA-core FMAs over the M*k selected entries
+#:   only (each example's rows of W and x gathered, re-read from L2);
+#: * ``masked``: G with every unselected entry zeroed (one (M, out) buffer), then the two
+#:   dense GEMMs of cuBLAS on tensor cores: the same sums with zeros added.
+#:
+#: The crossover is an estimate, to be checked on a GPU (bench/ times both): the gather
+#: kernels reach maybe 20 TFLOP/s of useful work on an H100/H200 (FP32 FMA peak ~67,
+#: less the L2 re-reads), the dense GEMMs ~600 TFLOP/s in bf16/fp16 (~300 in tf32, ~50
+#: in plain fp32) while doing out/k times the work, plus ~4 bytes per G element for the
+#: masked copy. So the masked route wins once k/out exceeds about 20/600 = 1/30 in
+#: 16-bit, 1/15 in tf32 and 2/5 in plain fp32, on enough rows (M >= 256) that the GEMMs
+#: are not latency-bound. At M = 8192, in = out = 4096, bf16, k = 5%: ~1.4 ms gathered
+#: against ~0.95 ms masked; at k = 1%: ~0.28 ms gathered.
+PER_EXAMPLE_ROUTE = "auto"
+MASKED_MIN_ROWS = 256
+MASKED_MIN_SHARE = {"16bit": 1 / 30, "tf32": 1 / 15, "fp32": 2 / 5}
+
+
+def per_example_route(M: int, n_out: int, k: int, dtype: torch.dtype) -> str:
+    """``"gather"`` or ``"masked"``: the faster exact route for per-example products of
+    this shape (see :data:`PER_EXAMPLE_ROUTE`)."""
+    if PER_EXAMPLE_ROUTE != "auto":
+        return PER_EXAMPLE_ROUTE
+    if dtype == torch.float32:
+        kind = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    else:
+        kind = "16bit"
+    if M >= MASKED_MIN_ROWS and k >= MASKED_MIN_SHARE[kind] * n_out:
+        return "masked"
+    return "gather"
+
+
+def _masked_products(
+    grad: Tensor, x: Tensor, weight: Tensor, idx: Tensor, need_x: bool, need_w: bool, need_b: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-example products through a masked copy of G and two dense GEMMs. The same
+    sums as the gather kernels, except where W's or x's unselected entries are inf or
+    NaN (0 * inf is NaN in a GEMM; the gather route never reads them)."""
+    masked = torch.zeros_like(grad, memory_format=torch.contiguous_format)
+    masked.scatter_(1, idx, grad.gather(1, idx))
+    grad_x = masked @ weight if need_x else grad.new_empty(0)
+    grad_w = masked.t() @ x if need_w else grad.new_empty(0)
+    return grad_x, grad_w, _bias_only(grad, need_b)
+
+
+def _per_example_any_route(grad, x, weight, idx, need_x, need_w, need_b):
+    M, n_out = grad.shape
+    if per_example_route(M, n_out, idx.shape[1], grad.dtype) == "masked":
+        return _masked_products(grad, x, weight, idx, need_x, need_w, need_b)
+    return _per_example_products(grad, x, weight, idx, need_x, need_w, need_b)
+
+
 def _per_example_topk_backward(
     grad: Tensor, x: Tensor, weight: Tensor, k: int, need_x: bool, need_w: bool, need_b: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     if not (need_x or need_w):
         return grad.new_empty(0), grad.new_empty(0), _bias_only(grad, need_b)
     idx = row_topk_indices(grad, k, traceable=True)
-    return _per_example_products(grad, x, weight, idx, need_x, need_w, need_b)
+    return _per_example_any_route(grad, x, weight, idx, need_x, need_w, need_b)
 
 
 def _per_example_backward_from_indices(
     grad: Tensor, x: Tensor, weight: Tensor, idx: Tensor, need_x: bool, need_w: bool, need_b: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _per_example_products(grad, x, weight, idx, need_x, need_w, need_b)
+    return _per_example_any_route(grad, x, weight, idx, need_x, need_w, need_b)
 
 
 def _unified_backward_from_indices(

@@ -34,14 +34,15 @@ TL = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
 def _build(kernel, name, ptrs, ints, constexprs, options, *, unit=(), aligned=False, aligned_ptrs=False,
-           no_hint=()):
+           no_hint=(), hint=()):
     """One build: kernel, signature, constexprs, divisibility hints, compile options.
 
     ``unit``: stride arguments specialised to the constant 1 (what Triton does at launch
     for a stride equal to 1); ``aligned``: every pointer and the other int arguments
     carry the divisible-by-16 hint (16-byte aligned tensors, sizes multiple of 16);
     ``aligned_ptrs``: only the pointers do (torch allocations), no size or stride;
-    ``no_hint``: arguments left without a hint either way.
+    ``no_hint``: arguments left without a hint either way; ``hint``: arguments hinted
+    whatever the rest get (sizes the launcher pads to a multiple of 16).
     """
     sig = {}
     for p, t in ptrs.items():
@@ -57,6 +58,7 @@ def _build(kernel, name, ptrs, ints, constexprs, options, *, unit=(), aligned=Fa
     if aligned_ptrs and not aligned:
         hinted = list(ptrs)
     hinted = [h for h in hinted if h not in no_hint]
+    hinted += [h for h in hint if h not in hinted and h not in unit]
     return {
         "id": name,
         "kernel": kernel,
@@ -129,31 +131,27 @@ def builds() -> list[dict]:
             ))
     for c in topk.configs():
         for rest in (True, False):
-            out.append(_build(
-                "topk.topk_kernel",
-                f"topk-{'rest' if rest else 'norest'}-B{c['BLOCK']}R{c['RADIX_BITS']}",
-                {"s_ptr": "*fp32", "idx_ptr": "*i64", "rest_ptr": "*i64"},
-                ["N", "K", "stride_s"],
-                {"BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"], "WRITE_REST": rest},
-                {"num_warps": c["num_warps"]},
-                unit=("stride_s",), aligned=True,
-            ))
-            out.append(_build(
-                "topk.topk_kernel",
-                f"topk-{'rest' if rest else 'norest'}-B{c['BLOCK']}R{c['RADIX_BITS']}-strided",
-                {"s_ptr": "*fp32", "idx_ptr": "*i64", "rest_ptr": "*i64"},
-                ["N", "K", "stride_s"],
-                {"BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"], "WRITE_REST": rest},
-                {"num_warps": c["num_warps"]},
-            ))
+            for strided in (False, True):
+                out.append(_build(
+                    "topk.topk_kernel",
+                    f"topk-{'rest' if rest else 'norest'}-B{c['BLOCK']}R{c['RADIX_BITS']}"
+                    f"{'-resident' if c['RESIDENT'] else ''}{'-strided' if strided else ''}",
+                    {"s_ptr": "*fp32", "idx_ptr": "*i64", "rest_ptr": "*i64"},
+                    ["N", "K", "stride_s"],
+                    {"BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"], "WRITE_REST": rest,
+                     "RESIDENT": c["RESIDENT"]},
+                    {"num_warps": c["num_warps"]},
+                    **({} if strided else {"unit": ("stride_s",), "aligned": True}),
+                ))
     mm = [
         ("matmul.grad_input_kernel", "grad_input", matmul.grad_input_configs(),
          ("g_ptr", "w_ptr", "out_ptr"), ("idx_ptr",),
-         ["M", "N", "K", "stride_gm", "stride_gn", "stride_wo", "stride_wi", "stride_om", "stride_on"],
+         ["M", "N", "K", "KA", "stride_gm", "stride_gn", "stride_wo", "stride_wi", "stride_om", "stride_on"],
          ("stride_gn", "stride_wi", "stride_on")),
         ("matmul.grad_weight_kernel", "grad_weight", matmul.grad_weight_configs(),
          ("g_ptr", "x_ptr", "out_ptr"), ("idx_ptr", "rest_ptr"),
-         ["M", "N", "K", "R", "stride_gm", "stride_gn", "stride_xm", "stride_xi", "stride_wo", "stride_wi"],
+         ["M", "N", "K", "R", "KA", "SPLIT", "stride_gm", "stride_gn", "stride_xm", "stride_xi", "stride_wo",
+          "stride_wi"],
          ("stride_gn", "stride_xi", "stride_wi")),
     ]
     full = os.environ.get("MEPROP_AOT_FULL", "0") not in ("", "0")
@@ -167,17 +165,27 @@ def builds() -> list[dict]:
                 if dt == "fp32" and prec == "ieee" and cfg not in kept_ieee:
                     continue  # the autotuner never runs it for plain fp32
                 ptrs = {p: TL[dt] for p in fptrs} | {p: "*i64" for p in iptrs}
+                if short == "grad_weight":
+                    ptrs["ws_ptr"] = "*fp32"
                 for spec, gather in _matmul_variants(dt, prec, full):
                     g_free = spec == "gstrided"  # G with any strides, the rest contig
+                    const = dict(kw) | {"INPUT_PRECISION": prec, "GATHER_G": gather}
+                    if short == "grad_weight":
+                        # the compacted G goes with the split-K workspace here, the gather
+                        # with direct stores: both code paths are built
+                        const["USE_WS"] = not gather
                     out.append(_build(
                         kernel,
                         f"{short}-cfg{ci}-{tag}-{dt}{'-tf32' if prec == 'tf32' else ''}"
                         f"-{'gather' if gather else 'compact'}-{spec}",
-                        ptrs, ints, dict(kw) | {"INPUT_PRECISION": prec, "GATHER_G": gather},
+                        ptrs, ints, const,
                         {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
                         unit=tuple(u for u in unit if not (g_free and u == "stride_gn")),
                         aligned=spec != "unaligned", aligned_ptrs=True,
                         no_hint=("stride_gm", "stride_gn") if g_free else (),
+                        # the compacted G is padded to a width (and row stride) of a
+                        # multiple of 16 whatever k is
+                        hint=() if gather else ("KA", "stride_gm"),
                     ))
     for c in matmul.gather_configs():
         for dt in ("fp32", "fp16", "bf16"):
@@ -186,11 +194,23 @@ def builds() -> list[dict]:
                     "matmul.gather_columns_kernel",
                     f"gather_columns-{dt}-M{c['BLOCK_M']}K{c['BLOCK_K']}-{spec}",
                     {"g_ptr": TL[dt], "idx_ptr": "*i64", "out_ptr": TL[dt]},
-                    ["M", "K", "stride_gm", "stride_gn", "stride_om", "stride_ok"],
+                    ["M", "K", "KP", "stride_gm", "stride_gn", "stride_om", "stride_ok"],
                     {"BLOCK_M": c["BLOCK_M"], "BLOCK_K": c["BLOCK_K"]},
                     {"num_warps": c["num_warps"]},
                     unit=("stride_gn", "stride_ok") if spec == "contig" else (),
-                    aligned=spec == "contig",
+                    aligned=spec == "contig", hint=("KP",),
+                ))
+    for c in matmul.reduce_configs():
+        for dt in ("fp32", "fp16", "bf16"):
+            for spec in ("contig", "odd"):
+                out.append(_build(
+                    "matmul.split_reduce_kernel",
+                    f"split_reduce-{dt}-M{c['BLOCK_M']}N{c['BLOCK_N']}-{spec}",
+                    {"ws_ptr": "*fp32", "idx_ptr": "*i64", "rest_ptr": "*i64", "out_ptr": TL[dt]},
+                    ["N", "K", "R", "SPLIT", "stride_wo", "stride_wi"],
+                    {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
+                    {"num_warps": c["num_warps"]},
+                    unit=("stride_wi",), aligned=spec == "contig", aligned_ptrs=True,
                 ))
     out += _per_example_builds(full)
     return out

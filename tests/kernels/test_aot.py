@@ -65,7 +65,8 @@ def _kept_by_autotuner(build, cc) -> bool:
     dtype = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.bfloat16}[build["signature"]["g_ptr"]]
     cfgs = (matmul.grad_input_configs if build["id"].startswith("grad_input") else matmul.grad_weight_configs)()
     return any(
-        c.kwargs.items() <= kw.items() and matmul.keep_config(c, dtype, kw.get("INPUT_PRECISION"), (cc // 10, cc % 10))
+        c.kwargs.items() <= kw.items()
+        and matmul.keep_config(c, dtype, kw.get("INPUT_PRECISION"), (cc // 10, cc % 10), gather=kw.get("GATHER_G"))
         for c in cfgs
     )
 
@@ -161,6 +162,7 @@ def test_every_shipped_config_is_built():
     assert sum(i.startswith("scores.") for i in ids) == len(scores.configs()) * 3 * (2 * 2 + 1)
     assert sum(i.startswith("topk-") for i in ids) == len(topk.configs()) * 2 * 2
     assert sum(i.startswith("gather_columns-") for i in ids) == len(matmul.gather_configs()) * 3 * 2
+    assert sum(i.startswith("split_reduce-") for i in ids) == len(matmul.reduce_configs()) * 3 * 2
 
 
 def test_every_per_example_config_is_built():

@@ -32,17 +32,33 @@ def k_values(n_out: int) -> list[int]:
     return sorted({1, max(1, n_out - 1), n_out})
 
 
-MODES = ["gather", "compact"]  # G's columns gathered in the GEMM loads / compacted first
+# G's columns gathered in the GEMM loads / compacted first (padded, as the backward
+# does) / a caller's unpadded G[:, S]
+MODES = ["gather", "compact", "unpadded"]
 
 
 def compacted(G, idx):
-    """``G[:, idx]`` through the gather kernel, into a NaN-poisoned buffer."""
-    from meprop_triton.kernels.matmul import gather_columns
+    """``G[:, idx]`` through the gather kernel, into a NaN-poisoned buffer: the padded
+    ``(M, padded_width(k))`` form, its extra columns checked to be zeros."""
+    from meprop_triton.kernels.matmul import gather_columns, padded_width
 
-    out = poisoned((G.shape[0], idx.shape[0]), G.dtype, G.device)
+    K = idx.shape[0]
+    out = poisoned((G.shape[0], padded_width(K)), G.dtype, G.device)
     res = gather_columns(G, idx, out=out)
     assert res is out
+    assert padded_width(K) % 16 == 0 and padded_width(K) - K < 16
+    assert torch.equal(res[:, K:], torch.zeros_like(res[:, K:]))
     return res
+
+
+def selected(G, idx, mode):
+    """The ``grad_selected`` operand of a mode: None (gathered in the GEMM loads), the
+    kernel's padded compaction, or a plain unpadded ``G[:, idx]``."""
+    if mode == "gather":
+        return None
+    if mode == "compact":
+        return compacted(G, idx)
+    return G[:, idx].contiguous()
 
 
 def gx(G, W, idx, config=None, out=None, mode="gather"):
@@ -50,21 +66,21 @@ def gx(G, W, idx, config=None, out=None, mode="gather"):
 
     if out is None:
         out = poisoned((G.shape[0], W.shape[1]), G.dtype, G.device)
-    g_sel = compacted(G, idx) if mode == "compact" else None
-    res = gathered_grad_input(G, W, idx, grad_selected=g_sel, out=out, config=config)
+    res = gathered_grad_input(G, W, idx, grad_selected=selected(G, idx, mode), out=out, config=config)
     assert res is out
     return res
 
 
-def gw(G, X, idx, rest="compute", config=None, out=None, mode="gather"):
+def gw(G, X, idx, rest="compute", config=None, out=None, mode="gather", split=None):
     from meprop_triton.kernels.matmul import complement, scattered_grad_weight
 
     if out is None:
         out = poisoned((G.shape[1], X.shape[1]), G.dtype, G.device)
     if isinstance(rest, str):
         rest = complement(idx, G.shape[1])
-    g_sel = compacted(G, idx) if mode == "compact" else None
-    res = scattered_grad_weight(G, X, idx, rest, grad_selected=g_sel, out=out, config=config)
+    res = scattered_grad_weight(
+        G, X, idx, rest, grad_selected=selected(G, idx, mode), out=out, config=config, split=split
+    )
     assert res is out
     return res
 
@@ -78,12 +94,15 @@ def exact(G, X, W, idx):
     return rx, rw, bx, bw
 
 
-def check_both(G, X, W, idx, config=None, mode="gather"):
+def check_both(G, X, W, idx, config=None, mode="gather", split=None):
     K, M = idx.shape[0], G.shape[0]
     rx, rw, bx, bw = exact(G, X, W, idx)
     r = tf32_round(G.dtype)
     assert_reduction_close(gx(G, W, idx, config, mode=mode), rx, bx, K, in_round=r, what=f"grad_x ({mode})")
-    assert_reduction_close(gw(G, X, idx, config=config, mode=mode), rw, bw, M, in_round=r, what=f"grad_W ({mode})")
+    assert_reduction_close(
+        gw(G, X, idx, config=config, mode=mode, split=split), rw, bw, M, in_round=r,
+        what=f"grad_W ({mode}, split {split})",
+    )
 
 
 def random_idx(n_out, k, rng, device):
@@ -98,9 +117,9 @@ def test_products_match_reference(M, N, I, dtype, rng, device):
     X = randn((M, I), dtype, rng, device)
     W = randn((N, I), dtype, rng, device)
     for i, k in enumerate(k_values(N)):
-        # both ways of reading G[:, S], alternating over the k values and shapes
-        mode = MODES[(i + M + N + I) % 2]
-        check_both(G, X, W, random_idx(N, k, rng, device), mode=mode)
+        # the ways of reading G[:, S] and split-K slices, rotating over k values and shapes
+        mode = MODES[(i + M + N + I) % 3]
+        check_both(G, X, W, random_idx(N, k, rng, device), mode=mode, split=1 + (i + M) % 3)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -111,7 +130,7 @@ def test_both_modes_odd_shape(dtype, mode, rng, device):
     G = randn((M, N), dtype, rng, device)
     X = randn((M, I), dtype, rng, device)
     W = randn((N, I), dtype, rng, device)
-    for k in (1, 17, 129, 130):
+    for k in (1, 16, 17, 41, 129, 130):
         check_both(G, X, W, random_idx(N, k, rng, device), mode=mode)
 
 
@@ -124,7 +143,7 @@ def test_gather_columns(layout, dtype, rng, device):
     G[4, 7] = -math.inf
     G = strided_copy(G, layout)
     for idx in (torch.tensor([0], device=device), random_idx(130, 60, rng, device), torch.arange(130, device=device)):
-        got = compacted(G, idx)
+        got = compacted(G, idx)[:, : idx.shape[0]]
         assert torch.equal(got.isnan(), G[:, idx].isnan())
         assert torch.equal(got.nan_to_num(), G[:, idx].nan_to_num())
 
@@ -232,35 +251,92 @@ def test_every_shipped_config(which, i, mode, rng, device):
         assert_reduction_close(gx(G, W, idx, config=cfg, mode=mode), rx, bx, 150, what=str(cfg))
     else:
         cfg = matmul.grad_weight_configs()[i]
-        assert_reduction_close(gw(G, X, idx, config=cfg, mode=mode), rw, bw, M, what=str(cfg))
+        split = 1 + i % 3
+        assert_reduction_close(gw(G, X, idx, config=cfg, mode=mode, split=split), rw, bw, M, what=f"{cfg} split {split}")
 
 
 def test_prune_configs_for_plain_fp32():
-    """fp32 without tf32 (FMA dot) keeps only small tiles; other inputs keep every config."""
+    """fp32 without tf32 (FMA dot) keeps only small tiles; tensor-core inputs on sm_90
+    (the capability off CUDA) keep the tiles wgmma takes (64 rows or more)."""
     from meprop_triton.kernels import matmul
 
     for configs in (matmul.grad_input_configs(), matmul.grad_weight_configs()):
         f32, f16 = torch.empty(1), torch.empty(1, dtype=torch.float16)
         kept = matmul.prune_configs(configs, {"g_ptr": f32}, INPUT_PRECISION="ieee")
         assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)
-        assert matmul.prune_configs(configs, {"g_ptr": f32}, INPUT_PRECISION="tf32") == configs
-        assert matmul.prune_configs(configs, {"g_ptr": f16}, INPUT_PRECISION="ieee") == configs
+        for g, prec in ((f32, "tf32"), (f16, "ieee")):
+            kept = matmul.prune_configs(configs, {"g_ptr": g}, INPUT_PRECISION=prec, GATHER_G=False)
+            assert kept and all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
+            assert len(kept) >= len(configs) - 4
+        assert matmul.prune_configs(configs, {"g_ptr": f16}, INPUT_PRECISION="ieee", GATHER_G=True) == configs
 
 
-def test_keep_config_drops_the_tile_that_spills_on_sm80_under_old_triton():
-    """fp32 through tf32 on sm_80 under triton < 3.7: tiles up to 128 x 128 only (the
-    128 x 256 one spills in its main loop there); elsewhere every config is kept."""
+def test_keep_config_by_architecture():
+    """sm_80: every tile for 16-bit inputs; fp32 through tf32 under triton < 3.7 only up
+    to 128 x 128 (the 128 x 256 tile spills in its main loop there). sm_90: tiles of 64
+    rows or more (wgmma), and never an operand ring larger than shared memory."""
     from meprop_triton.kernels import matmul
 
     cfgs = matmul.grad_input_configs()
     big = [c for c in cfgs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128]
     assert big
     for c in cfgs:
+        kw = c.kwargs
+        ring32 = c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * 4
+        fits32 = ring32 <= matmul.SHARED_LIMIT[8] - 8192
         small = c not in big
-        assert matmul.keep_config(c, torch.float32, "tf32", (8, 0), old_triton=True) == small
-        assert matmul.keep_config(c, torch.float32, "tf32", (8, 0), old_triton=False)
-        assert matmul.keep_config(c, torch.float32, "tf32", (9, 0), old_triton=True)
-        assert matmul.keep_config(c, torch.bfloat16, "ieee", (8, 0), old_triton=True)
+        sm80_ok = not (kw["BLOCK_K"] >= 64 and not small)  # 128 x 256 x 64 spills there
+        assert matmul.keep_config(c, torch.float32, "tf32", (8, 0), old_triton=True) == (small and fits32)
+        assert matmul.keep_config(c, torch.float32, "tf32", (8, 0), old_triton=False) == (fits32 and sm80_ok)
+        assert matmul.keep_config(c, torch.bfloat16, "ieee", (8, 0), old_triton=True) == sm80_ok
+        assert matmul.keep_config(c, torch.bfloat16, "ieee", (9, 0)) == (kw["BLOCK_M"] >= 64)
+        # G gathered in the loads: the 32-row tiles stay on sm_90 too
+        assert matmul.keep_config(c, torch.bfloat16, "ieee", (9, 0), gather=True)
+    # the largest fp32 ring does not fit: 3 x (128 + 256) x 64 x 4 B = 288 KiB
+    assert not matmul.keep_config(cfgs[-1], torch.float32, "tf32", (9, 0))
+
+
+def test_weight_split():
+    """Split-K sizing: one program per SM for every config (tiles at most
+    MAX_WEIGHT_TILE), slices of at least MIN_SPLIT_TOKENS tokens, none when the tiles
+    already fill the GPU."""
+    from meprop_triton.kernels import _launch, matmul
+
+    for c in matmul.grad_weight_configs():
+        assert c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= matmul.MAX_WEIGHT_TILE
+    cuda = torch.device("cuda")
+    orig = _launch.num_sms
+    try:
+        _launch.num_sms = lambda device: 132
+        assert matmul.weight_split(8192, 205, 4096, cuda) == 3
+        assert matmul.weight_split(8192, 41, 4096, cuda) == 14
+        assert matmul.weight_split(8192, 4096, 4096, cuda) == 1
+        assert matmul.weight_split(600, 41, 4096, cuda) == 1
+        for K in (1, 41, 205, 410, 1024):
+            split = matmul.weight_split(8192, K, 4096, cuda)
+            for c in matmul.grad_weight_configs():
+                tiles = -(-K // c.kwargs["BLOCK_M"]) * -(-4096 // c.kwargs["BLOCK_N"])
+                assert tiles * split >= 132 or split == matmul.MAX_SPLIT, (K, c)
+    finally:
+        _launch.num_sms = orig
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_split_k_matches_reference_and_repeats(dtype, mode, rng, device):
+    """grad_W with its token reduction split in slices (fp32 partial sums added in a
+    fixed order): equal to the reference, and bit for bit the same run after run;
+    more slices than steps (empty slices) included."""
+    skip_unsupported(dtype)
+    M, N, I = 70, 130, 129
+    G = randn((M, N), dtype, rng, device)
+    X = randn((M, I), dtype, rng, device)
+    idx = random_idx(N, 41, rng, device)
+    rx, rw, bx, bw = exact(G, X, torch.zeros(N, I, dtype=dtype, device=device), idx)
+    for split in (2, 3, 8):
+        got = gw(G, X, idx, mode=mode, split=split)
+        assert_reduction_close(got, rw, bw, M, in_round=tf32_round(dtype), what=f"split {split}")
+        assert torch.equal(got, gw(G, X, idx, mode=mode, split=split))
 
 
 def test_autotuned_path(rng, device, monkeypatch):

@@ -504,6 +504,50 @@ def test_unified_random_op(M, N, I, dtype, rng, device):
         assert (got[1].cpu()[never] == 0).all()
 
 
+@pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, True)], ids=["xwb", "x--", "-wb"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_masked_route(dtype, need, rng, device, monkeypatch):
+    """The other exact route for per-example products (G masked, two dense GEMMs),
+    forced: the same gradients as the reference, top-k and given selections, strided
+    G, ties and NaN-free mixed rows."""
+    skip_unsupported(dtype)
+    from meprop_triton import triton_ops as T
+
+    monkeypatch.setattr(T, "PER_EXAMPLE_ROUTE", "masked")
+    M, N, I, k = 37, 130, 64, 20
+    G = mixed_grad(M, N, dtype, rng, device, kinds=["random", "ties"]).t().contiguous().t()  # column-major
+    X, W = randn((M, I), dtype, rng, device), randn((N, I), dtype, rng, device)
+    idx = reference.per_example_topk_indices(G.cpu(), k)
+    check_op(T.per_example_topk_backward(G, X, W, k, *need), G, X, W, reference.per_example_backward, idx, need, k)
+    gen = torch.Generator(device=device).manual_seed(3)
+    idx_r = reference.per_example_random_indices(M, N, k, generator=gen, device=device)
+    got = T.per_example_backward_from_indices(G, X, W, idx_r, *need)
+    check_op(got, G, X, W, reference.per_example_backward, idx_r, need, k)
+
+
+def test_per_example_route_rule(monkeypatch):
+    """The masked route from k/out >= 1/30 (16-bit), 1/15 (tf32), 2/5 (plain fp32), on
+    >= 256 rows; the gather kernels otherwise; a forced route wins."""
+    from meprop_triton import triton_ops as T
+
+    route = T.per_example_route
+    assert route(8192, 4096, 205, torch.bfloat16) == "masked"
+    assert route(8192, 4096, 41, torch.bfloat16) == "gather"
+    assert route(100, 4096, 2048, torch.float16) == "gather"
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # not a plain attribute: set and restore
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert route(8192, 4096, 205, torch.float32) == "gather"
+        assert route(8192, 4096, 410, torch.float32) == "masked"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert route(8192, 4096, 410, torch.float32) == "gather"
+        assert route(8192, 4096, 2048, torch.float32) == "masked"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    monkeypatch.setattr(T, "PER_EXAMPLE_ROUTE", "gather")
+    assert route(8192, 4096, 2048, torch.bfloat16) == "gather"
+
+
 NEEDS = list(itertools.product([True, False], repeat=3))
 NEED_IDS = ["".join("xwb"[i] if v else "-" for i, v in enumerate(n)) for n in NEEDS]
 

@@ -13,19 +13,19 @@ from meprop_triton import reference
 pytestmark = pytest.mark.interpreter
 
 
-def run(scores, k):
+def run(scores, k, config=None):
     from meprop_triton.kernels.topk import topk_indices
 
     n = scores.shape[0]
     out = poisoned((k,), torch.int64, scores.device)
     rest_out = poisoned((n - k,), torch.int64, scores.device)
-    idx, rest = topk_indices(scores, k, return_rest=True, out=out, rest_out=rest_out)
+    idx, rest = topk_indices(scores, k, return_rest=True, out=out, rest_out=rest_out, config=config)
     assert idx is out and rest is rest_out
     return idx, rest
 
 
-def check(scores, k):
-    idx, rest = run(scores, k)
+def check(scores, k, config=None):
+    idx, rest = run(scores, k, config)
     ref = reference.select_topk(torch.nan_to_num(scores.cpu(), nan=math.inf, posinf=math.inf), k)
     assert idx.dtype == torch.int64
     assert torch.equal(idx.cpu(), ref), f"k={k}: kernel {idx.tolist()[:20]} vs reference {ref.tolist()[:20]}"
@@ -73,6 +73,39 @@ def test_topk_65536(k, rng, device):
     scores = torch.randint(0, 1000, (65536,), generator=rng).float().to(device)
     scores[12345] = math.inf
     check(scores, k)
+
+
+def _configs():
+    from meprop_triton.kernels.topk import configs
+
+    return configs()
+
+
+@pytest.mark.parametrize("ci", range(len(_configs())), ids=[f"B{c['BLOCK']}{'-resident' if c['RESIDENT'] else ''}" for c in _configs()])
+@pytest.mark.parametrize("n", [130, 2049, 4096, 16384])
+def test_every_config(n, ci, rng, device):
+    """Keys streamed block by block or held in registers: the same indices; a resident
+    config refuses more scores than it can hold."""
+    from meprop_triton.kernels.topk import topk_indices
+
+    cfg = _configs()[ci]
+    scores = make_scores("ties" if n % 2 else "nonfinite", n, rng).to(device)
+    if cfg["RESIDENT"] and n > cfg["BLOCK"]:
+        with pytest.raises(ValueError, match="holds"):
+            topk_indices(scores, 3, config=cfg)
+        return
+    for k in (1, max(1, n // 20), n - 1):
+        check(scores, k, cfg)
+
+
+def test_pick_config():
+    """Resident keys up to MAX_RESIDENT scores, streamed beyond."""
+    from meprop_triton.kernels.topk import MAX_RESIDENT, pick_config
+
+    assert MAX_RESIDENT >= 4096
+    assert pick_config(1)["RESIDENT"] and pick_config(1)["BLOCK"] == MAX_RESIDENT
+    assert pick_config(MAX_RESIDENT)["RESIDENT"]
+    assert not pick_config(MAX_RESIDENT + 1)["RESIDENT"]
 
 
 def test_ties_go_to_lower_index(device):

@@ -1,0 +1,98 @@
+"""The unified backward's code generation for Hopper at the target shape (issue 13).
+
+``bench/codegen.py`` records the launches a real backward makes at M = 8192,
+in = out = 4096 and compiles each with the specialisation Triton's launcher would give
+it (k = 41 or 205 is not a multiple of 16, and so on), for every config the autotuner
+may pick on sm_90. Here, for bf16 and fp16 and k in {41, 205, 410, 1024}:
+
+* both GEMMs (grad_x and grad_W) run on ``wgmma``, their main-loop operand tiles
+  loaded asynchronously (cp.async / TMA), with no register spills;
+* every kernel fits the 227 KiB of shared memory a block may use;
+* grad_W (with its split-K) launches at least one program per SM (132) at k = 205.
+
+The compiles run in a subprocess without ``TRITON_INTERPRET`` (the kernel tests run
+under the interpreter, whose kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+pytestmark = pytest.mark.aot
+
+ROOT = Path(__file__).resolve().parents[2]
+KS = (41, 205, 410, 1024)
+DTYPES = ("bfloat16", "float16")
+GEMMS = ("matmul.grad_input_kernel", "matmul.grad_weight_kernel")
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("codegen") / "sm90.json"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "codegen.py"), "--arch", "90", "--shape", "8192", "4096", "4096",
+        "--k", *map(str, KS), "--dtype", *DTYPES, "--json", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        pytest.fail(f"bench/codegen.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def _of(records, dtype, k, name=None):
+    recs = [r for r in records if r["dtype"] == dtype and r["k"] == k and (name is None or r["name"] == name)]
+    assert recs, (dtype, k, name)
+    return recs
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemms_use_wgmma_with_async_loads(records, dtype, k):
+    for name in GEMMS:
+        for r in _of(records, dtype, k, name):
+            what = f"{name} {r['config']}"
+            assert r["error"] is None, r["error"]
+            assert r["mma"] == "wgmma", what
+            assert r["async_operand_loads"] is True, what
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_spills_and_shared_memory_fits(records, dtype, k):
+    for r in _of(records, dtype, k):
+        what = f"{r['name']} {r['config']}"
+        assert r["error"] is None, r["error"]
+        assert r["smem_fits"] and r["smem_bytes"] <= 232448, what
+        if r["spill_bytes"] is None:
+            pytest.skip("cuobjdump not available to read the register usage")
+        assert r["spill_bytes"] == 0 and r["spill_instructions"] == 0, what
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_weight_fills_the_gpu_at_5_percent(records, dtype):
+    for r in _of(records, dtype, 205, "matmul.grad_weight_kernel"):
+        assert r["programs"] >= 132, f"{r['config']}: {r['programs']} programs"
+
+
+def test_every_launch_is_reported(records):
+    """One backward's launches: scores (+ finish), top-k, the compaction, both GEMMs and
+    (with split-K) the reduction; each record has the fields the CLI documents."""
+    names = {r["name"] for r in _of(records, "bfloat16", 205)}
+    assert names >= {"scores.partial_kernel", "topk.topk_kernel", "matmul.gather_columns_kernel", *GEMMS}
+    for r in records:
+        for key in ("name", "regs", "spill_bytes", "smem_bytes", "mma", "async_operand_loads", "programs",
+                    "bytes", "flops", "roofline_us"):
+            assert key in r, key
+        assert set(r["roofline_us"]) == {"H100", "H200"}
+        assert r["roofline_us"]["H200"] <= r["roofline_us"]["H100"]
