@@ -52,10 +52,14 @@ def resolve_k(k, out_features: int) -> int:
     return max(1, min(n, int(out_features)))
 
 
-def check_options(*, unified=True, selection="topk", sparse_grad=False, backend="auto") -> None:
+def check_options(
+    *, unified=True, selection="topk", sparse_grad=False, backend="auto", track_selection=False
+) -> None:
     """Check the meProp options given (the defaults always pass)."""
     if not isinstance(unified, bool):
         raise TypeError(f"unified must be True or False; got {unified!r}")
+    if not isinstance(track_selection, bool):
+        raise TypeError(f"track_selection must be True or False; got {track_selection!r}")
     if not isinstance(sparse_grad, bool):
         raise TypeError(f"sparse_grad must be True or False; got {sparse_grad!r}")
     if selection not in SELECTIONS:

@@ -12,7 +12,7 @@ from .nn import MePropLinear
 
 __all__ = ["convert"]
 
-_OPTIONS = {"unified": True, "selection": "topk", "sparse_grad": False, "backend": "auto"}
+_OPTIONS = {"unified": True, "selection": "topk", "sparse_grad": False, "backend": "auto", "track_selection": False}
 
 
 def _convertible(module: nn.Module) -> bool:
@@ -65,7 +65,8 @@ def convert(model: nn.Module, *, k, exclude=None, **options) -> nn.Module:
             (fnmatch patterns allowed; a name also excludes everything inside that
             module), or a predicate ``(name, module) -> bool``. The paper keeps the
             output layer dense: ``exclude=["classifier"]``.
-        options: ``unified``, ``selection``, ``sparse_grad``, ``backend``.
+        options: ``unified``, ``selection``, ``sparse_grad``, ``backend``,
+            ``track_selection``.
 
     The new layers share the old layers' Parameter objects, so an optimizer built
     before the conversion keeps working. Layers used inside ``nn.MultiheadAttention``

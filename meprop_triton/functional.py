@@ -87,13 +87,13 @@ class MePropFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, weight, bias, k, backend, unified, selection, sparse_grad, generator):
+    def forward(x, weight, bias, k, backend, unified, selection, sparse_grad, generator, counts=None):
         return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, k, backend, unified, selection, sparse_grad, generator = inputs
-        _save(ctx, x, weight, k, backend, unified, selection, sparse_grad, generator)
+        x, weight, bias, k, backend, unified, selection, sparse_grad, generator, *rest = inputs
+        _save(ctx, x, weight, k, backend, unified, selection, sparse_grad, generator, rest[0] if rest else None)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -106,8 +106,8 @@ class _EagerMePropFunction(torch.autograd.Function):
     refuse this form, so ``apply_meprop`` uses it only outside them)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, k, backend, unified, selection, sparse_grad, generator):
-        _save(ctx, x, weight, k, backend, unified, selection, sparse_grad, generator)
+    def forward(ctx, x, weight, bias, k, backend, unified, selection, sparse_grad, generator, counts):
+        _save(ctx, x, weight, k, backend, unified, selection, sparse_grad, generator, counts)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -126,25 +126,42 @@ except (AttributeError, KeyError):  # pragma: no cover - a torch laid out otherw
     _eager_apply = None
 
 
-def apply_meprop(x, weight, bias, k, backend, unified, selection, sparse_grad, generator):
+def apply_meprop(x, weight, bias, k, backend, unified, selection, sparse_grad, generator, counts=None):
     """Enter autograd with checked, resolved arguments (``k`` a number of units,
-    ``backend`` "torch" or "triton"): the eager Function outside torch.func transforms
-    and compilation, ``MePropFunction`` inside them."""
+    ``backend`` "torch" or "triton"; ``counts`` None or the selection counters, see
+    :func:`meprop_linear`): the eager Function outside torch.func transforms and
+    compilation, ``MePropFunction`` inside them."""
+    args = (x, weight, bias, k, backend, unified, selection, sparse_grad, generator, counts)
     if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
-        return MePropFunction.apply(x, weight, bias, k, backend, unified, selection, sparse_grad, generator)
+        return MePropFunction.apply(*args)
     if _eager_apply is None or _is_wrapped(x) or _is_wrapped(weight) or (bias is not None and _is_wrapped(bias)):
-        return _EagerMePropFunction.apply(x, weight, bias, k, backend, unified, selection, sparse_grad, generator)
-    return _eager_apply(x, weight, bias, k, backend, unified, selection, sparse_grad, generator)
+        return _EagerMePropFunction.apply(*args)
+    return _eager_apply(*args)
 
 
-def _save(ctx, x, weight, k, backend, unified, selection, sparse_grad, generator):
+def _save(ctx, x, weight, k, backend, unified, selection, sparse_grad, generator, counts=None):
     ctx.k = k
     ctx.backend = backend
     ctx.unified = unified
     ctx.selection = selection
     ctx.sparse_grad = sparse_grad
     ctx.generator = generator
+    ctx.counts = counts
     ctx.save_for_backward(x, weight)
+
+
+def _count(counts: Tensor, idx: Tensor | None, rows: int) -> None:
+    """Add one backward's selections to ``counts`` (int64, ``(out + 1,)``): +1 to unit j
+    for every row whose kept set holds j, and ``rows`` to the last entry. ``idx``: the
+    unified set ``(k,)`` (every row keeps it), a per-row ``(M, k)`` set, or None when
+    every unit is kept. Device operations only: no host sync."""
+    if idx is None:
+        counts.add_(rows)
+        return
+    flat = idx.reshape(-1)
+    weight = rows if idx.dim() == 1 else 1
+    counts.index_add_(0, flat, torch.full_like(flat, weight))
+    counts[-1:].add_(rows)
 
 
 def _backward(ctx, grad_output: Tensor):
@@ -156,11 +173,12 @@ def _backward(ctx, grad_output: Tensor):
     grad = grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, out_features)
     x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
     k, sparse = ctx.k, ctx.sparse_grad
+    idx = None  # the kept units: (k,) unified, (M, k) per row, None for all of them
     if k >= out_features:
         run = reference.dense_sparse_backward if sparse else reference.dense_backward
         gx, gw, gb = run(grad, x2d, weight, need_input=need_x, need_weight=need_w, need_bias=need_b)
     elif ctx.backend == "triton" and not sparse:
-        gx, gw, gb = _triton_backward(ctx, grad, x2d, weight, k, (need_x, need_w, need_b))
+        gx, gw, gb, idx = _triton_backward(ctx, grad, x2d, weight, k, (need_x, need_w, need_b))
     else:
         if not ctx.unified:
             # Each row's set in topk's order: the products do not need it sorted.
@@ -182,27 +200,32 @@ def _backward(ctx, grad_output: Tensor):
                 idx = reference.unified_topk_indices(grad, k, sort=sparse)
             run = reference.unified_sparse_backward if sparse else reference.unified_backward
         gx, gw, gb = run(grad, x2d, weight, idx, need_input=need_x, need_weight=need_w, need_bias=need_b)
+    counts = ctx.counts
+    # (a Triton backward that computed neither grad_x nor grad_W made no selection)
+    if counts is not None and (idx is None or idx.numel() > 0):
+        _count(counts, idx, grad.shape[0])
     if gx is not None and gx.dim() != x.dim():
         gx = gx.reshape(x.shape)
-    return gx, gw, gb, None, None, None, None, None, None
+    return gx, gw, gb, None, None, None, None, None, None, None
 
 
 def _triton_backward(ctx, grad, x2d, weight, k, needs):
-    """The Triton kernels' backward (CUDA tensors, or the interpreter): dense gradients."""
+    """The Triton kernels' backward (CUDA tensors, or the interpreter): dense gradients,
+    and the kept units (as ``_backward`` takes them; empty where none were selected)."""
     from . import triton_ops
 
     out_features = weight.shape[0]
     if ctx.selection == "random":
         if ctx.unified:
             idx = reference.random_indices(out_features, k, generator=ctx.generator, device=grad.device)
-            return triton_ops.unified_backward_from_indices(grad, x2d, weight, idx, *needs)
+            return (*triton_ops.unified_backward_from_indices(grad, x2d, weight, idx, *needs), idx)
         idx = reference.per_example_random_indices(
             grad.shape[0], out_features, k, generator=ctx.generator, device=grad.device
         )
-        return triton_ops.per_example_backward_from_indices(grad, x2d, weight, idx, *needs)
+        return (*triton_ops.per_example_backward_from_indices(grad, x2d, weight, idx, *needs), idx)
     if ctx.unified:
-        return triton_ops.unified_topk_backward(grad, x2d, weight, k, *needs)
-    return triton_ops.per_example_topk_backward(grad, x2d, weight, k, *needs)
+        return triton_ops.unified_topk_backward(grad, x2d, weight, k, *needs, return_indices=True)
+    return triton_ops.per_example_topk_backward(grad, x2d, weight, k, *needs, return_indices=True)
 
 
 def meprop_linear(
@@ -216,6 +239,7 @@ def meprop_linear(
     sparse_grad: bool = False,
     backend: str = "auto",
     generator: torch.Generator | None = None,
+    counts: Tensor | None = None,
 ) -> Tensor:
     """``F.linear(input, weight, bias)`` whose backward keeps only the top-k output units.
 
@@ -237,6 +261,11 @@ def meprop_linear(
         generator: the ``torch.Generator`` that ``selection="random"`` draws from (torch's
             default generator of the tensors' device when None); it must live on the
             tensors' device.
+        counts: None, or an int64 tensor of shape ``(out_features + 1,)`` on the
+            tensors' device that each backward adds its selection statistics to (meSimp):
+            ``counts[j]`` += the number of rows whose kept set holds unit j,
+            ``counts[-1]`` += the number of rows. Device operations only (no host
+            sync). ``MePropLinear(track_selection=True)`` keeps one.
 
     Every argument is checked before any work is done.
     """
@@ -265,6 +294,8 @@ def meprop_linear(
 
         input, weight, bias = cast(input), cast(weight), cast(bias)
     check_linear_args(input, weight, bias)
+    if counts is not None:
+        _check_counts(counts, weight)
     if generator is not None and generator.device.type != input.device.type:
         raise ValueError(
             f"generator lives on '{generator.device}' but the tensors on '{input.device}'; "
@@ -281,8 +312,24 @@ def meprop_linear(
         t is not None and t.requires_grad for t in (input, weight, bias)
     ):
         return F.linear(input, weight, bias)
-    args = (input, weight, bias, k_units, resolved, unified, selection, sparse_grad, generator)
+    args = (input, weight, bias, k_units, resolved, unified, selection, sparse_grad, generator, counts)
     if dtype is None:
         return apply_meprop(*args)
     with torch.autocast(input.device.type, enabled=False):
         return apply_meprop(*args)
+
+
+def _check_counts(counts, weight: Tensor) -> None:
+    want = (weight.shape[0] + 1,)
+    if (
+        not isinstance(counts, Tensor) or counts.dtype != torch.int64 or tuple(counts.shape) != want
+        or counts.device != weight.device
+    ):
+        got = (
+            f"{counts.dtype} of shape {tuple(counts.shape)} on '{counts.device}'"
+            if isinstance(counts, Tensor) else type(counts).__name__
+        )
+        raise ValueError(
+            f"counts must be an int64 tensor of shape {want} (out_features + 1) on "
+            f"'{weight.device}'; got {got}"
+        )

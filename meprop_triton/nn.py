@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -10,7 +12,19 @@ import torch.nn.functional as F
 from ._validation import check_k, check_linear_args, check_options, resolve_k
 from .functional import apply_meprop, meprop_linear, resolve_backend
 
-__all__ = ["MePropLinear"]
+__all__ = ["MePropLinear", "SelectionStats"]
+
+
+class SelectionStats(NamedTuple):
+    """What ``MePropLinear.selection_stats()`` returns (meSimp's counters).
+
+    ``hits[j]``: the rows (examples, tokens) whose kept set held output unit j, since the
+    last reset; ``rows``: the rows seen; ``hit_rate = hits / rows`` (zeros when no row
+    was seen)."""
+
+    hits: Tensor
+    rows: int
+    hit_rate: Tensor
 
 try:  # one C call, whatever the device type
     _any_autocast = torch._C._is_any_autocast_enabled
@@ -58,9 +72,15 @@ class MePropLinear(nn.Linear):
     stays dense). ``k`` is an int >= 1 or a float in (0, 1] (a fraction of
     ``out_features``, rounded up); ``k >= out_features`` gives the dense gradient.
 
-    The settings (``k``, ``unified``, ``selection``, ``sparse_grad``, ``backend``) are
-    checked when they are set, at construction or by assignment (``layer.k = 0.1``), so
-    a bad value is refused there and the layer keeps its old one. A forward call checks
+    The settings (``k``, ``unified``, ``selection``, ``sparse_grad``, ``backend``,
+    ``track_selection``) are checked when they are set, at construction or by assignment
+    (``layer.k = 0.1``), so a bad value is refused there and the layer keeps its old one.
+
+    ``track_selection=True`` keeps selection statistics for meSimp: every backward adds,
+    on the layer's device and without a host sync, how many rows kept each output unit
+    (a non-persistent int64 buffer ``selection_counts`` of ``out_features + 1`` entries,
+    the last one counting the rows); ``selection_stats()`` reads them,
+    ``reset_selection_stats()`` zeroes them. A forward call checks
     only what can change from call to call: the input (and the parameters, which may be
     replaced); everything else comes from the settings as checked.
     """
@@ -76,17 +96,22 @@ class MePropLinear(nn.Linear):
         selection: str = "topk",
         sparse_grad: bool = False,
         backend: str = "auto",
+        track_selection: bool = False,
         device=None,
         dtype=None,
     ) -> None:
         resolve_k(k, out_features)  # refuse a bad k before allocating anything
-        check_options(unified=unified, selection=selection, sparse_grad=sparse_grad, backend=backend)
+        check_options(
+            unified=unified, selection=selection, sparse_grad=sparse_grad, backend=backend,
+            track_selection=track_selection,
+        )
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.k = k
         self.unified = unified
         self.selection = selection
         self.sparse_grad = sparse_grad
         self.backend = backend
+        self.track_selection = track_selection
 
     # Settings: validated on assignment, stored under a private name.
     @property
@@ -104,6 +129,43 @@ class MePropLinear(nn.Linear):
     selection = _checked_setting("selection", '"topk" or "random"')
     sparse_grad = _checked_setting("sparse_grad", "True: row-sparse weight and bias gradients")
     backend = _checked_setting("backend", '"auto", "torch" or "triton"')
+
+    @property
+    def track_selection(self) -> bool:
+        """True: each backward adds its selection statistics to ``selection_counts``."""
+        return "selection_counts" in self._buffers
+
+    @track_selection.setter
+    def track_selection(self, value) -> None:
+        check_options(track_selection=value)
+        if value and "selection_counts" not in self._buffers:
+            weight = self.weight
+            device = weight.device if isinstance(weight, Tensor) else None
+            counts = torch.zeros(self.out_features + 1, dtype=torch.int64, device=device)
+            self.register_buffer("selection_counts", counts, persistent=False)
+        elif not value and "selection_counts" in self._buffers:
+            del self._buffers["selection_counts"]
+
+    def selection_stats(self) -> SelectionStats:
+        """Per output unit, the rows whose kept set held it since the last reset (see
+        :class:`SelectionStats`); reads the counters (a host sync on a GPU)."""
+        counts = self._buffers.get("selection_counts")
+        if counts is None:
+            raise RuntimeError(
+                "this layer keeps no selection statistics; set layer.track_selection = True "
+                "(or convert(..., track_selection=True)) before training"
+            )
+        hits = counts[:-1].clone()
+        rows = int(counts[-1])
+        rate = hits.double() / rows if rows else torch.zeros_like(hits, dtype=torch.float64)
+        return SelectionStats(hits, rows, rate)
+
+    def reset_selection_stats(self) -> None:
+        """Zero the selection counters (``track_selection`` must be on)."""
+        counts = self._buffers.get("selection_counts")
+        if counts is None:
+            raise RuntimeError("this layer keeps no selection statistics (track_selection is False)")
+        counts.zero_()
 
     def __setstate__(self, state) -> None:
         # A layer pickled before the settings became checked properties kept them in its
@@ -124,11 +186,12 @@ class MePropLinear(nn.Linear):
         """A ``MePropLinear`` that shares ``linear``'s Parameter objects (no copy).
 
         An optimizer built over ``linear``'s parameters keeps working after the swap.
-        ``options`` are ``unified``, ``selection``, ``sparse_grad`` and ``backend``.
+        ``options`` are ``unified``, ``selection``, ``sparse_grad``, ``backend`` and
+        ``track_selection``.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear; got {type(linear).__name__}")
-        unknown = set(options) - {"unified", "selection", "sparse_grad", "backend"}
+        unknown = set(options) - {"unified", "selection", "sparse_grad", "backend", "track_selection"}
         if unknown:
             raise TypeError(f"from_linear got unexpected option(s): {', '.join(sorted(unknown))}")
         if not isinstance(linear._parameters.get("weight"), nn.Parameter):
@@ -151,6 +214,9 @@ class MePropLinear(nn.Linear):
         new.weight = weight
         if linear.bias is not None:
             new.bias = linear.bias
+        counts = new._buffers.get("selection_counts")
+        if counts is not None:  # made on the meta device with the layer: move it to the weight's
+            new._buffers["selection_counts"] = torch.zeros_like(counts, device=weight.device)
         new.train(linear.training)
         # Share the hook registries (not copies), so a handle from the old layer still
         # removes its hook, and hooks registered before the swap keep running.
@@ -200,6 +266,7 @@ class MePropLinear(nn.Linear):
                 return apply_meprop(
                     input, weight, bias, k_for[1], backend,
                     self._unified, self._selection, self._sparse_grad, None,
+                    self._buffers.get("selection_counts"),
                 )
             except RuntimeError:
                 # the clear error for a bad input, if it is one (autocast is off here)
@@ -237,6 +304,7 @@ class MePropLinear(nn.Linear):
             selection=self.selection,
             sparse_grad=self.sparse_grad,
             backend=self.backend,
+            counts=self._buffers.get("selection_counts"),
         )
 
     def extra_repr(self) -> str:
@@ -249,4 +317,6 @@ class MePropLinear(nn.Linear):
             s += ", sparse_grad=True"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
+        if self.track_selection:
+            s += ", track_selection=True"
         return s

@@ -47,11 +47,17 @@ OP_NAME = "meprop_triton::unified_topk_backward"
 COMPACT_GRAD = True
 
 
+def _no_indices(grad: Tensor) -> Tensor:
+    return grad.new_empty(0, dtype=torch.int64)
+
+
 def _unified_topk_backward(
     grad: Tensor, x: Tensor, weight: Tensor, k: int, need_x: bool, need_w: bool, need_b: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # Outputs that were not asked for come back as empty tensors (a custom op cannot
-    # return None); unified_topk_backward turns them into None.
+    # return None); unified_topk_backward turns them into None. The fourth output is the
+    # selected set S (k,) ascending, empty when neither grad_x nor grad_W was asked for.
+    idx = _no_indices(grad)
     if need_x or need_w:
         scores, grad_b = column_scores_and_bias(grad, traceable=True)
         idx, rest = topk_indices(scores, k, return_rest=True, traceable=True)
@@ -71,7 +77,7 @@ def _unified_topk_backward(
         grad_b = column_scores_and_bias(grad, traceable=True)[1] if need_b else grad.new_empty(0)
     if not need_b:
         grad_b = grad.new_empty(0)
-    return grad_x, grad_w, grad_b
+    return grad_x, grad_w, grad_b, idx
 
 
 def _fake_unified_topk_backward(grad, x, weight, k, need_x, need_w, need_b):
@@ -81,6 +87,7 @@ def _fake_unified_topk_backward(grad, x, weight, k, need_x, need_w, need_b):
         grad.new_empty((M, n_in)) if need_x else grad.new_empty(0),
         grad.new_empty((n_out, n_in)) if need_w else grad.new_empty(0),
         grad.new_empty((n_out,)) if need_b else grad.new_empty(0),
+        grad.new_empty((k,) if (need_x or need_w) else (0,), dtype=torch.int64),
     )
 
 
@@ -105,7 +112,8 @@ def unified_topk_backward(
     need_x: bool = True,
     need_w: bool = True,
     need_b: bool = True,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    return_indices: bool = False,
+):
     """Unified top-k meProp gradients of ``y = x W^T + b`` with the Triton kernels.
 
     Args:
@@ -116,8 +124,10 @@ def unified_topk_backward(
         need_x, need_w, need_b: which gradients to compute.
 
     Returns ``(grad_x (M, in), grad_W (out, in), grad_b (out,))`` in grad's dtype, None
-    where not asked for. The selection is the reference's exactly (scores ``sum |G|`` in
-    fp32, NaN/inf as +inf, ties to the lower index); ``grad_b = grad.sum(0)`` is dense.
+    where not asked for; with ``return_indices=True`` also the selected units ``(k,)``
+    int64 ascending (empty when neither grad_x nor grad_W was asked for). The selection
+    is the reference's exactly (scores ``sum |G|`` in fp32, NaN/inf as +inf, ties to the
+    lower index); ``grad_b = grad.sum(0)`` is dense.
     CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before triton was
     first imported.
     """
@@ -135,10 +145,11 @@ def unified_topk_backward(
     k = int(k)
     if not 1 <= k <= n_out:
         raise ValueError(f"k must lie in [1, out_features={n_out}]; got {k}")
-    gx, gw, gb = torch.ops.meprop_triton.unified_topk_backward(
+    gx, gw, gb, idx = torch.ops.meprop_triton.unified_topk_backward(
         grad, x, weight, k, bool(need_x), bool(need_w), bool(need_b)
     )
-    return (gx if need_x else None, gw if need_w else None, gb if need_b else None)
+    outs = (gx if need_x else None, gw if need_w else None, gb if need_b else None)
+    return (*outs, idx) if return_indices else outs
 
 
 # --- per-example top-k and given selections (random-k) ---------------------------------
@@ -226,11 +237,12 @@ def _per_example_any_route(grad, x, weight, idx, need_x, need_w, need_b):
 
 def _per_example_topk_backward(
     grad: Tensor, x: Tensor, weight: Tensor, k: int, need_x: bool, need_w: bool, need_b: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The products, then the (M, k) selection (empty when none was made)."""
     if not (need_x or need_w):
-        return grad.new_empty(0), grad.new_empty(0), _bias_only(grad, need_b)
+        return grad.new_empty(0), grad.new_empty(0), _bias_only(grad, need_b), _no_indices(grad)
     idx = row_topk_indices(grad, k, traceable=True)
-    return _per_example_any_route(grad, x, weight, idx, need_x, need_w, need_b)
+    return (*_per_example_any_route(grad, x, weight, idx, need_x, need_w, need_b), idx)
 
 
 def _per_example_backward_from_indices(
@@ -276,7 +288,8 @@ def _fake_products(grad, x, weight, need_x, need_w, need_b):
 
 
 def _fake_with_k(grad, x, weight, k, need_x, need_w, need_b):
-    return _fake_products(grad, x, weight, need_x, need_w, need_b)
+    shape = (grad.shape[0], k) if (need_x or need_w) else (0,)
+    return (*_fake_products(grad, x, weight, need_x, need_w, need_b), grad.new_empty(shape, dtype=torch.int64))
 
 
 def _fake_with_idx(grad, x, weight, idx, need_x, need_w, need_b):
@@ -339,7 +352,8 @@ def per_example_topk_backward(
     need_x: bool = True,
     need_w: bool = True,
     need_b: bool = True,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    return_indices: bool = False,
+):
     """Per-example top-k meProp gradients (``unified=False``) with the Triton kernels.
 
     Args as :func:`unified_topk_backward`: ``grad: (M, out)``, ``x: (M, in)``,
@@ -351,16 +365,19 @@ def per_example_topk_backward(
     ``grad_x[m] = sum_{j in S_m} grad[m, j] W[j, :]``,
     ``grad_W[j, :] = sum_{m: j in S_m} grad[m, j] x[m, :]`` (zero rows where no example
     kept j) and the dense ``grad_b = grad.sum(0)``, in grad's dtype with fp32
-    accumulation, None where not asked for. Bit-for-bit deterministic.
+    accumulation, None where not asked for; with ``return_indices=True`` also the
+    ``(M, k)`` selection (empty when neither grad_x nor grad_W was asked for).
+    Bit-for-bit deterministic.
     """
     _check_linear(grad, x, weight)
     k = int(k)
     if not 1 <= k <= grad.shape[1]:
         raise ValueError(f"k must lie in [1, out_features={grad.shape[1]}]; got {k}")
-    outs = torch.ops.meprop_triton.per_example_topk_backward(
+    *outs, idx = torch.ops.meprop_triton.per_example_topk_backward(
         grad, x, weight, k, bool(need_x), bool(need_w), bool(need_b)
     )
-    return _none_where_not_needed(outs, need_x, need_w, need_b)
+    outs = _none_where_not_needed(outs, need_x, need_w, need_b)
+    return (*outs, idx) if return_indices else outs
 
 
 def per_example_backward_from_indices(
