@@ -290,6 +290,15 @@ def work(launch: Launch) -> tuple[int, int]:
         return nbytes("g_ptr", "score_ptr", "bias_ptr"), 0
     if name == "scores.finish_kernel":
         return nbytes("part_abs_ptr", "part_sum_ptr", "score_ptr", "bias_ptr"), 0
+    if name == "per_example.grad_input_kernel":  # grad_x[m] = sum_t G[m, idx[m, t]] W[idx[m, t], :]
+        N, NOUT, K = a["N"], a["NOUT"], a["K"]
+        M, e = t["idx_ptr"].shape[0], _elem(t["out_ptr"])
+        return M * K * (e + 8) + min(M * K, NOUT) * N * e + M * N * e, 2 * M * K * N
+    if name == "per_example.grad_weight_kernel":  # grad_W[j] = sum over the rows that kept j
+        N, NOUT = a["N"], a["NOUT"]
+        pairs, e = t["rows_ptr"].numel(), _elem(t["out_ptr"])
+        M = t["x_ptr"].shape[0]
+        return pairs * (4 + e) + M * N * e + NOUT * N * e, 2 * pairs * N
     if name == "topk.topk_kernel":
         n = a["N"]
         return 4 * n + 8 * n, 0

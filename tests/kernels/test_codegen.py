@@ -96,3 +96,24 @@ def test_every_launch_is_reported(records):
             assert key in r, key
         assert set(r["roofline_us"]) == {"H100", "H200"}
         assert r["roofline_us"]["H200"] <= r["roofline_us"]["H100"]
+
+
+def test_per_example_mode_reports_its_kernels(tmp_path):
+    """``--mode per-example`` records the per-example launches (gather route at k = 1%)."""
+    out = tmp_path / "pe.json"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "codegen.py"), "--arch", "90", "--shape", "1024", "512", "512",
+        "--k", "5", "--mode", "per-example", "--json", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    recs = json.loads(out.read_text())
+    names = {r["name"] for r in recs}
+    assert {"per_example.row_topk_kernel", "per_example.grad_input_kernel", "per_example.grad_weight_kernel"} <= names
+    for r in recs:
+        assert r["error"] is None and r["spill_bytes"] in (0, None)
+        if r["name"] == "per_example.grad_input_kernel":
+            assert r["flops"] == 2 * 1024 * 5 * 512
