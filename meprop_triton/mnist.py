@@ -22,6 +22,17 @@ warm-up (so that a slow spell of a shared machine lands on both), and prints a t
 original README's. The process first keeps freed memory for reuse
 (``meprop_triton.keep_freed_memory``; ``--no-keep-freed-memory`` leaves malloc alone).
 MNIST is found or fetched as ``meprop_triton.data.load_mnist`` says.
+
+``--simplify`` is meSimp (the follow-up paper), on the authors' C# schedule (``Mnist.cs``,
+``default.json``): k 160 and minibatch 100 unless given; each epoch's minibatches are
+split into ``--prune-checks-per-epoch`` (8) runs, each followed by a dev evaluation and,
+in the even cycles of ``--train-cycle`` (5) epochs, a prune by ``meprop_triton.Simplifier``
+(``--prune`` 0.1), which shrinks the hidden layers and the optimizer state; after every
+check of a cycle's last epoch the optimizer is made anew (``--no-reset-optimizer``: never).
+The log prints ``Dims: 154(500), 160(500)`` after each prune; the JSON has ``final_dims``,
+``dims_history`` and the final model's inference time over the test set beside a
+full-width model's (interleaved passes, median). ``--compare --simplify`` trains dense,
+meProp and meSimp side by side.
 """
 
 from __future__ import annotations
@@ -40,15 +51,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, convert
+from . import Simplifier, __version__, convert
 from .utils import keep_freed_memory
 from .data import IDXFormatError, MNISTUnavailableError, load_mnist
 
-__all__ = ["main", "build_model", "LinearBackwardTimer"]
+__all__ = ["main", "build_model", "LinearBackwardTimer", "time_inference"]
 
 N_DEV = 5000  # the first N_DEV training images are the dev set (as in the original)
 DEFAULT_LR = {"adam": 1e-3, "adagrad": 1e-2, "sgd": 0.1}
 _EVAL_CHUNK = 5000
+DEFAULT_K, DEFAULT_MINIBATCH = 80, 50  # the meProp paper's MNIST run
+SIMPLIFY_K, SIMPLIFY_MINIBATCH = 160, 100  # meSimp's (the authors' default.json: TrainTop, MinibatchSize)
+#: timed passes over the test set per model when the simplified model's inference is timed
+INFERENCE_REPS = 15
 
 
 # ------------------------------------------------------------------------- arguments
@@ -87,6 +102,13 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _fraction_arg(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1]; got {value}")
+    return value
+
+
 def _dropout_arg(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -104,11 +126,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--d_hidden", type=_positive_int, default=500, help="hidden layer size (default 500)")
     p.add_argument("--n_layer", type=_positive_int, default=3,
                    help="number of linear layers, the output layer included (default 3)")
-    p.add_argument("--d_minibatch", type=_positive_int, default=50, help="minibatch size (default 50)")
+    p.add_argument("--d_minibatch", type=_positive_int, default=None,
+                   help="minibatch size (default 50; 100 with --simplify, as meSimp's original)")
     p.add_argument("--dropout", type=_dropout_arg, default=0.1, help="dropout rate (default 0.1)")
-    p.add_argument("--k", type=_k_arg, default=80,
+    p.add_argument("--k", type=_k_arg, default=None,
                    help="units kept in backward by each hidden layer; 0 = dense (plain "
-                   "nn.Linear); a float in (0, 1] is a fraction of d_hidden (default 80)")
+                   "nn.Linear); a float in (0, 1] is a fraction of d_hidden (default 80; 160 "
+                   "with --simplify, as meSimp's original)")
     p.add_argument("--unified", dest="unified", action="store_true",
                    help="one top-k set per minibatch (default; the GPU-friendly form)")
     p.add_argument("--no-unified", dest="unified", action="store_false",
@@ -140,6 +164,30 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="untimed training steps of each method before the timed runs, on "
                         "throwaway models, so that the first run does not pay the process's "
                         "start-up costs alone (default 50; 0: none)")
+    g = p.add_argument_group(
+        "meSimp (model simplification)",
+        "--simplify trains with meProp and prunes the hidden units seldom kept in the top-k, "
+        "shrinking the layers for good, on the original schedule: each epoch is split into "
+        "--prune-checks-per-epoch chunks; after each chunk the dev accuracy is evaluated and, "
+        "in the even cycles of --train-cycle epochs (0-4, 10-14, ...), a prune runs; the odd "
+        "cycles train with plain meProp.")
+    g.add_argument("--simplify", action="store_true",
+                   help="meSimp: prune and shrink the hidden layers while training (with "
+                        "--compare: dense, meProp and meSimp side by side)")
+    g.add_argument("--prune", type=_fraction_arg, default=0.1,
+                   help="a unit is kept iff it was in the top-k of at least floor(prune x "
+                        "examples seen since the last prune) examples (default 0.1)")
+    g.add_argument("--train-cycle", dest="train_cycle", type=_positive_int, default=5,
+                   help="epochs per cycle; prunes run in the even cycles (default 5)")
+    g.add_argument("--prune-checks-per-epoch", dest="prune_checks_per_epoch", type=_positive_int,
+                   default=8, help="chunks each epoch is split into; a dev evaluation (and, in a "
+                                   "pruning cycle, a prune) follows each (default 8)")
+    g.add_argument("--reset-optimizer", dest="reset_optimizer", action="store_true",
+                   help="a new optimizer after every chunk of each cycle's last epoch (default, "
+                        "as the authors' C#)")
+    g.add_argument("--no-reset-optimizer", dest="reset_optimizer", action="store_false",
+                   help="keep one optimizer for the whole run")
+    p.set_defaults(reset_optimizer=True)
     p.add_argument("--json", dest="json_path", metavar="PATH", default=None,
                    help="write the results as JSON to PATH")
     p.add_argument("--plot", dest="plot_path", metavar="PATH", default=None,
@@ -147,6 +195,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
+    if args.k is None:
+        args.k = SIMPLIFY_K if args.simplify else DEFAULT_K
+    if args.d_minibatch is None:
+        args.d_minibatch = SIMPLIFY_MINIBATCH if args.simplify else DEFAULT_MINIBATCH
+    if args.simplify and args.k == 0:
+        p.error("--simplify prunes by meProp's top-k selections: give a --k > 0")
+    if args.simplify and args.n_layer < 2:
+        p.error("--simplify shrinks hidden layers: give --n_layer >= 2")
     if args.compare and args.k == 0:
         p.error("--compare trains dense and meProp side by side: give a --k > 0")
     if args.sparse_grad and args.optimizer == "adam":
@@ -275,15 +331,40 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(x)
 
 
-def _method_name(k, args) -> str:
+def _method_name(k, args, simplify: bool = False) -> str:
     if not k:
         return f"MLP {args.d_hidden}d (dense)"
     kind = "random" if args.selection == "random" else "top"
-    name = f"meProp {kind}-{k}"
+    name = f"{'meSimp' if simplify else 'meProp'} {kind}-{k}"
     extras = ["unified" if args.unified else "per-example"]
     if args.sparse_grad:
         extras.append("sparse grad")
+    if simplify:
+        extras.append(f"prune {args.prune:g}")
     return f"{name} ({', '.join(extras)})"
+
+
+def _run_spec(item) -> tuple:
+    """A run as ``(k, simplify)``: a plain k is a dense (0) or meProp run, ``(k, True)``
+    a meSimp one."""
+    if isinstance(item, tuple):
+        k, simplify = item
+        return k, bool(simplify)
+    return item, False
+
+
+def _format_dims(dims, full: int) -> str:
+    """``Dims: 154(500), 160(500)``: each simplified layer's units (of its original size)."""
+    return "Dims: " + ", ".join(f"{d}({full})" for d in dims)
+
+
+def check_schedule(epoch: int, train_cycle: int) -> tuple[bool, bool]:
+    """meSimp's schedule for a check in ``epoch`` (from 0): ``(prune, reset_optimizer)``.
+
+    As the authors' C# (``Mnist.cs``): prunes run in the even cycles of ``train_cycle``
+    epochs; the optimizer is re-initialised after every check of a cycle's last epoch
+    (``(epoch + 1) % train_cycle == 0``)."""
+    return (epoch // train_cycle) % 2 == 0, (epoch + 1) % train_cycle == 0
 
 
 def _sync(device: torch.device) -> None:
@@ -312,7 +393,7 @@ def warm_up(args, data: dict, ks, device: torch.device) -> float:
     if not steps:
         return 0.0
     x_train, y_train = data["train"]
-    for k in ks:
+    for k in dict.fromkeys(_run_spec(item)[0] for item in ks):
         model, opt = _model_and_optimizer(args, k, device)
         model.train()
         for start in range(0, steps * args.d_minibatch, args.d_minibatch):
@@ -352,9 +433,10 @@ class Training:
     """
 
     def __init__(self, args, data: dict, k, device: torch.device, *, label: str = "",
-                 progress: bool | None = None):
+                 progress: bool | None = None, simplify: bool = False):
         self.args, self.data, self.k, self.device = args, data, k, device
-        self.name = _method_name(k, args)
+        self.simplify = bool(simplify)
+        self.name = _method_name(k, args, self.simplify)
         self.label = label
         self.progress = progress
         torch.manual_seed(args.random_seed)  # same initial weights and dropout masks for every run
@@ -369,6 +451,18 @@ class Training:
         self.best: dict | None = None
         self.seconds = 0.0
         self._batches = None
+        self.simp = None
+        if self.simplify:
+            # meSimp: the hidden MePropLinear layers count their selections from here on
+            self.simp = Simplifier(self.model, [self.opt], prune=args.prune)
+            self.full_width = args.d_hidden
+            self.dims_history: list = [[0.0, self.dims()]]
+            self.checks: list[dict] = []
+            self.optimizer_resets: list[float] = []
+
+    def dims(self) -> list[int]:
+        """The simplified layers' current widths (meSimp runs)."""
+        return list(self.simp.dims().values())
 
     @property
     def n_batches(self) -> int:
@@ -379,7 +473,12 @@ class Training:
         perm = torch.randperm(len(self.data["train"][0]), generator=self.order).to(self.device)
         self._batches = iter(perm.split(self.args.d_minibatch))
         self._epoch = dict(backprop_before=self.timer.seconds, backward_s=0.0, loss_sum=0.0,
-                           steps=0, train_s=0.0)
+                           steps=0, train_s=0.0, check_eval_s=0.0, prune_s=0.0)
+        if self.simp is not None:
+            # the epoch's minibatches in near-equal runs; a check follows each run
+            n, c = self.n_batches, self.args.prune_checks_per_epoch
+            self._check_at = [((i + 1) * n) // c for i in range(c)]
+            self._next_check = 0
 
     def train_steps(self, n: int | None = None, bar=None) -> bool:
         """Train up to ``n`` minibatches of the epoch (all that are left when None);
@@ -387,6 +486,7 @@ class Training:
         model, opt, device, ep = self.model, self.opt, self.device, self._epoch
         x_train, y_train = self.data["train"]
         t_start = time.perf_counter()
+        excluded = ep["check_eval_s"]
         _set_rng_state(self.rng, device)
         try:
             model.train()
@@ -408,10 +508,45 @@ class Training:
                 done += 1
                 if bar is not None:
                     bar.update(1)
+                if self.simp is not None and ep["steps"] >= self._check_at[self._next_check]:
+                    while (self._next_check < len(self._check_at)
+                           and ep["steps"] >= self._check_at[self._next_check]):
+                        self._check()
+                    opt = self.opt  # a reset makes a new one
             return False
         finally:
             self.rng = _rng_state(device)
-            ep["train_s"] += time.perf_counter() - t_start
+            # training time: the dev evaluations of meSimp's checks are left out
+            ep["train_s"] += time.perf_counter() - t_start - (ep["check_eval_s"] - excluded)
+
+    def _check(self) -> None:
+        """meSimp's check after a chunk of the epoch: dev accuracy; then, as the schedule
+        says, a new optimizer and a prune (in the authors' C#'s order)."""
+        args, ep = self.args, self._epoch
+        epoch = len(self.epochs)
+        self._next_check += 1
+        at = round(epoch + self._next_check / len(self._check_at), 6)  # in epochs, from 0
+        t0 = time.perf_counter()
+        dev_acc = _accuracy(self.model, *self.data["dev"])
+        self.model.train()
+        t1 = time.perf_counter()
+        ep["check_eval_s"] += t1 - t0
+        prune, reset = check_schedule(epoch, args.train_cycle)
+        reset = reset and args.reset_optimizer
+        if reset:
+            self.opt = _make_optimizer(args.optimizer, self.model.parameters(), args.lr, args.fused)
+            self.simp.optimizers = [self.opt]
+            self.optimizer_resets.append(at)
+        if prune:
+            self.simp.step()
+            self.dims_history.append([at, self.dims()])
+        _sync(self.device)
+        ep["prune_s"] += time.perf_counter() - t1
+        self.checks.append({"epoch": at, "dev_acc": dev_acc, "pruned": prune,
+                            "optimizer_reset": reset, "dims": self.dims()})
+        print(f"  {self.label}{at:6.3f}: dev {dev_acc * 100:.2f}%"
+              + (f"; {_format_dims(self.dims(), self.full_width)}" if prune else "")
+              + ("; new optimizer" if reset else ""), flush=True)
 
     def end_epoch(self) -> dict:
         """Evaluate on dev and test after a finished epoch; the epoch's record."""
@@ -432,8 +567,11 @@ class Training:
             "backprop_time_s": timer.seconds - ep["backprop_before"],
             "backward_time_s": ep["backward_s"],
             "train_s": ep["train_s"],
-            "seconds": ep["train_s"] + time.perf_counter() - t0,
+            "seconds": ep["train_s"] + ep["check_eval_s"] + time.perf_counter() - t0,
         }
+        if self.simp is not None:
+            record["dims"] = self.dims()
+            record["prune_s"] = ep["prune_s"]
         self.seconds += record["seconds"]
         improved = self.best is None or dev_acc > self.best["dev_acc"]
         if improved:
@@ -444,7 +582,8 @@ class Training:
             f"  {self.label}epoch {epoch + 1:>2}/{args.n_epoch}: loss {record['loss']:.4f}, "
             f"dev {dev_acc * 100:.2f}%, test {test_acc * 100:.2f}%{' *' if improved else '  '} "
             f"backprop {record['backprop_time_s']:.2f} s, backward {ep['backward_s']:.2f} s, "
-            f"epoch {record['seconds']:.1f} s",
+            f"epoch {record['seconds']:.1f} s"
+            + (f"; {_format_dims(record['dims'], self.full_width)}" if "dims" in record else ""),
             flush=True,
         )
         return record
@@ -477,6 +616,8 @@ class Training:
             "epochs": epochs,
             "seconds": self.seconds,
         }
+        if self.simp is not None:
+            run.update(self._simplify_record())
         print(
             f"{self.name}: best dev {run['dev_acc'] * 100:.2f}% at epoch {run['best_epoch']}: test "
             f"{run['test_acc'] * 100:.2f}%; backprop {run['backprop_time_s']:.2f} s, backward "
@@ -484,7 +625,84 @@ class Training:
             f"epochs {self.seconds:.1f} s",
             flush=True,
         )
+        if self.simp is not None:
+            print(
+                f"{self.name}: final {_format_dims(run['final_dims'], self.full_width)} (mean "
+                f"{run['final_mean_dim']:.1f}, {run['final_mean_dim'] / self.full_width * 100:.1f}% of "
+                f"{self.full_width}); final model's test {run['final_test_acc'] * 100:.2f}%; inference "
+                f"over the test set (batches of {run['inference_batch']}, median of {run['inference_reps']}): "
+                f"simplified {run['inference_time_s'] * 1e3:.1f} ms, full width "
+                f"{run['inference_time_full_s'] * 1e3:.1f} ms ({run['inference_speedup']:.2f}x)",
+                flush=True,
+            )
         return run
+
+    def _simplify_record(self) -> dict:
+        """meSimp's part of the run's record: the dimensions over training, and the final
+        simplified model's inference time beside a full-width model's of the same kind."""
+        args, device = self.args, self.device
+        self.simp.close()  # training is over: no more counting
+        dims = self.dims()
+        _set_rng_state(self.rng, device)
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                full = build_model(n_layer=args.n_layer, d_hidden=args.d_hidden, dropout=args.dropout,
+                                   k=self.k, unified=args.unified, selection=args.selection,
+                                   sparse_grad=args.sparse_grad).to(device)
+            x_test = self.data["test"][0]
+            batch = args.d_minibatch
+            times = time_inference({"simplified": self.model, "full": full}, x_test, batch, device)
+        finally:
+            self.rng = _rng_state(device)
+        last = self.epochs[-1]
+        return {
+            "simplify": True,
+            "prune": args.prune,
+            "train_cycle": args.train_cycle,
+            "prune_checks_per_epoch": args.prune_checks_per_epoch,
+            "reset_optimizer": args.reset_optimizer,
+            "full_dims": [args.d_hidden] * len(dims),
+            "final_dims": dims,
+            "final_mean_dim": sum(dims) / len(dims),
+            "dims_at_best_epoch": self.best["dims"],
+            # the model as trained to the end (test_acc is at the best dev epoch, as for every run)
+            "final_dev_acc": last["dev_acc"],
+            "final_test_acc": last["test_acc"],
+            "dims_history": self.dims_history,
+            "optimizer_resets": self.optimizer_resets,
+            "checks": self.checks,
+            "prune_time_s": sum(e["prune_s"] for e in self.epochs),
+            "inference_batch": batch,
+            "inference_reps": len(times["simplified"]),
+            "inference_time_s": float(np.median(times["simplified"])),
+            "inference_time_full_s": float(np.median(times["full"])),
+            "inference_speedup": float(np.median(times["full"]) / np.median(times["simplified"])),
+            "inference_times_s": times["simplified"],
+            "inference_times_full_s": times["full"],
+        }
+
+
+@torch.no_grad()
+def time_inference(models: dict, x: torch.Tensor, batch: int, device: torch.device,
+                   reps: int | None = None) -> dict:
+    """Seconds of one pass of each model over ``x`` in batches of ``batch`` (eval mode,
+    no grad), ``reps`` times each (default :data:`INFERENCE_REPS`), the models taking
+    turns pass by pass (so that a slow spell of a shared machine lands on all), after
+    one untimed pass each. ``{name: [seconds, ...]}``."""
+    reps = INFERENCE_REPS if reps is None else reps
+    for model in models.values():
+        model.eval()
+    times = {name: [] for name in models}
+    for rep in range(reps + 1):
+        for name, model in models.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for i in range(0, len(x), batch):
+                model(x[i : i + batch])
+            _sync(device)
+            if rep:  # the first pass of each is a warm-up
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def _progress_bar(total: int, desc: str, progress: bool | None):
@@ -496,9 +714,11 @@ def _progress_bar(total: int, desc: str, progress: bool | None):
                 file=sys.stderr, mininterval=0.5)
 
 
-def train_run(args, data: dict, k, device: torch.device, *, progress: bool | None = None) -> dict:
-    """Train one model (dense when ``k`` is 0) for all its epochs; the run's record."""
-    training = Training(args, data, k, device, progress=progress)
+def train_run(args, data: dict, k, device: torch.device, *, progress: bool | None = None,
+              simplify: bool = False) -> dict:
+    """Train one model (dense when ``k`` is 0; meSimp with ``simplify``) for all its
+    epochs; the run's record."""
+    training = Training(args, data, k, device, progress=progress, simplify=simplify)
     print(f"{training.name}:", flush=True)
     try:
         for _ in range(args.n_epoch):
@@ -512,8 +732,10 @@ def train_run(args, data: dict, k, device: torch.device, *, progress: bool | Non
 def train_interleaved(args, data: dict, ks, device: torch.device, *,
                       progress: bool | None = None, turn_steps: int = TURN_STEPS) -> list[dict]:
     """Train one run per k, taking turns every ``turn_steps`` minibatches; their records,
-    in ``ks``' order. Each epoch ends with every run's evaluation, in ``ks``' order."""
-    trainings = [Training(args, data, k, device, progress=progress) for k in ks]
+    in ``ks``' order. Each epoch ends with every run's evaluation, in ``ks``' order.
+    An entry ``(k, True)`` of ``ks`` is a meSimp run."""
+    trainings = [Training(args, data, k, device, progress=progress, simplify=simplify)
+                 for k, simplify in map(_run_spec, ks)]
     width = max(len(t.name) for t in trainings)
     for t in trainings:
         t.label = f"{t.name:<{width}}  "
@@ -542,14 +764,18 @@ def train_interleaved(args, data: dict, ks, device: torch.device, *,
 
 def format_table(runs: list[dict], optimizer: str, device_type: str) -> str:
     """The results as a Markdown table like the original README's, with the whole
-    training time (forward + backward + optimizer, every step) beside backprop time."""
+    training time (forward + backward + optimizer, every step) beside backprop time.
+    With a meSimp run, four more columns: the hidden sizes at the end, and the inference
+    time over the test set of its final (simplified) model and of a full-width one."""
     opt = {"adam": "Adam", "adagrad": "AdaGrad", "sgd": "SGD"}[optimizer]
     base = runs[0] if runs and not runs[0]["k"] and len(runs) > 1 else None
+    simp = any(run.get("simplify") for run in runs)
     lines = [
         f"| Method ({opt}, {device_type.upper() if device_type != 'cuda' else 'GPU'}) "
         f"| Backprop time (s) | Speedup | Backward time (s) | Training time (s) | Speedup "
-        f"| Dev (%) | Test (%) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| Dev (%) | Test (%) |"
+        + (" Hidden sizes | Inference, full width (ms) | Inference, final model (ms) | Speedup |" if simp else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" --- | ---: | ---: | ---: |" if simp else ""),
     ]
     for run in runs:
         if base is None:
@@ -564,8 +790,16 @@ def format_table(runs: list[dict], optimizer: str, device_type: str) -> str:
             f"| {run['method']} | {run['backprop_time_s']:.2f} | {speedup} | "
             f"{run['backward_time_s']:.2f} | {run['training_time_s']:.2f} | {train_speedup} | "
             f"{run['dev_acc'] * 100:.2f} | {run['test_acc'] * 100:.2f}{delta} |"
+            + (_simplify_columns(run) if simp else "")
         )
     return "\n".join(lines)
+
+
+def _simplify_columns(run: dict) -> str:
+    if not run.get("simplify"):
+        return " - | - | - | - |"
+    return (f" {', '.join(map(str, run['final_dims']))} | {run['inference_time_full_s'] * 1e3:.1f} | "
+            f"{run['inference_time_s'] * 1e3:.1f} | {run['inference_speedup']:.2f}x |")
 
 
 def write_plot(path, runs: list[dict], title: str) -> None:
@@ -575,9 +809,14 @@ def write_plot(path, runs: list[dict], title: str) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(11, 4.4), layout="constrained")
+    simp = [r for r in runs if r.get("dims_history")]
+    fig = Figure(figsize=(16 if simp else 11, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_acc, ax_time = fig.subplots(1, 2, width_ratios=[1.5, 1])
+    if simp:
+        ax_acc, ax_time, ax_dims = fig.subplots(1, 3, width_ratios=[1.5, 1, 1.2])
+        _plot_dims(ax_dims, simp)
+    else:
+        ax_acc, ax_time = fig.subplots(1, 2, width_ratios=[1.5, 1])
     for run in runs:
         ep = [e["epoch"] for e in run["epochs"]]
         acc = [e["test_acc"] * 100 for e in run["epochs"]]
@@ -611,6 +850,32 @@ def write_plot(path, runs: list[dict], title: str) -> None:
     fig.suptitle(title, fontsize=10)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+def _plot_dims(ax, runs: list[dict]) -> None:
+    """meSimp's hidden sizes over training, one step line per layer and run, with the
+    training cycles that prune shaded."""
+    styles = ["-", "--", ":", "-."]
+    for run in runs:
+        at = [e[0] for e in run["dims_history"]]
+        n_layers = len(run["dims_history"][0][1])
+        last = run["epochs"][-1]["epoch"]
+        for i in range(n_layers):
+            dims = [e[1][i] for e in run["dims_history"]]
+            label = f"hidden layer {i + 1}" + (f", {run['method']}" if len(runs) > 1 else "")
+            ax.step(at + [last], dims + [dims[-1]], where="post", linestyle=styles[i % len(styles)],
+                    label=f"{label}: {dims[-1]}")
+        cycle = run["train_cycle"]
+        for start in range(0, last, 2 * cycle):
+            ax.axvspan(start, min(start + cycle, last), color="grey", alpha=0.1, linewidth=0)
+        for t in run.get("optimizer_resets", []):
+            ax.axvline(t, color="grey", alpha=0.25, linewidth=0.6)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("units")
+    ax.set_title("meSimp: hidden sizes (shaded: pruning cycles;\nlines: new optimizer)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def _loadavg() -> float | None:
@@ -663,14 +928,21 @@ def main(argv=None) -> None:
         f"{_device_description(device)}; torch {torch.__version__}",
         flush=True,
     )
-    ks = [0, args.k] if args.compare else [args.k]
+    if args.simplify:
+        ks = [0, args.k, (args.k, True)] if args.compare else [(args.k, True)]
+        print(f"meSimp: prune {args.prune:g}, cycles of {args.train_cycle} epochs (prunes in the even "
+              f"ones), {args.prune_checks_per_epoch} checks per epoch, "
+              f"{'a new optimizer at each cycle end' if args.reset_optimizer else 'one optimizer throughout'}",
+              flush=True)
+    else:
+        ks = [0, args.k] if args.compare else [args.k]
     if args.warmup_steps:
         warm_s = warm_up(args, data, ks, device)
         print(f"warm-up: {args.warmup_steps} untimed steps per method ({warm_s:.1f} s)", flush=True)
     if len(ks) > 1:
         runs = train_interleaved(args, data, ks, device)
     else:
-        runs = [train_run(args, data, k, device) for k in ks]
+        runs = [train_run(args, data, k, device, simplify=simplify) for k, simplify in map(_run_spec, ks)]
     table = format_table(runs, args.optimizer, device.type)
     total = time.perf_counter() - t_start
     print()
@@ -683,7 +955,8 @@ def main(argv=None) -> None:
             key: getattr(args, key)
             for key in ("n_epoch", "d_hidden", "n_layer", "d_minibatch", "dropout", "k",
                         "unified", "random_seed", "optimizer", "fused", "lr", "selection",
-                        "sparse_grad", "compare", "data_dir", "warmup_steps")
+                        "sparse_grad", "compare", "data_dir", "warmup_steps", "simplify", "prune",
+                        "train_cycle", "prune_checks_per_epoch", "reset_optimizer")
         }
         config.update(
             data_source=mnist.source, n_train=len(data["train"][0]), n_dev=len(data["dev"][0]),

@@ -210,6 +210,11 @@ def test_data_unavailable_is_a_clean_exit(monkeypatch, capsys):
         (["--dropout", "1"], "dropout must lie"),
         (["--optimizer", "rmsprop"], "invalid choice"),
         (["--warmup-steps", "-1"], "must be >= 0"),
+        (["--simplify", "--k", "0"], "--simplify prunes by meProp"),
+        (["--simplify", "--n_layer", "1"], "n_layer >= 2"),
+        (["--prune", "1.5"], r"must lie in \[0, 1\]"),
+        (["--train-cycle", "0"], "must be >= 1"),
+        (["--prune-checks-per-epoch", "0"], "must be >= 1"),
     ],
 )
 def test_bad_arguments(argv, pattern, capsys):
@@ -266,7 +271,9 @@ def test_module_entry_point_help():
     assert proc.returncode == 0
     for flag in ("--n_epoch", "--d_hidden", "--n_layer", "--d_minibatch", "--dropout", "--k",
                  "--unified", "--no-unified", "--random_seed", "--optimizer", "--lr", "--selection",
-                 "--sparse-grad", "--device", "--data-dir", "--compare", "--json", "--plot"):
+                 "--sparse-grad", "--device", "--data-dir", "--compare", "--json", "--plot",
+                 "--simplify", "--prune", "--train-cycle", "--prune-checks-per-epoch",
+                 "--reset-optimizer", "--no-reset-optimizer"):
         assert flag in proc.stdout
 
 
@@ -289,3 +296,178 @@ def test_adam_is_fused_unless_asked_not_to():
     assert _make_optimizer("adam", p, 1e-3).param_groups[0]["fused"] is True
     assert not _make_optimizer("adam", p, 1e-3, fused=False).param_groups[0]["fused"]
     assert parse_args([]).fused is True and parse_args(["--no-fused"]).fused is False
+
+
+# ------------------------------------------------------------------------------ meSimp
+
+# 10 minibatches an epoch; a short schedule: cycles of one epoch (prunes in epochs 1 and 3),
+# 4 checks an epoch, a threshold high enough to prune 32 units down within a few checks
+SIMP = [*TINY, "--simplify", "--k", "8", "--n_epoch", "3", "--train-cycle", "1",
+        "--prune-checks-per-epoch", "4", "--prune", "0.3", "--warmup-steps", "0"]
+DIMS_LINE = re.compile(r"Dims: (\d+)\(32\), (\d+)\(32\)")
+
+
+@pytest.fixture
+def quick_inference(monkeypatch):
+    monkeypatch.setattr(mnist, "INFERENCE_REPS", 2)
+
+
+def test_simplify_flags_and_defaults():
+    a = mnist.parse_args([])
+    assert (a.simplify, a.prune, a.train_cycle, a.prune_checks_per_epoch, a.reset_optimizer) == (
+        False, 0.1, 5, 8, True)
+    # the authors' meSimp setting (default.json: TrainTop 160, MinibatchSize 100)
+    s = mnist.parse_args(["--simplify"])
+    assert (s.simplify, s.k, s.d_minibatch, s.n_epoch, s.d_hidden, s.lr) == (True, 160, 100, 20, 500, 1e-3)
+    # given explicitly, they stay as given; and the other runs keep the meProp paper's
+    s = mnist.parse_args(["--simplify", "--k", "80", "--d_minibatch", "50", "--prune", "0.25",
+                          "--train-cycle", "3", "--prune-checks-per-epoch", "2", "--no-reset-optimizer"])
+    assert (s.k, s.d_minibatch, s.prune, s.train_cycle, s.prune_checks_per_epoch, s.reset_optimizer) == (
+        80, 50, 0.25, 3, 2, False)
+    assert mnist.parse_args(["--reset-optimizer"]).reset_optimizer is True
+    assert (a.k, a.d_minibatch) == (80, 50)
+
+
+@pytest.mark.parametrize("epoch,expected", [
+    (0, (True, False)), (4, (True, True)), (5, (False, False)), (9, (False, True)),
+    (10, (True, False)), (14, (True, True)), (15, (False, False)), (19, (False, True)),
+])
+def test_check_schedule_is_the_originals(epoch, expected):
+    """Mnist.cs: prune when (epoch / TrainCycle) % 2 == 0, new optimizer when
+    (epoch + 1) % TrainCycle == 0 (epochs from 0; TrainCycle 5)."""
+    assert mnist.check_schedule(epoch, 5) == expected
+
+
+def test_simplify_prunes_and_shrinks(tmp_path, capsys, fake, quick_inference):
+    png = tmp_path / "simp.png"
+    result, printed = run_cli([*SIMP, "--plot", str(png)], tmp_path, capsys)
+    (run,) = result["runs"]
+    assert run["method"] == "meSimp top-8 (unified, prune 0.3)" and run["simplify"] is True
+    assert RUN_KEYS <= set(run) and run["training_time_s"] > run["backward_time_s"] > run["backprop_time_s"] > 0
+    # pruned: both hidden layers shrank, and never grew back
+    final = run["final_dims"]
+    assert len(final) == 2 and all(1 <= d < 32 for d in final)
+    history = run["dims_history"]
+    assert history[0] == [0.0, [32, 32]] and history[-1][1] == final
+    for (t0, d0), (t1, d1) in zip(history, history[1:]):
+        assert t1 > t0 and all(b <= a for a, b in zip(d0, d1))
+    # prunes after each of the 4 checks of epochs 1 and 3 (cycles 0 and 2), none in epoch 2
+    assert [t for t, _ in history[1:]] == [0.25, 0.5, 0.75, 1.0, 2.25, 2.5, 2.75, 3.0]
+    assert [c["epoch"] for c in run["checks"]] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0,
+                                                    2.25, 2.5, 2.75, 3.0]
+    assert [c["pruned"] for c in run["checks"]] == [True] * 4 + [False] * 4 + [True] * 4
+    assert all(0.0 <= c["dev_acc"] <= 1.0 for c in run["checks"])
+    # the log prints the dimensions after each prune, in the C#'s style
+    check_lines = [line for line in printed.splitlines() if re.search(r"\d\.\d{3}: dev ", line)]
+    assert len(check_lines) == 12
+    printed_dims = [[int(a), int(b)] for line in check_lines for a, b in DIMS_LINE.findall(line)]
+    assert printed_dims == [d for _, d in history[1:]]
+    assert f"final Dims: {final[0]}(32), {final[1]}(32)" in printed
+    assert [e["dims"] for e in run["epochs"]][-1] == final
+    assert run["dims_at_best_epoch"] == run["epochs"][run["best_epoch"] - 1]["dims"]
+    assert run["final_test_acc"] == run["epochs"][-1]["test_acc"]
+    # inference of the final model beside a full-width one, both in JSON and table
+    assert run["inference_reps"] == 2 and len(run["inference_times_s"]) == len(run["inference_times_full_s"]) == 2
+    assert run["inference_time_s"] > 0 and run["inference_time_full_s"] > 0
+    assert run["inference_speedup"] == pytest.approx(run["inference_time_full_s"] / run["inference_time_s"])
+    assert "| Hidden sizes | Inference, full width (ms) | Inference, final model (ms) | Speedup |" in printed
+    assert f"| {final[0]}, {final[1]} | {run['inference_time_full_s'] * 1e3:.1f} |" in printed
+    cfg = result["config"]
+    assert (cfg["simplify"], cfg["prune"], cfg["train_cycle"], cfg["prune_checks_per_epoch"],
+            cfg["reset_optimizer"]) == (True, 0.3, 1, 4, True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simplified_model_is_physically_smaller(monkeypatch):
+    """The run's model itself shrinks: each hidden layer's weight rows, the next layer's
+    input columns, and the optimizer holds the new parameters."""
+    monkeypatch.setattr(mnist, "N_DEV", N_DEV)
+    args = mnist.parse_args(SIMP)
+    data = mnist.prepare_data(fake_mnist(), torch.device("cpu"))
+    t = mnist.Training(args, data, args.k, torch.device("cpu"), progress=False, simplify=True)
+    t.run_epoch()
+    d0, d1 = t.dims()
+    assert d0 < 32 and d1 < 32
+    m = t.model
+    assert m.linear0.weight.shape == (d0, 784) and m.linear0.bias.shape == (d0,)
+    assert m.linear1.weight.shape == (d1, d0) and m.linear2.weight.shape == (10, d1)
+    assert type(m.linear2) is nn.Linear  # the output layer stays dense and whole
+    opt_params = {id(p) for g in t.opt.param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in m.parameters()}
+    assert t.simp.optimizers == [t.opt]
+    with torch.no_grad():
+        assert m(data["test"][0]).shape == (N_TEST, 10)
+
+
+def _steps(opt) -> int:
+    return max((int(st["step"]) for st in opt.state.values()), default=0)
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "no-reset"])
+def test_optimizer_reset_at_cycle_ends(reset, tmp_path, capsys, fake, monkeypatch, quick_inference):
+    """Cycles of 2 epochs, 2 checks an epoch: as the C#, a new optimizer after each check
+    of epochs 2 and 4 (the cycles' last epochs), i.e. at 1.5, 2.0, 3.5 and 4.0; each one
+    steps until the next reset (10 minibatches an epoch)."""
+    made = []
+    real = mnist._make_optimizer
+    monkeypatch.setattr(mnist, "_make_optimizer", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    argv = [*TINY, "--simplify", "--k", "8", "--n_epoch", "4", "--train-cycle", "2",
+            "--prune-checks-per-epoch", "2", "--prune", "0.3", "--warmup-steps", "0"]
+    result, printed = run_cli([*argv, "--reset-optimizer" if reset else "--no-reset-optimizer"],
+                              tmp_path, capsys)
+    (run,) = result["runs"]
+    # prunes in the first cycle only (epochs 1-2); the second trains with plain meProp
+    assert [t for t, _ in run["dims_history"][1:]] == [0.5, 1.0, 1.5, 2.0]
+    if reset:
+        assert run["optimizer_resets"] == [1.5, 2.0, 3.5, 4.0]
+        assert [c["optimizer_reset"] for c in run["checks"]] == [False, False, True, True] * 2
+        assert printed.count("; new optimizer") == 4
+        assert len(made) == 5
+        # the first trained 15 minibatches, then 5, 15, 5 and 0 (made after the last)
+        assert [_steps(o) for o in made] == [15, 5, 15, 5, 0]
+    else:
+        assert run["optimizer_resets"] == [] and "; new optimizer" not in printed
+        assert len(made) == 1 and _steps(made[0]) == 40
+
+
+def test_compare_simplify_gives_three_runs(tmp_path, capsys, fake, quick_inference):
+    """--compare --simplify: dense, meProp and meSimp, interleaved; the dense and meProp
+    runs train exactly as under a plain --compare (meSimp's checks change nothing of theirs)."""
+    png = tmp_path / "cmp.png"
+    argv = [a for a in SIMP if a != "--simplify"]
+    result, printed = run_cli([*argv, "--compare", "--simplify", "--plot", str(png)], tmp_path, capsys)
+    runs = result["runs"]
+    assert [r["method"] for r in runs] == ["MLP 32d (dense)", "meProp top-8 (unified)",
+                                           "meSimp top-8 (unified, prune 0.3)"]
+    dense, meprop, mesimp = runs
+    assert dense["k"] == 0 and meprop["k"] == mesimp["k"] == 8
+    assert "final_dims" not in dense and "final_dims" not in meprop
+    assert all(d < 32 for d in mesimp["final_dims"])
+    for name in ("MLP 32d (dense)", "meProp top-8 (unified)", "meSimp top-8 (unified, prune 0.3)"):
+        assert f"| {name} |" in printed
+    assert printed.count(" - | - | - | - |") == 2  # dense and meProp rows: no simplification
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plain, _ = run_cli([*argv, "--compare"], tmp_path, capsys)
+    for a, b in zip(plain["runs"], runs[:2]):
+        assert [e["loss"] for e in a["epochs"]] == [e["loss"] for e in b["epochs"]]
+        assert (a["dev_acc"], a["test_acc"]) == (b["dev_acc"], b["test_acc"])
+
+
+def test_time_inference_interleaves_and_counts():
+    calls = []
+
+    class Probe(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            assert not torch.is_grad_enabled() and not self.training
+            calls.append((self.name, len(x)))
+            return x
+
+    times = mnist.time_inference({"a": Probe("a"), "b": Probe("b")}, torch.zeros(25, 3), 10,
+                                 torch.device("cpu"), reps=3)
+    assert set(times) == {"a", "b"} and all(len(v) == 3 and min(v) > 0 for v in times.values())
+    # one untimed pass each, then 3 timed ones, taking turns; batches of 10, 10, 5
+    assert calls == [(n, b) for _ in range(4) for n in "ab" for b in (10, 10, 5)]
