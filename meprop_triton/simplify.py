@@ -92,17 +92,9 @@ class Simplifier:
         if isinstance(min_units, bool) or not isinstance(min_units, int) or min_units < 1:
             raise ValueError(f"min_units must be an int >= 1; got {min_units!r}")
         self.min_units = min_units
-        if isinstance(optimizers, torch.optim.Optimizer):
-            optimizers = [optimizers]
-        optimizers = list(optimizers)
-        for opt in optimizers:
-            if not isinstance(opt, SLICEABLE_OPTIMIZERS):
-                raise TypeError(
-                    f"Simplifier cannot slice the state of {type(opt).__name__}: it handles "
-                    f"optimizers with per-element state ({', '.join(c.__name__ for c in SLICEABLE_OPTIMIZERS)})"
-                )
+        optimizers = _checked_optimizers(optimizers)
         self.model = model
-        self.optimizers = optimizers
+        self._optimizers = optimizers
         self._modules = dict(model.named_modules())
         self.pairs = self._find_pairs() if pairs is None else self._named_pairs(pairs)
         if not self.pairs:
@@ -114,6 +106,17 @@ class Simplifier:
             self._modules[pair.producer].track_selection = True
             self._modules[pair.producer].reset_selection_stats()
         self.history: list[dict] = [self.dims()]
+
+    @property
+    def optimizers(self) -> list:
+        """The optimizers each prune updates. Assign new ones (an optimizer or a list)
+        when the training loop rebuilds its optimizer (meSimp's schedule re-initialises
+        Adam at the end of each cycle); they are checked as in the constructor."""
+        return self._optimizers
+
+    @optimizers.setter
+    def optimizers(self, value) -> None:
+        self._optimizers = _checked_optimizers(value)
 
     # --- finding the layers -------------------------------------------------------------
 
@@ -288,6 +291,21 @@ class Simplifier:
         """Stop keeping statistics in the producers (the model stays as simplified)."""
         for pair in self.pairs:
             self._modules[pair.producer].track_selection = False
+
+
+def _checked_optimizers(optimizers) -> list:
+    if isinstance(optimizers, torch.optim.Optimizer):
+        optimizers = [optimizers]
+    if not hasattr(optimizers, "__iter__"):
+        raise TypeError(f"optimizers must be an optimizer or a list of them; got {type(optimizers).__name__}")
+    optimizers = list(optimizers)
+    for opt in optimizers:
+        if not isinstance(opt, SLICEABLE_OPTIMIZERS):
+            raise TypeError(
+                f"Simplifier cannot slice the state of {type(opt).__name__}: it handles "
+                f"optimizers with per-element state ({', '.join(c.__name__ for c in SLICEABLE_OPTIMIZERS)})"
+            )
+    return optimizers
 
 
 def _slice(t: Tensor, rows, cols) -> Tensor:

@@ -297,6 +297,13 @@ def test_bad_arguments_change_nothing():
         Simplifier(model, [opt, lbfgs])
     with pytest.raises(ValueError, match="min_units"):
         Simplifier(model, opt, min_units=0)
+    simp = Simplifier(model, opt)
+    with pytest.raises(TypeError, match="cannot slice the state of LBFGS"):
+        simp.optimizers = lbfgs
+    assert simp.optimizers == [opt]
+    simp.optimizers = torch.optim.SGD(model.parameters(), lr=0.1)  # a rebuilt optimizer, taken
+    assert isinstance(simp.optimizers[0], torch.optim.SGD)
+    simp.close()
     assert not any(m.track_selection for m in model.modules() if isinstance(m, MePropLinear))
     dense = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="found no layer to simplify"):
