@@ -10,7 +10,7 @@ Importing this package never initialises CUDA and never needs a GPU.
 
 from .convert import convert
 from .functional import meprop_linear
-from .nn import MePropLinear, SelectionStats
+from .nn import MePropLinear, MePropLSTM, SelectionStats
 from .simplify import Simplifier
 from .utils import clip_grad_norm_, keep_freed_memory
 
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MePropLinear",
+    "MePropLSTM",
     "meprop_linear",
     "convert",
     "Simplifier",

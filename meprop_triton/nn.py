@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ._validation import check_k, check_linear_args, check_options, resolve_k
 from .functional import apply_meprop, meprop_linear, resolve_backend
 
-__all__ = ["MePropLinear", "SelectionStats"]
+__all__ = ["MePropLinear", "MePropLSTM", "SelectionStats"]
 
 
 class SelectionStats(NamedTuple):
@@ -319,4 +319,132 @@ class MePropLinear(nn.Linear):
             s += f", backend={self.backend!r}"
         if self.track_selection:
             s += ", track_selection=True"
+        return s
+
+
+class MePropLSTM(nn.LSTM):
+    """``nn.LSTM`` with a meProp backward (DESIGN section 1, "LSTM").
+
+    Same constructor, parameters (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ...
+    ``_reverse``), init, ``state_dict`` and forward outputs as ``nn.LSTM``, plus ``k``
+    (units kept per gate: an int >= 1, or a fraction of ``hidden_size`` in (0, 1];
+    ``k >= hidden_size`` gives ``nn.LSTM``'s gradients), ``unified`` and ``selection``.
+    In backward, at each time step and for each of the four gates, only the top-k of
+    that gate's pre-activation gradients pass to the input, the previous hidden state
+    and the weights (unified over the batch at that step; per sequence with
+    ``unified=False``); the bias gradients and the element-wise parts are exact. The
+    torch path runs on any device (cuBLAS on CUDA tensors); see
+    :mod:`meprop_triton.recurrent`.
+
+    ``num_layers``, ``bidirectional``, ``batch_first``, ``dropout``, ``(h0, c0)`` and
+    unbatched input work as in ``nn.LSTM``. Not yet: ``PackedSequence`` input and
+    ``proj_size > 0`` (refused with an error).
+    """
+
+    def __init__(self, *args, k, unified: bool = True, selection: str = "topk", **kwargs) -> None:
+        if kwargs.get("proj_size", 0):
+            raise NotImplementedError("MePropLSTM does not support proj_size > 0 yet; use proj_size=0")
+        check_k(k)
+        check_options(unified=unified, selection=selection)
+        super().__init__(*args, **kwargs)
+        self.k = k
+        self.unified = unified
+        self.selection = selection
+
+    @property
+    def k(self):
+        """Units kept per gate: an int >= 1 or a fraction of hidden_size in (0, 1]."""
+        return self._k
+
+    @k.setter
+    def k(self, value) -> None:
+        check_k(value)
+        self.__dict__["_k"] = value
+
+    unified = _checked_setting("unified", "True: one set per gate and step for the batch; False: per sequence")
+    selection = _checked_setting("selection", '"topk" or "random"')
+
+    @property
+    def k_units(self) -> int:
+        return resolve_k(self._k, self.hidden_size)
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM, *, k, unified: bool = True, selection: str = "topk") -> "MePropLSTM":
+        """A ``MePropLSTM`` sharing ``lstm``'s Parameter objects (no copy)."""
+        if not isinstance(lstm, nn.LSTM):
+            raise TypeError(f"from_lstm expects an nn.LSTM; got {type(lstm).__name__}")
+        new = cls(
+            lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias, batch_first=lstm.batch_first,
+            dropout=lstm.dropout, bidirectional=lstm.bidirectional, proj_size=lstm.proj_size,
+            k=k, unified=unified, selection=selection, device="meta", dtype=lstm.weight_ih_l0.dtype,
+        )
+        for name in lstm._flat_weights_names:
+            setattr(new, name, getattr(lstm, name))
+        new.train(lstm.training)
+        return new
+
+    def forward(self, input, hx=None):
+        from .recurrent import lstm_layer
+
+        if isinstance(input, nn.utils.rnn.PackedSequence):
+            raise NotImplementedError(
+                "MePropLSTM does not take a PackedSequence yet: pad the batch "
+                "(nn.utils.rnn.pad_packed_sequence) or run one sequence at a time"
+            )
+        if not isinstance(input, Tensor) or input.dim() not in (2, 3):
+            got = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"MePropLSTM expects a 2-D (unbatched) or 3-D input; got {got}")
+        if input.shape[-1] != self.input_size:
+            raise ValueError(
+                f"input's last dimension must equal input_size={self.input_size}; got input of shape "
+                f"{tuple(input.shape)}"
+            )
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+        T, B = x.shape[0], x.shape[1]
+        dirs = 2 if self.bidirectional else 1
+        L, H = self.num_layers, self.hidden_size
+        if hx is None:
+            h0 = x.new_zeros(L * dirs, B, H)
+            c0 = x.new_zeros(L * dirs, B, H)
+        else:
+            h0, c0 = hx
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            if tuple(h0.shape) != (L * dirs, B, H) or tuple(c0.shape) != (L * dirs, B, H):
+                raise ValueError(
+                    f"(h0, c0) must each have shape {(L * dirs, B, H)}"
+                    f"{' (unbatched: ' + str((L * dirs, H)) + ')' if unbatched else ''}; got "
+                    f"{tuple(hx[0].shape)} and {tuple(hx[1].shape)}"
+                )
+        k = resolve_k(self._k, H)
+        h_n, c_n = [], []
+        layer_in = x
+        weights = self._flat_weights
+        per = len(weights) // (L * dirs)
+        for layer in range(L):
+            s = slice(layer * dirs, (layer + 1) * dirs)
+            out, h, c = lstm_layer(
+                layer_in, h0[s], c0[s], weights[layer * dirs * per:(layer + 1) * dirs * per],
+                k=k, bidirectional=dirs == 2, unified=self._unified, selection=self._selection,
+            )
+            h_n.append(h)
+            c_n.append(c)
+            layer_in = out
+            if self.dropout and self.training and layer < L - 1:
+                layer_in = F.dropout(layer_in, self.dropout, training=True)
+        output = layer_in
+        h_n, c_n = torch.cat(h_n), torch.cat(c_n)
+        if unbatched:
+            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
+    def extra_repr(self) -> str:
+        s = f"{super().extra_repr()}, k={self.k!r}"
+        if not self.unified:
+            s += ", unified=False"
+        if self.selection != "topk":
+            s += f", selection={self.selection!r}"
         return s

@@ -1,0 +1,191 @@
+"""MePropLSTM: nn.LSTM's forward and (k >= H) gradients; the meProp definition for k < H."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from meprop_triton import MePropLSTM
+
+
+def _lstm_pair(I=5, H=7, layers=1, bidirectional=False, batch_first=False, k=None, unified=True):
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H, layers, bidirectional=bidirectional, batch_first=batch_first).double()
+    mp = MePropLSTM.from_lstm(ref, k=H if k is None else k, unified=unified)
+    return ref, mp
+
+
+def _grads(model, x, hx, g_out, g_h, g_c):
+    out, (h, c) = model(x, hx)
+    loss = (out * g_out).sum() + (h * g_h).sum() + (c * g_c).sum()
+    inputs = [x, *(hx or ()), *model.parameters()]
+    return (out, h, c), torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("hx", [False, True], ids=["zero-state", "h0c0"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq-first", "batch-first"])
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, False), (1, True), (2, True)])
+def test_dense_k_is_nn_lstm(layers, bidirectional, batch_first, hx):
+    ref, mp = _lstm_pair(layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+    T, B, H, dirs = 6, 3, 7, 2 if bidirectional else 1
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn((B, T, 5) if batch_first else (T, B, 5), generator=gen, dtype=torch.double, requires_grad=True)
+    state = None
+    if hx:
+        state = tuple(torch.randn(layers * dirs, B, H, generator=gen, dtype=torch.double, requires_grad=True)
+                      for _ in range(2))
+    out_shape = (B, T, dirs * H) if batch_first else (T, B, dirs * H)
+    g_out = torch.randn(out_shape, generator=gen, dtype=torch.double)
+    g_h = torch.randn(layers * dirs, B, H, generator=gen, dtype=torch.double)
+    g_c = torch.randn(layers * dirs, B, H, generator=gen, dtype=torch.double)
+    (o1, h1, c1), want = _grads(ref, x, state, g_out, g_h, g_c)
+    (o2, h2, c2), got = _grads(mp, x, state, g_out, g_h, g_c)
+    assert torch.equal(o1, o2) and torch.equal(h1, h2) and torch.equal(c1, c2)  # the same forward
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_unbatched_input():
+    ref, mp = _lstm_pair(layers=2, bidirectional=True)
+    x = torch.randn(6, 5, dtype=torch.double, requires_grad=True)
+    o1, (h1, c1) = ref(x)
+    o2, (h2, c2) = mp(x)
+    assert o2.shape == o1.shape == (6, 14) and h2.shape == (4, 7)
+    assert torch.equal(o1, o2) and torch.equal(h1, h2) and torch.equal(c1, c2)
+    g1 = torch.autograd.grad(o1.square().sum(), [x, *ref.parameters()])
+    g2 = torch.autograd.grad(o2.square().sum(), [x, *mp.parameters()])
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# --- the definition, step by step, as an independent oracle -------------------------
+
+
+def _keep_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k largest entries of a 1-D score vector, ties to the lower index
+    (a stable descending sort: independent of the package's selection code)."""
+    order = sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j))[:k]
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[order] = True
+    return mask
+
+
+class _GateMask(torch.autograd.Function):
+    """Identity forward; backward keeps, per gate, the top-k of the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, pre, k, H, unified):
+        ctx.k, ctx.H, ctx.unified = k, H, unified
+        return pre.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        k, H = ctx.k, ctx.H
+        keep = torch.zeros_like(grad, dtype=torch.bool)
+        for gate in range(4):
+            cols = slice(gate * H, (gate + 1) * H)
+            if ctx.unified:
+                keep[:, cols] = _keep_topk(grad[:, cols].abs().sum(0), k)
+            else:
+                for b in range(grad.shape[0]):
+                    keep[b, cols] = _keep_topk(grad[b, cols].abs(), k)
+        return grad * keep, None, None, None
+
+
+def _step_by_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh, k, unified):
+    """One layer over (T, B, in) with ordinary autograd, the gate pre-activations'
+    gradients masked by the definition, the bias outside the mask (its gradient dense)."""
+    H = w_hh.shape[1]
+    h, c, outs = h0, c0, []
+    for t in range(x.shape[0]):
+        pre = x[t] @ w_ih.t() + h @ w_hh.t()
+        a = _GateMask.apply(pre, k, H, unified) + b_ih + b_hh
+        i, f, g, o = a.chunk(4, dim=1)
+        c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+        h = o.sigmoid() * c.tanh()
+        outs.append(h)
+    return torch.stack(outs), h, c
+
+
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_sparse_k_matches_the_definition(k, unified):
+    ref, mp = _lstm_pair(H=7, k=k, unified=unified)
+    gen = torch.Generator().manual_seed(2)
+    T, B = 6, 3
+    x = torch.randn(T, B, 5, generator=gen, dtype=torch.double, requires_grad=True)
+    h0 = torch.randn(1, B, 7, generator=gen, dtype=torch.double, requires_grad=True)
+    c0 = torch.randn(1, B, 7, generator=gen, dtype=torch.double, requires_grad=True)
+    g_out = torch.randn(T, B, 7, generator=gen, dtype=torch.double)
+    out, (h, c) = mp(x, (h0, c0))
+    got = torch.autograd.grad((out * g_out).sum() + h.sum(), [x, h0, c0, *mp.parameters()])
+    params = list(ref.parameters())
+    o2, h2, c2 = _step_by_step(x, h0[0], c0[0], *params, k, unified)
+    want = torch.autograd.grad((o2 * g_out).sum() + h2.sum(), [x, h0, c0, *params])
+    torch.testing.assert_close(out, o2, rtol=1e-10, atol=1e-12)
+    for name, a, b in zip(["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    # and they are not nn.LSTM's (the selection did something)
+    o3, (h3, _) = ref(x, (h0, c0))
+    dense = torch.autograd.grad((o3 * g_out).sum() + h3.sum(), params[0])[0]
+    assert not torch.allclose(got[3], dense)
+
+
+def test_two_layers_bidirectional_sparse_matches_the_definition():
+    ref, mp = _lstm_pair(H=6, layers=2, bidirectional=True, k=2)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 2, 5, generator=gen, dtype=torch.double, requires_grad=True)
+    out, _ = mp(x)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.double)
+    got = torch.autograd.grad((out * g).sum(), [x, *mp.parameters()])
+    P = dict(ref.named_parameters())
+    zeros = torch.zeros(2, 6, dtype=torch.double)
+    layer_in = x
+    for layer in range(2):
+        outs = []
+        for d, sfx in enumerate(("", "_reverse")):
+            names = [f"{w}_l{layer}{sfx}" for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            seq = layer_in.flip(0) if d else layer_in
+            o, _, _ = _step_by_step(seq, zeros, zeros, *(P[n] for n in names), 2, True)
+            outs.append(o.flip(0) if d else o)
+        layer_in = torch.cat(outs, 2)
+    torch.testing.assert_close(out, layer_in, rtol=1e-10, atol=1e-12)
+    want = torch.autograd.grad((layer_in * g).sum(), [x, *ref.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_from_lstm_shares_parameters_and_state_dict_both_ways():
+    ref, mp = _lstm_pair(layers=2, bidirectional=True, k=3)
+    assert all(a is b for a, b in zip(ref.parameters(), mp.parameters()))
+    assert list(mp.state_dict()) == list(ref.state_dict())
+    fresh = MePropLSTM(5, 7, 2, bidirectional=True, k=0.5).double()
+    fresh.load_state_dict(ref.state_dict())
+    plain = nn.LSTM(5, 7, 2, bidirectional=True).double()
+    plain.load_state_dict(fresh.state_dict())
+    x = torch.randn(4, 2, 5, dtype=torch.double)
+    assert torch.equal(plain(x)[0], fresh(x)[0])
+    assert "k=0.5" in repr(fresh) and fresh.k_units == 4
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="k"):
+        MePropLSTM(5, 7, k=0)
+    with pytest.raises(ValueError, match="selection"):
+        MePropLSTM(5, 7, k=2, selection="best")
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        MePropLSTM(5, 7, k=2, proj_size=3)
+    lstm = MePropLSTM(5, 7, k=2)
+    with pytest.raises(ValueError, match="k"):
+        lstm.k = -1
+    assert lstm.k == 2
+    with pytest.raises(ValueError, match="input_size=5"):
+        lstm(torch.randn(3, 2, 4))
+    with pytest.raises(ValueError, match=r"\(h0, c0\) must each have shape \(1, 2, 7\)"):
+        lstm(torch.randn(3, 2, 5), (torch.zeros(1, 3, 7), torch.zeros(1, 3, 7)))
+    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 5), torch.randn(2, 5)])
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        lstm(packed)
+    with pytest.raises(TypeError, match="nn.LSTM"):
+        MePropLSTM.from_lstm(nn.GRU(5, 7), k=2)
