@@ -336,9 +336,10 @@ class MePropLSTM(nn.LSTM):
     torch path runs on any device (cuBLAS on CUDA tensors); see
     :mod:`meprop_triton.recurrent`.
 
-    ``num_layers``, ``bidirectional``, ``batch_first``, ``dropout``, ``(h0, c0)`` and
-    unbatched input work as in ``nn.LSTM``. Not yet: ``PackedSequence`` input and
-    ``proj_size > 0`` (refused with an error).
+    ``num_layers``, ``bidirectional``, ``batch_first``, ``dropout``, ``(h0, c0)``,
+    unbatched input and ``PackedSequence`` input (sequences of different lengths; the
+    unified selection of a step is over the sequences that have that step) work as in
+    ``nn.LSTM``. ``proj_size > 0`` is refused with an error.
     """
 
     def __init__(self, *args, k, unified: bool = True, selection: str = "topk", **kwargs) -> None:
@@ -387,10 +388,7 @@ class MePropLSTM(nn.LSTM):
         from .recurrent import lstm_layer
 
         if isinstance(input, nn.utils.rnn.PackedSequence):
-            raise NotImplementedError(
-                "MePropLSTM does not take a PackedSequence yet: pad the batch "
-                "(nn.utils.rnn.pad_packed_sequence) or run one sequence at a time"
-            )
+            return self._forward_packed(input, hx)
         if not isinstance(input, Tensor) or input.dim() not in (2, 3):
             got = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
             raise ValueError(f"MePropLSTM expects a 2-D (unbatched) or 3-D input; got {got}")
@@ -439,6 +437,53 @@ class MePropLSTM(nn.LSTM):
             return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         if self.batch_first:
             output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
+    def _forward_packed(self, packed, hx):
+        """A PackedSequence (sequences of different lengths): the same layers on its
+        data, each sequence's steps only, states permuted as ``nn.LSTM`` does."""
+        from .recurrent import lstm_layer
+
+        data, batch_sizes, sorted_idx, unsorted_idx = packed
+        if data.dim() != 2 or data.shape[1] != self.input_size:
+            raise ValueError(
+                f"the PackedSequence's data must be (steps, input_size={self.input_size}); got {tuple(data.shape)}"
+            )
+        B = int(batch_sizes[0])
+        dirs = 2 if self.bidirectional else 1
+        L, H = self.num_layers, self.hidden_size
+        if hx is None:
+            h0 = data.new_zeros(L * dirs, B, H)
+            c0 = data.new_zeros(L * dirs, B, H)
+        else:
+            h0, c0 = hx
+            if tuple(h0.shape) != (L * dirs, B, H) or tuple(c0.shape) != (L * dirs, B, H):
+                raise ValueError(
+                    f"(h0, c0) must each have shape {(L * dirs, B, H)}; got {tuple(h0.shape)} and {tuple(c0.shape)}"
+                )
+            if sorted_idx is not None:
+                h0, c0 = h0.index_select(1, sorted_idx), c0.index_select(1, sorted_idx)
+        k = resolve_k(self._k, H)
+        weights = self._flat_weights
+        per = len(weights) // (L * dirs)
+        h_n, c_n = [], []
+        layer_in = data
+        for layer in range(L):
+            s = slice(layer * dirs, (layer + 1) * dirs)
+            out, h, c = lstm_layer(
+                layer_in, h0[s], c0[s], weights[layer * dirs * per:(layer + 1) * dirs * per],
+                k=k, bidirectional=dirs == 2, unified=self._unified, selection=self._selection,
+                batch_sizes=batch_sizes,
+            )
+            h_n.append(h)
+            c_n.append(c)
+            layer_in = out
+            if self.dropout and self.training and layer < L - 1:
+                layer_in = F.dropout(layer_in, self.dropout, training=True)
+        h_n, c_n = torch.cat(h_n), torch.cat(c_n)
+        if unsorted_idx is not None:
+            h_n, c_n = h_n.index_select(1, unsorted_idx), c_n.index_select(1, unsorted_idx)
+        output = nn.utils.rnn.PackedSequence(layer_in, batch_sizes, sorted_idx, unsorted_idx)
         return output, (h_n, c_n)
 
     def extra_repr(self) -> str:

@@ -53,11 +53,14 @@ class _LSTMLayer(torch.autograd.Function):
     for the layer (both directions at once, as ``nn.LSTM`` runs it)."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, k, unified, selection, generator, bidirectional, has_bias, *params):
-        out, h_n, c_n = torch.lstm(x, (h0, c0), list(params), has_bias, 1, 0.0, False, bidirectional, False)
+    def forward(ctx, x, h0, c0, batch_sizes, k, unified, selection, generator, bidirectional, has_bias, *params):
+        if batch_sizes is None:
+            out, h_n, c_n = torch.lstm(x, (h0, c0), list(params), has_bias, 1, 0.0, False, bidirectional, False)
+        else:  # packed: x is the PackedSequence's data
+            out, h_n, c_n = torch.lstm(x, batch_sizes, (h0, c0), list(params), has_bias, 1, 0.0, False, bidirectional)
         ctx.save_for_backward(x, h0, c0, out, *params)
         ctx.k, ctx.unified, ctx.selection, ctx.generator = k, unified, selection, generator
-        ctx.dirs, ctx.has_bias = 2 if bidirectional else 1, has_bias
+        ctx.dirs, ctx.has_bias, ctx.batch_sizes = 2 if bidirectional else 1, has_bias, batch_sizes
         return out, h_n, c_n
 
     @staticmethod
@@ -66,6 +69,14 @@ class _LSTMLayer(torch.autograd.Function):
         per = 4 if ctx.has_bias else 2
         H = h0.shape[2]
         need_x = ctx.needs_input_grad[0]
+        active = None
+        packed_x = None
+        if ctx.batch_sizes is not None:  # work on the padded (T, B) layout, inactive steps masked
+            bs = ctx.batch_sizes.to(x.device)
+            active = torch.arange(h0.shape[1], device=x.device).unsqueeze(0) < bs.unsqueeze(1)  # (T, B)
+            packed_x = x
+            x, out = _padded(x, active), _padded(out, active)
+            d_out = None if d_out is None else _padded(d_out, active)
         dx = torch.zeros_like(x) if need_x else None
         dh0, dc0, dparams = [], [], []
         for d in range(ctx.dirs):
@@ -77,6 +88,7 @@ class _LSTMLayer(torch.autograd.Function):
                 ctx, flip(x), h0[d], c0[d], w_ih, w_hh, b_ih, b_hh, flip(out[..., half]),
                 None if d_out is None else flip(d_out[..., half]),
                 None if d_hn is None else d_hn[d], None if d_cn is None else d_cn[d], need_x,
+                None if active is None else flip(active),
             )
             gx, gh, gc, gw_ih, gw_hh, gb = g
             if need_x:
@@ -84,21 +96,36 @@ class _LSTMLayer(torch.autograd.Function):
             dh0.append(gh)
             dc0.append(gc)
             dparams += [gw_ih, gw_hh] + ([gb, gb.clone()] if bias else [])
+        if active is not None and need_x:
+            dx = dx[active]  # back to the packed layout
         return (
-            dx, torch.stack(dh0), torch.stack(dc0), None, None, None, None, None, None,
-            *(p if ctx.needs_input_grad[9 + i] else None for i, p in enumerate(dparams)),
+            dx, torch.stack(dh0), torch.stack(dc0), None, None, None, None, None, None, None,
+            *(p if ctx.needs_input_grad[10 + i] else None for i, p in enumerate(dparams)),
         )
 
 
-def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn, d_cn, need_x):
+def _padded(data: Tensor, active: Tensor) -> Tensor:
+    """A PackedSequence's ``data`` in the padded ``(T, B, ...)`` layout (zeros where a
+    sequence has ended): packed rows are time-major, so a boolean row-major assignment
+    puts each where it belongs."""
+    out = data.new_zeros((*active.shape, *data.shape[1:]))
+    out[active] = data
+    return out
+
+
+def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn, d_cn, need_x, active=None):
     """The meProp backward of one direction over ``x: (T, B, in)`` (time in the order the
-    direction runs): ``(dx, dh0, dc0, dW_ih, dW_hh, db)``."""
+    direction runs): ``(dx, dh0, dc0, dW_ih, dW_hh, db)``. ``active``: ``(T, B)`` bool,
+    False where a (packed) sequence has no step: there the state passes unchanged."""
     T, B, n_in = x.shape
     H = w_hh.shape[1]
     k = ctx.k
     if d_out is None:
         d_out = torch.zeros_like(out)
     h_prev = torch.cat([h0.unsqueeze(0), out[:-1]], 0)  # (T, B, H)
+    if active is not None:  # a step after an inactive one starts from h0 (reversed packed)
+        before = torch.cat([active.new_zeros(1, B), active[:-1]], 0).unsqueeze(2)
+        h_prev = torch.where(before, h_prev, h0.unsqueeze(0))
     # the gates, recomputed: one GEMM per weight over all steps
     a = F.linear(x, w_ih, b_ih) + F.linear(h_prev, w_hh, b_hh)  # (T, B, 4H)
     i, f, g, o = a.chunk(4, dim=2)
@@ -106,7 +133,8 @@ def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn
     c = torch.empty_like(i)
     c_t = c0
     for t in range(T):
-        c_t = f[t] * c_t + i[t] * g[t]
+        c_new = f[t] * c_t + i[t] * g[t]
+        c_t = c_new if active is None else torch.where(active[t].unsqueeze(1), c_new, c_t)
         c[t] = c_t
     c_prev = torch.cat([c0.unsqueeze(0), c[:-1]], 0)
     tanh_c = c.tanh()
@@ -120,6 +148,8 @@ def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn
     dc = d_cn if d_cn is not None else torch.zeros_like(c0)
     score_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     for t in range(T - 1, -1, -1):
+        act = None if active is None else active[t].unsqueeze(1)
+        dh_in, dc_in = dh, dc
         dh = dh + d_out[t]
         do = dh * tanh_c[t]
         dc = dc + dh * o[t] * (1 - tanh_c[t] * tanh_c[t])
@@ -129,11 +159,17 @@ def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn
             dc * i[t] * (1 - g[t] * g[t]),
             do * o[t] * (1 - o[t]),
         ], 1)  # (B, 4H)
+        if act is not None:
+            da = da * act
         db += da.sum(0)
         dc = dc * f[t]
+        if act is not None:
+            dc = torch.where(act, dc, dc_in)
         if dense:
             vals[t] = da
             dh = da @ w_hh
+            if act is not None:
+                dh = torch.where(act, dh, dh_in)
             continue
         if ctx.selection == "random":
             sel = _gate_random(1 if ctx.unified else B, H, k, ctx.generator, da.device)
@@ -153,6 +189,8 @@ def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn
             vals[t] = v
             idx[t] = sel
             dh = _rows_times(v, sel, w_hh)
+        if act is not None:
+            dh = torch.where(act, dh, dh_in)
 
     M = T * B
     if dense:
@@ -191,10 +229,12 @@ def _masked(vals: Tensor, idx: Tensor, n_cols: int) -> Tensor:
 
 
 def lstm_layer(x, h0, c0, params, *, k: int, bidirectional: bool = False, unified: bool = True,
-               selection: str = "topk", generator=None):
+               selection: str = "topk", generator=None, batch_sizes=None):
     """One LSTM layer over ``x: (T, B, in)`` from ``(h0, c0): (dirs, B, H)`` with the meProp
     backward above (``k`` resolved: units per gate, ``>= H`` for dense); ``params``: per
     direction ``w_ih, w_hh[, b_ih, b_hh]`` (``nn.LSTM``'s order). Returns
-    ``(out (T, B, dirs * H), h_n (dirs, B, H), c_n (dirs, B, H))``."""
+    ``(out (T, B, dirs * H), h_n (dirs, B, H), c_n (dirs, B, H))``. ``batch_sizes``: ``x``
+    is a PackedSequence's data (sorted by length, as ``nn.LSTM`` takes it) and ``out`` is
+    packed the same way."""
     has_bias = len(params) == (8 if bidirectional else 4)
-    return _LSTMLayer.apply(x, h0, c0, k, unified, selection, generator, bidirectional, has_bias, *params)
+    return _LSTMLayer.apply(x, h0, c0, batch_sizes, k, unified, selection, generator, bidirectional, has_bias, *params)

@@ -184,8 +184,47 @@ def test_bad_arguments():
         lstm(torch.randn(3, 2, 4))
     with pytest.raises(ValueError, match=r"\(h0, c0\) must each have shape \(1, 2, 7\)"):
         lstm(torch.randn(3, 2, 5), (torch.zeros(1, 3, 7), torch.zeros(1, 3, 7)))
-    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 5), torch.randn(2, 5)])
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
+    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 4), torch.randn(2, 4)])
+    with pytest.raises(ValueError, match="input_size=5"):
         lstm(packed)
     with pytest.raises(TypeError, match="nn.LSTM"):
         MePropLSTM.from_lstm(nn.GRU(5, 7), k=2)
+
+
+@pytest.mark.parametrize("k", [7, 2], ids=["dense-k", "k2"])
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+def test_packed_sequences(layers, bidirectional, k):
+    """Variable-length sequences in one PackedSequence (unsorted, with (h0, c0)): the
+    outputs are nn.LSTM's; k >= H gives its gradients; k < H equals the definition run
+    on each sequence alone when the selection is per sequence."""
+    torch.manual_seed(5)
+    H, dirs = 7, 2 if bidirectional else 1
+    ref = nn.LSTM(5, H, layers, bidirectional=bidirectional).double()
+    mp = MePropLSTM.from_lstm(ref, k=k, unified=False)
+    lengths = [4, 6, 2]
+    seqs = [torch.randn(n, 5, dtype=torch.double, requires_grad=True) for n in lengths]
+    h0 = torch.randn(layers * dirs, 3, H, dtype=torch.double, requires_grad=True)
+    c0 = torch.randn(layers * dirs, 3, H, dtype=torch.double, requires_grad=True)
+    packed = nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
+    outs = {}
+    for name, model in (("ref", ref), ("mp", mp)):
+        out, (h, c) = model(packed, (h0, c0))
+        padded, _ = nn.utils.rnn.pad_packed_sequence(out)
+        outs[name] = (padded, h, c)
+    for a, b in zip(outs["ref"], outs["mp"]):
+        assert torch.equal(a, b)
+    gen = torch.Generator().manual_seed(6)
+    g = torch.randn(outs["mp"][0].shape, generator=gen, dtype=torch.double)
+    gh = torch.randn(h0.shape, generator=gen, dtype=torch.double)
+    inputs = [*seqs, h0, c0, *ref.parameters()]
+    got = torch.autograd.grad((outs["mp"][0] * g).sum() + (outs["mp"][1] * gh).sum(), inputs, retain_graph=True)
+    if k >= H:
+        want = torch.autograd.grad((outs["ref"][0] * g).sum() + (outs["ref"][1] * gh).sum(), inputs)
+    else:  # per sequence: each sequence alone through the same model, gradients summed
+        loss = 0
+        for b, seq in enumerate(seqs):
+            o, (h, _) = mp(seq.unsqueeze(1), (h0[:, b : b + 1], c0[:, b : b + 1]))
+            loss = loss + (o.squeeze(1) * g[: lengths[b], b]).sum() + (h.squeeze(1) * gh[:, b]).sum()
+        want = torch.autograd.grad(loss, inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
