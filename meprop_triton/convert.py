@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from ._validation import check_k, check_options
-from .nn import MePropLinear
+from .nn import MePropLinear, MePropLSTM
 
 __all__ = ["convert"]
 
@@ -53,7 +53,19 @@ def _exclusion(exclude, names: list[str]) -> Callable[[str, nn.Module], bool]:
     return excluded
 
 
-def convert(model: nn.Module, *, k, exclude=None, **options) -> nn.Module:
+def _lstm_convertible(module: nn.Module, lstm: bool) -> bool:
+    return lstm and type(module) in (nn.LSTM, MePropLSTM)
+
+
+def _swapped(module: nn.Module, k, options: dict) -> nn.Module:
+    if isinstance(module, nn.LSTM):  # the options an LSTM takes; the rest are a Linear's
+        return MePropLSTM.from_lstm(
+            module, k=k, **{n: v for n, v in options.items() if n in ("unified", "selection")}
+        )
+    return MePropLinear.from_linear(module, k=k, **options)
+
+
+def convert(model: nn.Module, *, k, exclude=None, lstm: bool = False, **options) -> nn.Module:
     """Swap every ``nn.Linear`` in ``model`` for a ``MePropLinear``, in place.
 
     Args:
@@ -65,6 +77,9 @@ def convert(model: nn.Module, *, k, exclude=None, **options) -> nn.Module:
             (fnmatch patterns allowed; a name also excludes everything inside that
             module), or a predicate ``(name, module) -> bool``. The paper keeps the
             output layer dense: ``exclude=["classifier"]``.
+        lstm: also swap every ``nn.LSTM`` for a ``MePropLSTM`` sharing its parameters
+            (``k`` then counts units per gate of its hidden size; of the options only
+            ``unified`` and ``selection`` apply to it).
         options: ``unified``, ``selection``, ``sparse_grad``, ``backend``,
             ``track_selection``.
 
@@ -84,13 +99,15 @@ def convert(model: nn.Module, *, k, exclude=None, **options) -> nn.Module:
         )
     check_k(k)
     check_options(**{**_OPTIONS, **options})
+    if not isinstance(lstm, bool):
+        raise TypeError(f"lstm must be True or False; got {lstm!r}")
 
     named = list(model.named_modules(remove_duplicate=False))
     names = [n for n, _ in named]
     excluded = _exclusion(exclude, names)
 
-    if _convertible(model):
-        return model if excluded("", model) else MePropLinear.from_linear(model, k=k, **options)
+    if _convertible(model) or _lstm_convertible(model, lstm):
+        return model if excluded("", model) else _swapped(model, k, options)
 
     inside_mha = set()
     for name, module in named:
@@ -105,7 +122,7 @@ def convert(model: nn.Module, *, k, exclude=None, **options) -> nn.Module:
             continue
         for child_name, child in parent.named_children():
             qualified = f"{parent_name}.{child_name}" if parent_name else child_name
-            if _convertible(child) and id(child) not in inside_mha:
+            if (_convertible(child) or _lstm_convertible(child, lstm)) and id(child) not in inside_mha:
                 candidates.append((parent, child_name, child))
                 if excluded(qualified, child):
                     kept.add(id(child))
@@ -114,7 +131,7 @@ def convert(model: nn.Module, *, k, exclude=None, **options) -> nn.Module:
     replacement = {}
     for _, _, child in swaps:
         if id(child) not in replacement:
-            replacement[id(child)] = MePropLinear.from_linear(child, k=k, **options)
+            replacement[id(child)] = _swapped(child, k, options)
     for parent, child_name, child in swaps:
         setattr(parent, child_name, replacement[id(child)])
     return model

@@ -228,3 +228,31 @@ def test_packed_sequences(layers, bidirectional, k):
         want = torch.autograd.grad(loss, inputs)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_convert_swaps_lstms_only_when_asked():
+    from meprop_triton import MePropLinear, convert
+
+    torch.manual_seed(0)
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(5, 7, batch_first=True)
+            self.out = nn.Linear(7, 3)
+
+        def forward(self, x):
+            return self.out(self.lstm(x)[0])
+
+    plain = convert(Tagger(), k=2)
+    assert type(plain.lstm) is nn.LSTM and isinstance(plain.out, MePropLinear)
+    model = Tagger()
+    weights = list(model.lstm.parameters())
+    model = convert(model, k=2, lstm=True, exclude=["out"], unified=False, sparse_grad=True)
+    assert isinstance(model.lstm, MePropLSTM) and type(model.out) is nn.Linear
+    assert model.lstm.k == 2 and not model.lstm.unified and model.lstm.batch_first
+    assert all(a is b for a, b in zip(model.lstm.parameters(), weights))
+    model(torch.randn(2, 4, 5)).sum().backward()
+    with pytest.raises(TypeError, match="lstm must be True or False"):
+        convert(Tagger(), k=2, lstm="yes")
+    assert isinstance(convert(nn.LSTM(3, 4), k=1, lstm=True), MePropLSTM)
