@@ -23,13 +23,51 @@ backward. No ``(T x 4H x in)`` temporary is made; the kept gradients are held as
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
 
-__all__ = ["lstm_layer"]
+__all__ = ["lstm_layer", "ProductTimer"]
+
+
+class ProductTimer:
+    """Seconds spent in an LSTM backward's matrix products (the paper's "backprop time":
+    the recurrent ``dh_{t-1}`` product of every step, and ``dx``, ``dW_ih``, ``dW_hh``),
+    the element-wise parts and the selection left out. Active inside ``with timer:``
+    (one at a time); on CUDA the device is synchronised around each product.
+
+        timer = ProductTimer()
+        with timer:
+            loss.backward()
+        timer.seconds
+    """
+
+    active: "ProductTimer | None" = None
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def __enter__(self) -> "ProductTimer":
+        ProductTimer.active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ProductTimer.active = None
+
+    def start(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self._t0 = time.perf_counter()
+
+    def stop(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds += time.perf_counter() - self._t0
 
 
 def _gate_topk(scores: Tensor, k: int) -> Tensor:
@@ -165,9 +203,14 @@ def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn
         dc = dc * f[t]
         if act is not None:
             dc = torch.where(act, dc, dc_in)
+        timer = ProductTimer.active
         if dense:
             vals[t] = da
+            if timer is not None:
+                timer.start(da.device)
             dh = da @ w_hh
+            if timer is not None:
+                timer.stop(da.device)
             if act is not None:
                 dh = torch.where(act, dh, dh_in)
             continue
@@ -183,16 +226,25 @@ def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn
             v = da.index_select(1, cols)  # (B, 4k)
             vals[t] = v
             idx[t] = cols
+            if timer is not None:
+                timer.start(da.device)
             dh = v @ w_hh.index_select(0, cols)
         else:
             v = da.gather(1, sel)
             vals[t] = v
             idx[t] = sel
+            if timer is not None:
+                timer.start(da.device)
             dh = _rows_times(v, sel, w_hh)
+        if timer is not None:
+            timer.stop(da.device)
         if act is not None:
             dh = torch.where(act, dh, dh_in)
 
     M = T * B
+    timer = ProductTimer.active
+    if timer is not None:
+        timer.start(x.device)
     if dense:
         da_all = vals.reshape(M, 4 * H)
         dx = (da_all @ w_ih).reshape(T, B, n_in) if need_x else None
@@ -203,6 +255,8 @@ def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn
         dx = _rows_times(v2, i2, w_ih).reshape(T, B, n_in) if need_x else None
         dw_ih = _scatter_rows(v2, i2, x.reshape(M, n_in), 4 * H)
         dw_hh = _scatter_rows(v2, i2, h_prev.reshape(M, H), 4 * H)
+    if timer is not None:
+        timer.stop(x.device)
     return dx, dh, dc, dw_ih, dw_hh, db
 
 
