@@ -381,6 +381,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", dest="warmup_steps", type=_nonnegative_int, default=20,
                    help="untimed steps of each kind of run first, on throwaway models (default 20)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch's intra-op CPU threads (default: torch's choice); 1 keeps a run's "
+                        "timings steady on a machine that is busy with other work")
     p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                    help="leave glibc's malloc at its defaults (see meprop_triton.utils.keep_freed_memory)")
     p.add_argument("--json", dest="json_path", metavar="PATH", default=None,
@@ -403,6 +406,8 @@ def main(argv=None) -> None:
     """The ``meprop-pos`` command (``python -m meprop_triton.pos``)."""
     args = parse_args(argv)
     device = _resolve_device(args.device, PROG)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     kept = keep_freed_memory() if args.keep_freed_memory else False
     load_start = _loadavg()
     t_start = time.perf_counter()
@@ -443,7 +448,7 @@ def main(argv=None) -> None:
     if args.json_path:
         config = {key: getattr(args, key) for key in (
             "corpus", "tagset", "max_sentences", "epochs", "hidden", "batch_size", "k", "unified",
-            "optimizer", "lr", "seed", "compare", "plain_lstm", "warmup_steps")}
+            "optimizer", "lr", "seed", "compare", "plain_lstm", "warmup_steps", "threads")}
         config.update(
             data_source=str(corpus), n_sentences=len(sentences), split_seed=SPLIT_SEED,
             n_train=len(splits["train"]), n_dev=len(splits["dev"]), n_test=len(splits["test"]),

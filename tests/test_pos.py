@@ -13,6 +13,13 @@ from meprop_triton import datasets, pos
 TINY = ["--hidden", "16", "--epochs", "1", "--warmup-steps", "0", "--no-keep-freed-memory"]
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def make_corpus(path, n=60, seed=0):
     """Sentences of determiner/noun/verb/adverb words, Brown-style markers on some tags."""
     rng = random.Random(seed)
@@ -133,8 +140,9 @@ def test_cli_compare_two_runs_and_plot(tmp_path):
 def test_cli_corpus_directory(tmp_path):
     make_corpus(tmp_path / "c" / "a.txt", n=20, seed=1)
     make_corpus(tmp_path / "c" / "b.txt", n=20, seed=2)
-    r = run_cli(["--corpus", str(tmp_path / "c"), "--k", "3", *TINY], tmp_path)
+    r = run_cli(["--corpus", str(tmp_path / "c"), "--k", "3", "--threads", "1", *TINY], tmp_path)
     assert r["config"]["n_sentences"] == 40
+    assert r["config"]["threads"] == r["config"]["torch_threads"] == 1
 
 
 def test_cli_errors(tmp_path):
