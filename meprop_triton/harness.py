@@ -453,8 +453,11 @@ def write_plot(path, runs: list[dict], title: str) -> None:
                     label="training (forward + backward + optimizer)", alpha=0.45),
     ]
     fmt = "%.1f" if max(r["training_time_s"] for r in runs) >= 10 else "%.2f"
-    for b in bars:
+    for b in bars[1:]:
         ax_time.bar_label(b, fmt=fmt, fontsize=7)
+    # a run whose backprop time is not measured apart (None) is labelled so, not drawn as 0
+    ax_time.bar_label(bars[0], labels=["n/a" if r["backprop_time_s"] is None else fmt % r["backprop_time_s"]
+                                       for r in runs], fontsize=7)
     ax_time.set_xticks(xs, names, fontsize=8)
     ax_time.set_ylabel("seconds (all epochs)")
     ax_time.set_title("Time per run")

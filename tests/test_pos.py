@@ -114,8 +114,11 @@ def test_cli_single_run_json(tmp_path, capsys):
 def test_cli_compare_and_plain_from_same_weights(tmp_path):
     corpus = make_corpus(tmp_path / "corpus.txt")
     # k = H: the meProp run must train exactly as the dense one (same code, same seed and order)
+    png = tmp_path / "p.png"  # the plain run's backprop time is None: labelled n/a, not drawn
     r = run_cli(["--corpus", str(corpus), "--compare", "--plain-lstm", "--k", "16",
-                 "--max-sentences", "30", *TINY], tmp_path)
+                 "--max-sentences", "30", "--plot", str(png), *TINY], tmp_path)
+    assert png.stat().st_size > 0
+    assert "| LSTM 16 (plain nn.LSTM) | - | - |" in r["table"]
     runs = r["runs"]
     assert [(x["k"], x["lstm"]) for x in runs] == [(0, "MePropLSTM"), (16, "MePropLSTM"), (0, "nn.LSTM")]
     dense, meprop, plain = runs
