@@ -104,11 +104,15 @@ def recording(arch: int):
     from meprop_triton.kernels import _launch
 
     rec = _Recorder()
-    saved = {n: getattr(_launch, n) for n in ("launchable", "interpreter_enabled", "num_sms", "capability")}
+    saved = {
+        n: getattr(_launch, n)
+        for n in ("launchable", "interpreter_enabled", "num_sms", "capability", "shared_memory_limit")
+    }
     _launch.launchable = rec.launchable
     _launch.interpreter_enabled = lambda: True
     _launch.num_sms = lambda device: ARCH_SMS[arch]
     _launch.capability = lambda device: (arch // 10, arch % 10)
+    _launch.shared_memory_limit = lambda device: SHARED_LIMIT[arch]
     single = _launch.FORCE_SINGLE_CONFIG
     _launch.FORCE_SINGLE_CONFIG = False  # the autotuner's candidates, not the test config
     try:

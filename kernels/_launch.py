@@ -18,6 +18,7 @@ __all__ = [
     "interpreter_enabled",
     "num_sms",
     "capability",
+    "shared_memory_limit",
     "check_float_tensor",
     "check_index",
     "check_out",
@@ -78,6 +79,21 @@ def capability(device: torch.device) -> tuple[int, int]:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return _cuda_capability(index)
     return (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_shared_limit(index: int) -> int | None:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", None)
+
+
+def shared_memory_limit(device) -> int | None:
+    """Shared memory a block of ``device`` may use (its opt-in maximum), None off CUDA
+    or where torch does not report it."""
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_shared_limit(index)
+    return None
 
 
 def check_float_tensor(name: str, t: torch.Tensor, dim: int) -> None:

@@ -171,7 +171,9 @@ def grad_input_kernel(
         if GATHER_G:
             a = tl.load(g_rows + sel[None, :] * stride_gn, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         else:  # padding columns hold zeros; W's rows there are masked to zero below
-            a = tl.load(g_rows + kk[None, :] * stride_gn, mask=m_ok[:, None] & (kk < KA)[None, :], other=0.0)
+            a = tl.load(
+                g_rows + kk.to(tl.int64)[None, :] * stride_gn, mask=m_ok[:, None] & (kk < KA)[None, :], other=0.0
+            )
         b = tl.load(w_cols + sel[:, None] * stride_wo, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
@@ -272,12 +274,14 @@ def _zero_rows(z, rest_ptr, out_ptr, R, N, stride_wo, stride_wi, BLOCK_M: tl.con
 @triton.jit
 def split_reduce_kernel(
     ws_ptr, idx_ptr, rest_ptr, out_ptr,
-    N, K, R, SPLIT,
+    N, K, R, SPLIT, stride_ws,
     stride_wo, stride_wi,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Rows ``idx`` of ``out`` = ``sum_s ws[s]`` (s = 0, 1, ... in order, fp32), cast to
-    ``out``'s dtype; then the zero rows ``rest``: every element of ``out`` written once."""
+    ``out``'s dtype; then the zero rows ``rest``: every element of ``out`` written once.
+    ``stride_ws``: elements between slices (``K * N``, from the host: a size argument
+    equal to 1 becomes a constant at launch, on which no tensor method can be called)."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_sel = tl.cdiv(K, BLOCK_M) * num_pid_n
@@ -290,11 +294,10 @@ def split_reduce_kernel(
         n_ok = rn < N
         mask = r_ok[:, None] & n_ok[None, :]
         part = ws_ptr + rr[:, None].to(tl.int64) * N + rn[None, :]
-        slice_stride = K.to(tl.int64) * N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for _ in range(0, SPLIT):  # slice 0, 1, ...: a fixed order
             acc += tl.load(part, mask=mask, other=0.0)
-            part += slice_stride
+            part += stride_ws
         sel = tl.load(idx_ptr + rr, mask=r_ok, other=0)
         out = out_ptr + sel[:, None] * stride_wo + rn[None, :] * stride_wi
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -344,7 +347,7 @@ def _triton_before(major: int, minor: int) -> bool:
 SHARED_LIMIT = {8: 167936, 9: 232448}
 
 
-def keep_config(config, dtype, input_precision, capability, old_triton=None, gather=False) -> bool:
+def keep_config(config, dtype, input_precision, capability, old_triton=None, gather=False, smem=None) -> bool:
     """Whether the autotuner may try ``config`` for ``dtype`` operands with this
     ``input_precision`` on a GPU of compute ``capability`` ((major, minor)); ``gather``:
     G's columns are gathered inside the GEMM's loads (``GATHER_G``).
@@ -358,7 +361,8 @@ def keep_config(config, dtype, input_precision, capability, old_triton=None, gat
       multiples of 16 they are the ones that do not spill.
     * sm_8x: no 128 x 256 tile with BLOCK_K = 64 (``mma.sync`` fragments of that tile
       spill in the main loop).
-    * The operand ring (``num_stages`` x (A tile + B tile)) fits shared memory.
+    * The operand ring (``num_stages`` x (A tile + B tile)) fits shared memory: ``smem``
+      bytes a block may use (the device's own figure), else :data:`SHARED_LIMIT`'s.
     * fp32 through tf32 on sm_8x with triton < 3.7: tiles up to 128 x 128; the 128 x 256
       tile spills in its main loop there (41 spill instructions under triton 3.6.0, none
       under 3.8 / 3.9).
@@ -374,7 +378,8 @@ def keep_config(config, dtype, input_precision, capability, old_triton=None, gat
         return False
     elem = 4 if dtype == torch.float32 else 2
     ring = config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem
-    if ring > SHARED_LIMIT.get(capability[0], SHARED_LIMIT[8]) - 8192:
+    limit = smem if smem is not None else SHARED_LIMIT.get(capability[0], SHARED_LIMIT[8])
+    if ring > limit - 8192:
         return False
     if old_triton is None:
         old_triton = _triton_before(3, 7)
@@ -387,10 +392,14 @@ def prune_configs(configs, named_args, **kwargs):
     """Autotune pruning by :func:`keep_config` (the first config if none is kept)."""
     g = named_args.get("g_ptr")
     dtype = getattr(g, "dtype", None)
-    capability = _launch.capability(getattr(g, "device", None))
+    device = getattr(g, "device", None)
+    capability = _launch.capability(device)
+    smem = _launch.shared_memory_limit(device)
     kept = [
         c for c in configs
-        if keep_config(c, dtype, kwargs.get("INPUT_PRECISION"), capability, gather=bool(kwargs.get("GATHER_G")))
+        if keep_config(
+            c, dtype, kwargs.get("INPUT_PRECISION"), capability, gather=bool(kwargs.get("GATHER_G")), smem=smem
+        )
     ]
     return kept or configs[:1]
 
@@ -662,7 +671,7 @@ def scattered_grad_weight(
         rc = reduce_configs()[0]
         grid = ((triton.cdiv(K, rc["BLOCK_M"]) + triton.cdiv(R, rc["BLOCK_M"])) * triton.cdiv(n_in, rc["BLOCK_N"]),)
         _launch.launchable(split_reduce_kernel, traceable)[grid](
-            ws, idx, rest, out, n_in, K, R, split, out.stride(0), out.stride(1),
+            ws, idx, rest, out, n_in, K, R, split, ws.stride(0), out.stride(0), out.stride(1),
             BLOCK_M=rc["BLOCK_M"], BLOCK_N=rc["BLOCK_N"], num_warps=rc["num_warps"],
         )
     return out

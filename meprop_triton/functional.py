@@ -201,8 +201,9 @@ def _backward(ctx, grad_output: Tensor):
             run = reference.unified_sparse_backward if sparse else reference.unified_backward
         gx, gw, gb = run(grad, x2d, weight, idx, need_input=need_x, need_weight=need_w, need_bias=need_b)
     counts = ctx.counts
-    # (a Triton backward that computed neither grad_x nor grad_W made no selection)
-    if counts is not None and (idx is None or idx.numel() > 0):
+    # Counted where a selection decided something: a backward that computes neither
+    # grad_x nor grad_W (only the bias's) counts nothing, on either backend.
+    if counts is not None and (need_x or need_w) and (idx is None or idx.numel() > 0):
         _count(counts, idx, grad.shape[0])
     if gx is not None and gx.dim() != x.dim():
         gx = gx.reshape(x.shape)

@@ -186,7 +186,8 @@ def _per_example_products(
 #: * ``gather``: kernels/per_example.py, CUDA-core FMAs over the M*k selected entries
 #:   only (each example's rows of W and x gathered, re-read from L2);
 #: * ``masked``: G with every unselected entry zeroed (one (M, out) buffer), then the two
-#:   dense GEMMs of cuBLAS on tensor cores: the same sums with zeros added.
+#:   dense GEMMs of cuBLAS on tensor cores: the same sums with zeros added. Taken only
+#:   for the top-k op's own selection (distinct, in-range indices).
 #:
 #: The crossover is an estimate, to be checked on a GPU (bench/ times both): the gather
 #: kernels reach maybe 20 TFLOP/s of useful work on an H100/H200 (FP32 FMA peak ~67,
@@ -220,7 +221,10 @@ def _masked_products(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-example products through a masked copy of G and two dense GEMMs. The same
     sums as the gather kernels, except where W's or x's unselected entries are inf or
-    NaN (0 * inf is NaN in a GEMM; the gather route never reads them)."""
+    NaN (0 * inf is NaN in a GEMM; the gather route never reads them), and in fp16 /
+    bf16 cuBLAS may reduce in reduced precision where torch allows it
+    (``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` and its fp16
+    twin, on by default) rather than in fp32 throughout."""
     masked = torch.zeros_like(grad, memory_format=torch.contiguous_format)
     masked.scatter_(1, idx, grad.gather(1, idx))
     grad_x = masked @ weight if need_x else grad.new_empty(0)
@@ -228,27 +232,25 @@ def _masked_products(
     return grad_x, grad_w, _bias_only(grad, need_b)
 
 
-def _per_example_any_route(grad, x, weight, idx, need_x, need_w, need_b):
-    M, n_out = grad.shape
-    if per_example_route(M, n_out, idx.shape[1], grad.dtype) == "masked":
-        return _masked_products(grad, x, weight, idx, need_x, need_w, need_b)
-    return _per_example_products(grad, x, weight, idx, need_x, need_w, need_b)
-
-
 def _per_example_topk_backward(
     grad: Tensor, x: Tensor, weight: Tensor, k: int, need_x: bool, need_w: bool, need_b: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The products, then the (M, k) selection (empty when none was made)."""
+    """The products, then the (M, k) selection (empty when none was made). The masked
+    route is taken only here, where the indices are the kernel's own (distinct and in
+    range); given indices (``_per_example_backward_from_indices``) take the gather
+    kernels, which skip out-of-range ones as documented."""
     if not (need_x or need_w):
         return grad.new_empty(0), grad.new_empty(0), _bias_only(grad, need_b), _no_indices(grad)
     idx = row_topk_indices(grad, k, traceable=True)
-    return (*_per_example_any_route(grad, x, weight, idx, need_x, need_w, need_b), idx)
+    if per_example_route(grad.shape[0], grad.shape[1], k, grad.dtype) == "masked":
+        return (*_masked_products(grad, x, weight, idx, need_x, need_w, need_b), idx)
+    return (*_per_example_products(grad, x, weight, idx, need_x, need_w, need_b), idx)
 
 
 def _per_example_backward_from_indices(
     grad: Tensor, x: Tensor, weight: Tensor, idx: Tensor, need_x: bool, need_w: bool, need_b: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _per_example_any_route(grad, x, weight, idx, need_x, need_w, need_b)
+    return _per_example_products(grad, x, weight, idx, need_x, need_w, need_b)
 
 
 def _unified_backward_from_indices(

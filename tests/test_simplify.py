@@ -68,6 +68,15 @@ def test_statistics_random_selection_and_dense_k():
     assert torch.equal(dense.selection_stats().hits, torch.full((12,), 5))
 
 
+def test_no_count_when_only_the_bias_needs_a_gradient():
+    """As on the Triton backend: a backward that computes neither grad_x nor grad_W
+    decides nothing, and counts nothing."""
+    layer = MePropLinear(6, 12, k=4, track_selection=True)
+    layer.weight.requires_grad_(False)
+    layer(torch.randn(5, 6)).sum().backward()
+    assert layer.selection_stats().rows == 0 and layer.bias.grad is not None
+
+
 def test_statistics_are_off_by_default_and_stay_out_of_state_dict():
     layer = MePropLinear(4, 6, k=2)
     assert not layer.track_selection and "selection_counts" not in dict(layer.named_buffers())

@@ -207,7 +207,7 @@ def builds() -> list[dict]:
                     "matmul.split_reduce_kernel",
                     f"split_reduce-{dt}-M{c['BLOCK_M']}N{c['BLOCK_N']}-{spec}",
                     {"ws_ptr": "*fp32", "idx_ptr": "*i64", "rest_ptr": "*i64", "out_ptr": TL[dt]},
-                    ["N", "K", "R", "SPLIT", "stride_wo", "stride_wi"],
+                    ["N", "K", "R", "SPLIT", "stride_ws", "stride_wo", "stride_wi"],
                     {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
                     {"num_warps": c["num_warps"]},
                     unit=("stride_wi",), aligned=spec == "contig", aligned_ptrs=True,

