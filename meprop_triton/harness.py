@@ -14,6 +14,8 @@ JSON file (:func:`write_json`).
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import math
 import os
@@ -68,6 +70,23 @@ class LinearBackwardTimer:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+# --- argparse types shared by the experiment CLIs
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
+    return value
 
 
 def _make_optimizer(name: str, params, lr: float, fused: bool = True) -> torch.optim.Optimizer:

@@ -59,6 +59,8 @@ from .harness import (
     _resolve_device,
     _rng_state,
     _set_rng_state,
+    _nonnegative_int,
+    _positive_int,
     _sync,
     format_table,
     interleave,
@@ -98,20 +100,6 @@ def _k_arg(text: str):
         return value
     if value < 0:
         raise argparse.ArgumentTypeError(f"k must be >= 0 (0 = dense); got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
     return value
 
 

@@ -72,6 +72,8 @@ from .harness import (
     _loadavg,
     _make_optimizer,
     _resolve_device,
+    _nonnegative_int,
+    _positive_int,
     _sync,
     format_table,
     interleave,
@@ -329,20 +331,6 @@ def warm_up(args, data: dict, specs, device: torch.device) -> float:
 
 
 # ------------------------------------------------------------------------ arguments
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
