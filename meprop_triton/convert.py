@@ -1,25 +1,90 @@
-"""``convert``: swap the ``nn.Linear`` layers of an existing model for ``MePropLinear``."""
+"""``convert``: swap the linear layers of an existing model for meProp layers.
+
+``nn.Linear`` becomes ``MePropLinear``, transformers' ``Conv1D`` (recognised by duck
+typing) ``MePropConv1D``, and with ``lstm=True`` ``nn.LSTM`` ``MePropLSTM``, each sharing
+the old layer's Parameter objects. ``convert(..., report=True)`` also returns a
+:class:`ConversionReport` saying what was converted and what was left dense, and why.
+``meprop_settings`` / ``apply_settings`` record a converted model's layers and settings
+and redo the conversion on a freshly loaded (dense) copy.
+"""
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ._validation import check_k, check_options
+from .conv1d import MePropConv1D, is_conv1d
 from .nn import MePropLinear, MePropLSTM
 
-__all__ = ["convert"]
+__all__ = ["convert", "ConversionReport", "meprop_settings", "apply_settings"]
 
 _OPTIONS = {"unified": True, "selection": "topk", "sparse_grad": False, "backend": "auto", "track_selection": False}
+_LSTM_OPTIONS = ("unified", "selection")
+_TIED = ("skip", "convert")
 
 
-def _convertible(module: nn.Module) -> bool:
-    # Plain nn.Linear only (and MePropLinear, to change its settings): a subclass may
-    # have a forward of its own that a swap would lose, e.g. the out_proj of
-    # nn.MultiheadAttention, whose weight is used without calling its forward.
-    return type(module) in (nn.Linear, MePropLinear)
+@dataclass
+class ConversionReport:
+    """What ``convert(..., report=True)`` did.
+
+    ``converted``: qualified module name -> the class it had (``"Linear"``, ``"Conv1D"``,
+    ``"LSTM"``, or a meProp class whose settings were changed); ``left_dense``: name ->
+    why it was left alone (excluded, tied weight, a type that cannot be swapped).
+    Names are as in ``model.named_modules()``; ``""`` is the model itself. A layer
+    reachable under several names is listed under the first. ``str(report)`` is a
+    readable summary.
+    """
+
+    converted: dict[str, str] = field(default_factory=dict)
+    left_dense: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        kinds: dict[str, int] = {}
+        for cls in self.converted.values():
+            kinds[cls] = kinds.get(cls, 0) + 1
+        by_kind = ", ".join(f"{n} {c}" for c, n in kinds.items())
+        lines = [
+            f"meProp convert: {len(self.converted)} layer(s) converted"
+            + (f" ({by_kind})" if by_kind else "")
+            + f", {len(self.left_dense)} left dense"
+        ]
+        for name, cls in self.converted.items():
+            lines.append(f"  converted   {name or '(the model)'} ({cls})")
+        for name, why in self.left_dense.items():
+            lines.append(f"  left dense  {name or '(the model)'}: {why}")
+        return "\n".join(lines)
+
+
+def _kind(module: nn.Module, lstm: bool) -> str | None:
+    """"linear", "conv1d" or "lstm" for a layer convert swaps, else None."""
+    t = type(module)
+    if t in (nn.Linear, MePropLinear):
+        return "linear"
+    if t is MePropConv1D or is_conv1d(module):
+        return "conv1d"
+    if lstm and t in (nn.LSTM, MePropLSTM):
+        return "lstm"
+    return None
+
+
+def _why_not(module: nn.Module, lstm: bool) -> str | None:
+    """Why a linear-like layer that convert does not swap stays dense (None: not one)."""
+    t = type(module)
+    if isinstance(module, nn.Linear):
+        # A subclass may have a forward of its own that a swap would lose.
+        return f"{t.__module__}.{t.__qualname__} is a subclass of nn.Linear (its forward may differ); not swapped"
+    if isinstance(module, nn.LSTM):
+        if t in (nn.LSTM, MePropLSTM):
+            return "nn.LSTM: pass lstm=True to convert LSTMs"
+        return f"{t.__qualname__} is a subclass of nn.LSTM; not swapped"
+    if t.__name__ == "Conv1D":
+        return "a class named Conv1D without transformers' layout (nf, weight (in, nf), bias (nf,)); not swapped"
+    return None
 
 
 def _exclusion(exclude, names: list[str]) -> Callable[[str, nn.Module], bool]:
@@ -53,26 +118,69 @@ def _exclusion(exclude, names: list[str]) -> Callable[[str, nn.Module], bool]:
     return excluded
 
 
-def _lstm_convertible(module: nn.Module, lstm: bool) -> bool:
-    return lstm and type(module) in (nn.LSTM, MePropLSTM)
-
-
-def _swapped(module: nn.Module, k, options: dict) -> nn.Module:
-    if isinstance(module, nn.LSTM):  # the options an LSTM takes; the rest are a Linear's
-        return MePropLSTM.from_lstm(
-            module, k=k, **{n: v for n, v in options.items() if n in ("unified", "selection")}
-        )
+def _swapped(module: nn.Module, kind: str, k, options: dict) -> nn.Module:
+    if kind == "lstm":  # the options an LSTM takes; the rest are a Linear's
+        return MePropLSTM.from_lstm(module, k=k, **{n: v for n, v in options.items() if n in _LSTM_OPTIONS})
+    if kind == "conv1d":
+        return MePropConv1D.from_conv1d(module, k=k, **options)
     return MePropLinear.from_linear(module, k=k, **options)
 
 
-def convert(model: nn.Module, *, k, exclude=None, lstm: bool = False, **options) -> nn.Module:
-    """Swap every ``nn.Linear`` in ``model`` for a ``MePropLinear``, in place.
+def _places(model: nn.Module):
+    """Every (qualified name, parent, attribute, child) in ``model``, shared children
+    under each of their names, with the names in ``named_modules`` order."""
+    out = []
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent._modules.items():  # named_children() skips repeats
+            if child is None:
+                continue
+            out.append((f"{parent_name}.{child_name}" if parent_name else child_name, parent, child_name, child))
+    return out
+
+
+def _param_owners(model: nn.Module) -> tuple[dict[int, set[int]], dict[int, str]]:
+    """id(Parameter) -> ids of the modules that register it; id(module) -> first name."""
+    owners: dict[int, set[int]] = {}
+    first: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        first.setdefault(id(module), name)
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(module))
+    return owners, first
+
+
+def _tied_with(module: nn.Module, owners, first) -> list[str]:
+    """Qualified names (``module.param``) of the other modules holding this layer's
+    parameters, e.g. the token embedding an output layer's weight is tied to."""
+    others = []
+    for pname, p in module._parameters.items():
+        if p is None:
+            continue
+        for owner in sorted(owners.get(id(p), ()), key=lambda o: first.get(o, "")):
+            if owner != id(module):
+                others.append(f"{first.get(owner, '?')} ({pname})")
+    return others
+
+
+def convert(
+    model: nn.Module,
+    *,
+    k,
+    exclude=None,
+    lstm: bool = False,
+    tied: str = "skip",
+    report: bool = False,
+    **options,
+):
+    """Swap every ``nn.Linear`` (and transformers ``Conv1D``) in ``model`` for a meProp
+    layer, in place.
 
     Args:
-        model: any module; returned, converted. A bare ``nn.Linear`` cannot be swapped
-            in place, so a new ``MePropLinear`` sharing its parameters is returned.
-        k: as for ``MePropLinear`` (an int >= 1, or a fraction of each layer's
-            ``out_features`` in (0, 1]).
+        model: any module; returned, converted. A bare layer cannot be swapped in place,
+            so a new meProp layer sharing its parameters is returned.
+        k: as for ``MePropLinear`` (an int >= 1, or a fraction of each layer's output
+            features in (0, 1]).
         exclude: layers to leave dense: qualified names as in ``model.named_modules()``
             (fnmatch patterns allowed; a name also excludes everything inside that
             module), or a predicate ``(name, module) -> bool``. The paper keeps the
@@ -80,13 +188,25 @@ def convert(model: nn.Module, *, k, exclude=None, lstm: bool = False, **options)
         lstm: also swap every ``nn.LSTM`` for a ``MePropLSTM`` sharing its parameters
             (``k`` then counts units per gate of its hidden size; of the options only
             ``unified`` and ``selection`` apply to it).
+        tied: ``"skip"`` (default): a layer whose weight or bias is also registered in
+            another module (tied embeddings: GPT-2's ``lm_head.weight`` is
+            ``transformer.wte.weight``) stays dense, and the report names the module it
+            is tied to; ``"convert"``: convert it all the same (the shared Parameter
+            then gets meProp's gradient from this layer plus the other module's own).
+        report: False (default): return the model; True: return ``(model,
+            ConversionReport)``, which says what was converted and what was left dense
+            and why (``print(report)`` for a summary).
         options: ``unified``, ``selection``, ``sparse_grad``, ``backend``,
-            ``track_selection``.
+            ``track_selection``. ``sparse_grad=True`` is refused for a model with
+            ``Conv1D`` layers to convert (exclude them, or use dense gradients).
 
-    The new layers share the old layers' Parameter objects, so an optimizer built
-    before the conversion keeps working. Layers used inside ``nn.MultiheadAttention``
-    and other ``nn.Linear`` subclasses are left alone. A layer shared between several
-    places stays shared (excluded under any of its names, it stays dense everywhere).
+    transformers' ``Conv1D`` (GPT-2's attention and MLP layers, weight stored
+    ``(in, out)``) is recognised by its class name and layout, so transformers is not
+    needed to import this package. The new layers share the old layers' Parameter
+    objects, so an optimizer built before the conversion keeps working. Layers used
+    inside ``nn.MultiheadAttention`` and subclasses of ``nn.Linear`` are left alone. A
+    layer shared between several places stays shared (excluded under any of its names,
+    it stays dense everywhere). A ``UserWarning`` says so when nothing was converted.
     Nothing is changed when an argument is refused.
     """
     if not isinstance(model, nn.Module):
@@ -101,37 +221,159 @@ def convert(model: nn.Module, *, k, exclude=None, lstm: bool = False, **options)
     check_options(**{**_OPTIONS, **options})
     if not isinstance(lstm, bool):
         raise TypeError(f"lstm must be True or False; got {lstm!r}")
+    if tied not in _TIED:
+        raise ValueError(f"tied must be 'skip' or 'convert'; got {tied!r}")
+    if not isinstance(report, bool):
+        raise TypeError(f"report must be True or False; got {report!r}")
 
-    named = list(model.named_modules(remove_duplicate=False))
-    names = [n for n, _ in named]
+    names = [n for n, _ in model.named_modules(remove_duplicate=False)]
     excluded = _exclusion(exclude, names)
+    owners, first = _param_owners(model)
+    summary = ConversionReport()
 
-    if _convertible(model) or _lstm_convertible(model, lstm):
-        return model if excluded("", model) else _swapped(model, k, options)
-
+    places = [("", None, None, model)] + _places(model)
     inside_mha = set()
-    for name, module in named:
+    for _, _, _, module in places:
         if isinstance(module, nn.MultiheadAttention):
-            inside_mha.update(id(m) for m in module.modules())
+            inside_mha.update(id(m) for m in module.modules() if m is not module)
 
     # Decide everything first, then swap: a refused call changes nothing.
-    candidates = []
-    kept = set()  # ids of layers excluded under at least one of their names
-    for parent_name, parent in named:
-        if id(parent) in inside_mha:
-            continue
-        for child_name, child in parent.named_children():
-            qualified = f"{parent_name}.{child_name}" if parent_name else child_name
-            if (_convertible(child) or _lstm_convertible(child, lstm)) and id(child) not in inside_mha:
-                candidates.append((parent, child_name, child))
-                if excluded(qualified, child):
-                    kept.add(id(child))
-    # A shared layer excluded in one place stays dense everywhere, so it stays shared.
-    swaps = [(p, n, c) for p, n, c in candidates if id(c) not in kept]
-    replacement = {}
-    for _, _, child in swaps:
+    candidates = []  # (name, parent, attribute, child, kind)
+    kept: dict[int, str] = {}  # id(layer) -> why it stays dense
+    seen: set[int] = set()
+    for name, parent, attr, child in places:
+        kind = _kind(child, lstm)
+        if id(child) in inside_mha:
+            if kind is not None or _why_not(child, lstm) is not None:
+                kept.setdefault(id(child), "inside nn.MultiheadAttention, which uses its weight without calling the layer")
+        elif kind is None:
+            why = _why_not(child, lstm)
+            if why is not None:
+                kept.setdefault(id(child), why)
+        else:
+            candidates.append((name, parent, attr, child, kind))
+            if excluded(name, child):
+                kept[id(child)] = f"excluded (as {name or 'the model'})"
+            elif id(child) not in kept and id(child) not in seen and tied == "skip":
+                others = _tied_with(child, owners, first)
+                if others:
+                    kept[id(child)] = (
+                        f"tied: its parameters are shared with {', '.join(others)}; "
+                        "pass tied='convert' to convert it anyway"
+                    )
+        seen.add(id(child))
+    swaps = [c for c in candidates if id(c[3]) not in kept]
+    if options.get("sparse_grad") and any(kind == "conv1d" for *_, kind in swaps):
+        conv = [name for name, *_, kind in swaps if kind == "conv1d"]
+        raise ValueError(
+            f"sparse_grad=True is not supported for Conv1D layers (their kept units are "
+            f"columns of a weight stored (in, out), which a row-sparse gradient cannot hold); "
+            f"this model has {len(conv)} to convert ({', '.join(conv[:3])}{', ...' if len(conv) > 3 else ''}): "
+            f"exclude them, or use sparse_grad=False"
+        )
+    replacement: dict[int, nn.Module] = {}
+    for name, _, _, child, kind in swaps:
         if id(child) not in replacement:
-            replacement[id(child)] = _swapped(child, k, options)
-    for parent, child_name, child in swaps:
-        setattr(parent, child_name, replacement[id(child)])
-    return model
+            replacement[id(child)] = _swapped(child, kind, k, options)
+            summary.converted[name] = type(child).__name__
+    result = model
+    for name, parent, attr, child, _ in swaps:
+        if parent is None:
+            result = replacement[id(child)]
+        else:
+            setattr(parent, attr, replacement[id(child)])
+    for _, _, _, module in places:
+        why = kept.pop(id(module), None)
+        if why is not None:
+            summary.left_dense[first.get(id(module), "")] = why
+    if not summary.converted:
+        detail = (
+            "; ".join(f"{n or '(the model)'}: {w}" for n, w in list(summary.left_dense.items())[:4])
+            if summary.left_dense
+            else "it has no nn.Linear or transformers Conv1D layer" + ("" if lstm else " (nn.LSTM needs lstm=True)")
+        )
+        warnings.warn(f"convert changed nothing in this {type(model).__name__}: {detail}", UserWarning, stacklevel=2)
+    return (result, summary) if report else result
+
+
+# --- saving and loading -------------------------------------------------------------------
+
+_TYPES = {"MePropLinear": "linear", "MePropConv1D": "conv1d", "MePropLSTM": "lstm"}
+
+
+def meprop_settings(model: nn.Module) -> dict[str, dict]:
+    """The meProp layers of ``model`` and their settings, as a JSON-ready dict.
+
+    ``{qualified name: {"type": "MePropLinear" | "MePropConv1D" | "MePropLSTM", "k": ...,
+    "unified": ..., "selection": ..., ...}}`` (``sparse_grad``, ``backend`` and
+    ``track_selection`` for the linear layers too), one entry per layer, under its first
+    name. Save it beside the weights (``json.dump``, or ``model.config.meprop = ...``
+    before transformers' ``save_pretrained``); :func:`apply_settings` redoes the
+    conversion on a model loaded dense.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"meprop_settings expects an nn.Module; got {type(model).__name__}")
+    out = {}
+    for name, module in model.named_modules():
+        t = type(module)
+        if t in (MePropLinear, MePropConv1D):
+            out[name] = {"type": t.__name__, **{o: getattr(module, o) for o in ("k", *_OPTIONS)}}
+        elif t is MePropLSTM:
+            out[name] = {"type": t.__name__, "k": module.k, **{o: getattr(module, o) for o in _LSTM_OPTIONS}}
+    return out
+
+
+def apply_settings(model: nn.Module, settings: Mapping[str, Mapping]) -> nn.Module:
+    """Convert the layers named in ``settings`` (what :func:`meprop_settings` returned for
+    a converted model) with their recorded settings, in place, and return the model.
+
+    The use: a converted model saved with ``state_dict`` / ``save_pretrained`` loads back
+    dense (plain ``nn.Linear`` / ``Conv1D``); ``apply_settings(loaded, settings)`` makes it
+    the converted model again, the same layers with the same settings. Every entry is
+    checked first (the name exists, its layer is of the recorded kind, the settings are
+    valid); nothing is changed when one is refused. Layers not named stay as they are.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_settings expects an nn.Module; got {type(model).__name__}")
+    if not isinstance(settings, Mapping):
+        raise TypeError(f"settings must be a dict {{module name: settings}} from meprop_settings; got {type(settings).__name__}")
+    plan = []
+    for name, entry in settings.items():
+        if not isinstance(name, str) or not isinstance(entry, Mapping):
+            raise TypeError(f"settings must map module names to dicts; got {name!r}: {entry!r}")
+        kind = _TYPES.get(entry.get("type"))
+        if kind is None:
+            raise ValueError(f"settings[{name!r}]['type'] must be one of {', '.join(_TYPES)}; got {entry.get('type')!r}")
+        allowed = {"type", "k", *(_LSTM_OPTIONS if kind == "lstm" else _OPTIONS)}
+        extra = set(entry) - allowed
+        if extra or "k" not in entry:
+            raise ValueError(
+                f"settings[{name!r}] must have 'k' and only {', '.join(sorted(allowed))}; "
+                + (f"got unexpected {', '.join(sorted(extra))}" if extra else "'k' is missing")
+            )
+        options = {o: v for o, v in entry.items() if o not in ("type", "k")}
+        check_k(entry["k"])
+        check_options(**options)
+        if kind == "conv1d" and options.get("sparse_grad"):
+            raise ValueError(f"settings[{name!r}]: sparse_grad=True is not supported for Conv1D layers")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"settings name a module {name!r} that this {type(model).__name__} does not have") from None
+        if _kind(module, lstm=True) != kind:
+            raise ValueError(
+                f"settings[{name!r}] record a {entry['type']}, but this model's {name!r} is a "
+                f"{type(module).__name__}, which cannot become one"
+            )
+        plan.append((name, module, kind, entry["k"], options))
+    # Every place each layer sits in (a shared layer is swapped everywhere, and stays shared).
+    places = _places(model)
+    result = model
+    for name, module, kind, k, options in plan:
+        new = _swapped(module, kind, k, options)
+        if name == "":
+            result = new
+        for _, parent, attr, child in places:
+            if child is module:
+                setattr(parent, attr, new)
+    return result

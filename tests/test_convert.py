@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from meprop_triton import MePropLinear, convert
+import json
+import warnings
+
+from meprop_triton import ConversionReport, MePropLinear, MePropLSTM, apply_settings, convert, meprop_settings
 
 
 class Net(nn.Module):
@@ -195,7 +198,8 @@ def test_bare_linear_returns_meprop_linear():
 
 def test_bare_linear_excluded_is_returned_unchanged():
     lin = nn.Linear(5, 4)
-    assert convert(lin, k=2, exclude=lambda name, m: True) is lin
+    with pytest.warns(UserWarning, match=r"changed nothing.*excluded"):
+        assert convert(lin, k=2, exclude=lambda name, m: True) is lin
 
 
 def test_convert_again_updates_k():
@@ -225,3 +229,141 @@ def test_training_mode_kept():
     model = make_net().eval()
     convert(model, k=2)
     assert all(not m.training for m in model.modules())
+
+
+# --- the report, tied weights, and saving / loading the settings ------------------------
+
+
+def test_report_names_what_was_converted_and_why_the_rest_stayed_dense():
+    class MyLinear(nn.Linear):
+        pass
+
+    model = make_net()
+    model.extra = MyLinear(3, 3)
+    model.attn = nn.MultiheadAttention(12, 2)
+    model.rnn = nn.LSTM(4, 4)
+    out, report = convert(model, k=2, exclude=["head.classifier"], report=True)
+    assert out is model and isinstance(report, ConversionReport)
+    assert report.converted == {"encoder.0": "Linear", "encoder.2": "Linear", "head.proj": "Linear"}
+    assert set(report.left_dense) == {"head.classifier", "extra", "attn.out_proj", "rnn"}
+    assert report.left_dense["head.classifier"].startswith("excluded")
+    assert "subclass of nn.Linear" in report.left_dense["extra"]
+    assert "MultiheadAttention" in report.left_dense["attn.out_proj"]
+    assert "lstm=True" in report.left_dense["rnn"]
+    text = str(report)
+    assert text.splitlines()[0] == "meProp convert: 3 layer(s) converted (3 Linear), 4 left dense"
+    assert "  converted   encoder.0 (Linear)" in text and "  left dense  head.classifier: excluded" in text
+
+
+def test_report_false_returns_the_model_alone_and_warns_only_when_nothing_changed():
+    model = make_net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert convert(model, k=2) is model
+
+
+def test_nothing_to_convert_warns():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    with pytest.warns(UserWarning, match=r"changed nothing in this Sequential: it has no nn.Linear or transformers Conv1D"):
+        out, report = convert(model, k=2, report=True)
+    assert out is model and report.converted == {} and report.left_dense == {}
+    everything_excluded = make_net()
+    with pytest.warns(UserWarning, match=r"changed nothing.*encoder.0: excluded"):
+        convert(everything_excluded, k=2, exclude=lambda n, m: True)
+
+
+class TiedLM(nn.Module):
+    """An embedding whose weight the output layer shares (GPT-2's lm_head and wte)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(10, 6)
+        self.body = nn.Linear(6, 6)
+        self.lm_head = nn.Linear(6, 10, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.lm_head(torch.relu(self.body(self.wte(ids))))
+
+
+def test_tied_weight_stays_dense_by_default_and_is_named():
+    torch.manual_seed(0)
+    model = TiedLM()
+    _, report = convert(model, k=2, report=True)
+    assert type(model.lm_head) is nn.Linear and type(model.body) is MePropLinear
+    assert report.converted == {"body": "Linear"}
+    assert "wte (weight)" in report.left_dense["lm_head"] and "tied='convert'" in report.left_dense["lm_head"]
+
+
+def test_tied_convert_converts_it_and_keeps_the_parameter_shared():
+    torch.manual_seed(0)
+    model = TiedLM()
+    _, report = convert(model, k=2, tied="convert", report=True)
+    assert type(model.lm_head) is MePropLinear and model.lm_head.weight is model.wte.weight
+    assert set(report.converted) == {"body", "lm_head"}
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    # the shared weight gets the embedding's rows (ids 1-3) plus meProp's 2 rows
+    assert 2 <= int((model.wte.weight.grad != 0).any(1).sum()) <= 5
+    with pytest.raises(ValueError, match=r"tied must be 'skip' or 'convert'; got 'yes'"):
+        convert(TiedLM(), k=2, tied="yes")
+    with pytest.raises(TypeError, match=r"report must be True or False; got 1"):
+        convert(TiedLM(), k=2, report=1)
+
+
+def test_a_layer_shared_in_two_places_is_not_called_tied():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    _, report = convert(model, k=2, report=True)
+    assert type(model[0]) is MePropLinear and model[0] is model[2]
+    assert report.converted == {"0": "Linear"} and report.left_dense == {}
+
+
+def test_settings_round_trip_through_json_and_a_dense_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(make_net(), nn.LSTM(3, 5))
+    convert(model, k=0.5, exclude=["0.head.classifier"], lstm=True, unified=False)
+    convert(model[0].encoder, k=3, backend="torch")
+    settings = json.loads(json.dumps(meprop_settings(model)))
+    assert settings["0.encoder.0"] == {"type": "MePropLinear", "k": 3, "unified": True, "selection": "topk",
+                                       "sparse_grad": False, "backend": "torch", "track_selection": False}
+    assert settings["0.head.proj"]["k"] == 0.5 and settings["0.head.proj"]["unified"] is False
+    assert settings["1"] == {"type": "MePropLSTM", "k": 0.5, "unified": False, "selection": "topk"}
+    assert "0.head.classifier" not in settings
+    torch.manual_seed(1)
+    fresh = nn.Sequential(make_net(1), nn.LSTM(3, 5))
+    fresh.load_state_dict(model.state_dict())
+    assert apply_settings(fresh, settings) is fresh
+    assert [type(m) for m in fresh.modules()] == [type(m) for m in model.modules()]
+    assert meprop_settings(fresh) == settings
+
+
+def test_apply_settings_swaps_a_shared_layer_everywhere():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    apply_settings(model, {"0": {"type": "MePropLinear", "k": 2}})
+    assert type(model[0]) is MePropLinear and model[0] is model[2]
+
+
+@pytest.mark.parametrize(
+    "settings,error,match",
+    [
+        ({"nope": {"type": "MePropLinear", "k": 2}}, ValueError, r"module 'nope' that this Net does not have"),
+        ({"encoder.1": {"type": "MePropLinear", "k": 2}}, ValueError, r"'encoder.1' is a ReLU"),
+        ({"encoder.0": {"type": "MePropConv1D", "k": 2}}, ValueError, r"'encoder.0' is a Linear"),
+        ({"encoder.0": {"type": "Linear", "k": 2}}, ValueError, r"must be one of MePropLinear"),
+        ({"encoder.0": {"type": "MePropLinear", "k": 0}}, ValueError, r"k must be an int >= 1"),
+        ({"encoder.0": {"type": "MePropLinear"}}, ValueError, r"'k' is missing"),
+        ({"encoder.0": {"type": "MePropLinear", "k": 2, "speed": 1}}, ValueError, r"unexpected speed"),
+        ({"encoder.0": {"type": "MePropLinear", "k": 2, "backend": "gpu"}}, ValueError, r"backend must be one of"),
+        ([("encoder.0", 2)], TypeError, r"settings must be a dict"),
+    ],
+    ids=["no-module", "not-a-layer", "wrong-kind", "bad-type", "bad-k", "no-k", "extra-key", "bad-option", "list"],
+)
+def test_apply_settings_refuses_bad_entries_and_changes_nothing(settings, error, match):
+    model = make_net()
+    # a good entry first: refused entries later must not leave it half-applied
+    good = {"head.proj": {"type": "MePropLinear", "k": 2}}
+    bad = {**good, **settings} if isinstance(settings, dict) else settings
+    with pytest.raises(error, match=match):
+        apply_settings(model, bad)
+    assert all(type(m) is not MePropLinear for m in model.modules())
