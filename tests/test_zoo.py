@@ -1,0 +1,340 @@
+"""meProp on real third-party models: transformers' BERT and GPT-2, a timm ViT.
+
+Tiny models built from configs with random weights, on the CPU; nothing is downloaded
+(no tokenizer, no pretrained weights; the hub is switched off). Each model is converted,
+trained a few steps next to its dense twin, compiled once, saved and loaded back
+converted. These need the optional extra ``pip install -e '.[zoo]'`` (transformers,
+timm); without it they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from meprop_triton import (  # noqa: E402
+    ConversionReport,
+    MePropConv1D,
+    MePropLinear,
+    apply_settings,
+    convert,
+    meprop_settings,
+    reference,
+)
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (the optional extra: pip install -e '.[zoo]')"
+)
+
+
+def _timm():
+    """timm, or None with the reason it cannot be used (it needs a torchvision built for
+    the installed torch; a mismatched one fails at import with a RuntimeError)."""
+    try:
+        import timm.models.vision_transformer as vit
+    except Exception as e:  # noqa: BLE001 - any failure to import is a reason to skip
+        return None, f"timm is not usable here: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return vit, None
+
+
+VIT, TIMM_SKIP = _timm()
+needs_timm = pytest.mark.skipif(VIT is None, reason=TIMM_SKIP or "")
+
+VOCAB = 128
+
+
+def gpt2(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def bert(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        vocab_size=VOCAB, max_position_embeddings=32, num_labels=3,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def vit(seed=0):
+    torch.manual_seed(seed)
+    return VIT.VisionTransformer(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=2, num_classes=10)
+
+
+def conv1d_names(model):
+    return [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+
+
+def train(model, batches, loss_fn, steps, lr=3e-3):
+    """Adam on the same batches; the losses, one per step."""
+    torch.manual_seed(123)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for i in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batches[i % len(batches)])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def cls_loss(model, batch):
+    ids, labels = batch
+    return model(input_ids=ids, labels=labels).loss
+
+
+def vit_loss(model, batch):
+    images, labels = batch
+    return nn.functional.cross_entropy(model(images), labels)
+
+
+def assert_trains_next_to_dense(dense, converted, batches, loss_fn, steps):
+    # dropout off in both, so the runs differ by meProp's backward only
+    dense_losses = train(dense, batches, loss_fn, steps)
+    meprop_losses = train(converted, batches, loss_fn, steps)
+    assert meprop_losses[0] == pytest.approx(dense_losses[0], rel=1e-5)  # same weights, same forward
+    assert meprop_losses != dense_losses  # and a different backward
+    # both learn the fixed batches: the last losses well below the first
+    assert dense_losses[-1] < 0.8 * dense_losses[0], dense_losses
+    assert meprop_losses[-1] < 0.8 * meprop_losses[0], meprop_losses
+    return dense_losses, meprop_losses
+
+
+# --- GPT-2 ---------------------------------------------------------------------------
+
+
+def test_gpt2_converts_every_conv1d_and_leaves_the_tied_lm_head_dense(capsys):
+    model = gpt2()
+    names = conv1d_names(model)
+    assert len(names) == 8  # c_attn, c_proj (attention), c_fc, c_proj (MLP), two blocks
+    assert model.lm_head.weight is model.transformer.wte.weight
+    out, report = convert(model, k=0.1, report=True)
+    print(report)
+    assert out is model and isinstance(report, ConversionReport)
+    assert sorted(report.converted) == sorted(names)
+    assert set(report.converted.values()) == {"Conv1D"}
+    assert all(type(model.get_submodule(n)) is MePropConv1D for n in names)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.transformer.wte.weight
+    assert list(report.left_dense) == ["lm_head"]
+    assert "transformer.wte (weight)" in report.left_dense["lm_head"]
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert (c_attn.nf, c_attn.nx, c_attn.k_units) == (192, 64, 20)
+    assert "lm_head: tied" in capsys.readouterr().out
+
+
+def test_gpt2_tied_convert_converts_lm_head_too():
+    model = gpt2()
+    _, report = convert(model, k=0.1, tied="convert", report=True)
+    assert type(model.lm_head) is MePropLinear and model.lm_head.weight is model.transformer.wte.weight
+    assert len(report.converted) == 9 and report.left_dense == {}
+
+
+def test_gpt2_trains_next_to_its_dense_twin():
+    dense = gpt2()
+    dense.config.resid_pdrop = dense.config.embd_pdrop = dense.config.attn_pdrop = 0.0
+    for m in dense.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    converted = convert(copy.deepcopy(dense), k=0.1)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, VOCAB, (4, 16), generator=g) for _ in range(2)]
+    assert_trains_next_to_dense(dense, converted, batches, lm_loss, steps=12)
+
+
+def test_gpt2_state_dict_loads_into_a_plain_model_and_back():
+    model = convert(gpt2(0), k=0.1)
+    train(model, [torch.randint(0, VOCAB, (2, 8))], lm_loss, steps=2)  # weights of its own
+    plain = gpt2(1)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    model.eval(), plain.eval()
+    assert not torch.equal(plain(ids).logits, model(ids).logits)
+    assert list(plain.state_dict()) == list(model.state_dict())
+    plain.load_state_dict(model.state_dict(), strict=True)
+    assert not any(isinstance(m, MePropConv1D) for m in plain.modules())
+    assert torch.equal(plain(ids).logits, model(ids).logits)
+    other = convert(gpt2(2), k=0.1)
+    other.load_state_dict(plain.state_dict(), strict=True)
+    other.eval()
+    assert torch.equal(other(ids).logits, model(ids).logits)
+
+
+def test_gpt2_conv1d_gradients_equal_the_definition_fp64():
+    """c_attn of block 0 in a converted fp64 GPT-2: its gradients against
+    ``reference`` on the transposed weight, from the layer's own input and output grad."""
+    model = convert(gpt2().double(), k=0.1, backend="torch")
+    model.eval()  # no dropout: one deterministic forward
+    layer = model.transformer.h[0].attn.c_attn
+    seen = {}
+
+    def keep(module, args, output):
+        args[0].retain_grad()
+        output.retain_grad()
+        seen["x"], seen["y"] = args[0], output
+
+    layer.register_forward_hook(keep)
+    ids = torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(1))
+    lm_loss(model, ids).backward()
+    x, y = seen["x"], seen["y"]
+    G = y.grad.reshape(-1, 192)
+    X = x.detach().reshape(-1, 64)
+    W = layer.weight.detach().t()  # (out, in): the linear layout the reference takes
+    idx = reference.unified_topk_indices(G, layer.k_units)
+    gx, gw, gb = reference.unified_backward(G, X, W, idx)
+    assert idx.numel() == 20
+    torch.testing.assert_close(x.grad.reshape(-1, 64), gx, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.weight.grad, gw.t(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, gb, rtol=1e-10, atol=1e-12)
+    kept = (layer.weight.grad != 0).any(0).nonzero().flatten()
+    assert torch.equal(kept, idx)
+
+
+def test_gpt2_compiles_in_one_graph():
+    """The model compiled with fullgraph=True (the loss is taken outside: transformers'
+    own loss function logs a warning, which is a graph break of its own)."""
+    model = convert(gpt2(), k=0.1)
+    model.eval()
+    ids = torch.randint(0, VOCAB, (2, 8))
+
+    def loss_of(m):
+        logits = m(input_ids=ids).logits[:, :-1]
+        return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+    eager_loss = loss_of(model)
+    eager_loss.backward()
+    eager = model.transformer.h[0].mlp.c_fc.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    loss = loss_of(torch.compile(model, backend="aot_eager", fullgraph=True))
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    got = model.transformer.h[0].mlp.c_fc.weight.grad
+    assert int((got != 0).any(0).sum()) == 26  # 10% of 256 units, rounded up
+    assert torch.equal((got != 0).any(0), (eager != 0).any(0))  # the same kept units
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_gpt2_save_pretrained_and_load_converted(tmp_path):
+    model = convert(gpt2(), k=0.1, unified=False)
+    model.config.meprop = meprop_settings(model)  # recorded in config.json
+    model.save_pretrained(tmp_path)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert not any(isinstance(m, MePropConv1D) for m in loaded.modules())  # loads dense
+    apply_settings(loaded, loaded.config.meprop)
+    assert meprop_settings(loaded) == model.config.meprop
+    assert all(type(loaded.get_submodule(n)) is MePropConv1D for n in conv1d_names(gpt2()))
+    assert loaded.transformer.h[1].mlp.c_fc.unified is False
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight and type(loaded.lm_head) is nn.Linear
+    ids = torch.randint(0, VOCAB, (2, 8))
+    model.eval(), loaded.eval()
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+# --- BERT ----------------------------------------------------------------------------
+
+
+def test_bert_convert_summary(capsys):
+    model = bert()
+    _, report = convert(model, k=0.1, exclude=["classifier"], report=True)
+    print(report)
+    linears = [n for n, m in bert().named_modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 14
+    assert sorted(report.converted) == sorted(n for n in linears if n != "classifier")
+    assert report.left_dense == {"classifier": "excluded (as classifier)"}
+    assert type(model.classifier) is nn.Linear
+    assert "13 layer(s) converted (13 Linear), 1 left dense" in capsys.readouterr().out
+
+
+def bert_batches():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, VOCAB, (8, 12), generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(2)]
+
+
+def test_bert_trains_next_to_its_dense_twin():
+    dense = bert()
+    for m in dense.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    converted = convert(copy.deepcopy(dense), k=0.1, exclude=["classifier"])
+    assert_trains_next_to_dense(dense, converted, bert_batches(), cls_loss, steps=12)
+
+
+def test_bert_compiles_in_one_graph():
+    model = convert(bert(), k=0.1, exclude=["classifier"])
+    model.eval()
+    ids, labels = bert_batches()[0]
+    eager = cls_loss(model, (ids, labels))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss = cls_loss(compiled, (ids, labels))
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    assert int((model.bert.encoder.layer[0].intermediate.dense.weight.grad != 0).any(1).sum()) == 13
+
+
+def test_bert_save_pretrained_and_load_converted(tmp_path):
+    model = convert(bert(), k=0.1, exclude=["classifier"])
+    model.config.meprop = meprop_settings(model)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path)
+    assert not any(isinstance(m, MePropLinear) for m in loaded.modules())
+    apply_settings(loaded, loaded.config.meprop)
+    assert meprop_settings(loaded) == meprop_settings(model)
+    assert type(loaded.classifier) is nn.Linear
+    ids, _ = bert_batches()[0]
+    model.eval(), loaded.eval()
+    assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+# --- timm ViT ------------------------------------------------------------------------
+
+
+def vit_batches():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+
+
+@needs_timm
+def test_vit_convert_summary_trains_next_to_dense():
+    dense = vit()
+    converted, report = convert(copy.deepcopy(dense), k=0.1, exclude=["head"], report=True)
+    print(report)
+    linears = [n for n, m in dense.named_modules() if isinstance(m, nn.Linear)]
+    assert sorted(report.converted) == sorted(n for n in linears if n != "head")
+    assert len(report.converted) == 8 and report.left_dense == {"head": "excluded (as head)"}
+    assert_trains_next_to_dense(dense, converted, vit_batches(), vit_loss, steps=10)
+
+
+@needs_timm
+def test_vit_compiles_and_round_trips_through_state_dict_and_settings(tmp_path):
+    model = convert(vit(), k=0.1, exclude=["head"])
+    images, labels = vit_batches()[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    vit_loss(compiled, (images, labels)).backward()
+    assert int((model.blocks[0].mlp.fc1.weight.grad != 0).any(1).sum()) == 39  # 10% of 384
+    torch.save(model.state_dict(), tmp_path / "vit.pt")
+    (tmp_path / "meprop.json").write_text(json.dumps(meprop_settings(model)))
+    fresh = vit(seed=1)
+    fresh.load_state_dict(torch.load(tmp_path / "vit.pt"))
+    apply_settings(fresh, json.loads((tmp_path / "meprop.json").read_text()))
+    assert meprop_settings(fresh) == meprop_settings(model)
+    model.eval(), fresh.eval()
+    assert torch.equal(model(images), fresh(images))
