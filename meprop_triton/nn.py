@@ -226,6 +226,13 @@ class MePropLinear(nn.Linear):
         return new
 
     def forward(self, input: Tensor) -> Tensor:
+        if self._sparse_grad and torch.is_grad_enabled() and "_is_fsdp_managed_module" in self.__dict__:
+            raise RuntimeError(
+                "sparse_grad=True does not work under FSDP2 (fully_shard): FSDP2 reduce-scatters "
+                "gradients as dense shards and fails on this layer's sparse gradient ('Could not "
+                "run fsdp::chunk_cat with arguments from the SparseCPU backend'); use "
+                "sparse_grad=False"
+            )
         weight, bias = self.weight, self.bias
         # The common case in as few Python operations as possible (inside a training
         # step this code runs cold, at several times its tight-loop cost): CPU or CUDA
