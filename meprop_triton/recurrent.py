@@ -23,6 +23,7 @@ backward. No ``(T x 4H x in)`` temporary is made; the kept gradients are held as
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -70,21 +71,6 @@ class ProductTimer:
         self.seconds += time.perf_counter() - self._t0
 
 
-def _gate_topk(scores: Tensor, k: int) -> Tensor:
-    """``(R, 4, H)`` non-negative scores -> ``(R, 4k)`` flat indices into ``4H``: per row
-    and gate the k largest (ties to the lower index, NaN/inf as +inf)."""
-    R, four, H = scores.shape
-    idx = reference.per_example_topk_indices(scores.reshape(R * four, H), k, sort=False)
-    offsets = torch.arange(four, device=scores.device).mul_(H).repeat(R).unsqueeze(1)
-    return (idx + offsets).reshape(R, four * k)
-
-
-def _gate_random(R: int, H: int, k: int, generator, device) -> Tensor:
-    idx = reference.per_example_random_indices(R * 4, H, k, generator=generator, device=device, sort=False)
-    offsets = torch.arange(4, device=device).mul_(H).repeat(R).unsqueeze(1)
-    return (idx + offsets).reshape(R, 4 * k)
-
-
 class _LSTMLayer(torch.autograd.Function):
     """One layer, one or both directions: ``params`` are ``(w_ih, w_hh[, b_ih, b_hh])`` per
     direction; ``h0``, ``c0``: ``(dirs, B, H)``. The forward is one ``torch.lstm`` call
@@ -99,6 +85,8 @@ class _LSTMLayer(torch.autograd.Function):
         ctx.save_for_backward(x, h0, c0, out, *params)
         ctx.k, ctx.unified, ctx.selection, ctx.generator = k, unified, selection, generator
         ctx.dirs, ctx.has_bias, ctx.batch_sizes = 2 if bidirectional else 1, has_bias, batch_sizes
+        # batch_sizes is on the CPU and sorted by decreasing size: ragged unless all equal
+        ctx.ragged = batch_sizes is not None and int(batch_sizes[0]) != int(batch_sizes[-1])
         return out, h_n, c_n
 
     @staticmethod
@@ -109,13 +97,18 @@ class _LSTMLayer(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         active = None
         packed_x = None
-        if ctx.batch_sizes is not None:  # work on the padded (T, B) layout, inactive steps masked
+        if ctx.batch_sizes is not None and not ctx.ragged:  # every sequence as long: (T, B) as it is
+            B = h0.shape[1]
+            x, out = x.view(-1, B, x.shape[1]), out.view(-1, B, out.shape[1])
+            d_out = None if d_out is None else d_out.reshape(-1, B, d_out.shape[1])
+            packed_x = x
+        elif ctx.batch_sizes is not None:  # work on the padded (T, B) layout, inactive steps masked
             bs = ctx.batch_sizes.to(x.device)
             active = torch.arange(h0.shape[1], device=x.device).unsqueeze(0) < bs.unsqueeze(1)  # (T, B)
             packed_x = x
             x, out = _padded(x, active), _padded(out, active)
             d_out = None if d_out is None else _padded(d_out, active)
-        dx = torch.zeros_like(x) if need_x else None
+        dx = None
         dh0, dc0, dparams = [], [], []
         for d in range(ctx.dirs):
             w_ih, w_hh, *bias = params[d * per:(d + 1) * per]
@@ -130,12 +123,14 @@ class _LSTMLayer(torch.autograd.Function):
             )
             gx, gh, gc, gw_ih, gw_hh, gb = g
             if need_x:
-                dx += flip(gx)
+                dx = flip(gx) if dx is None else dx + flip(gx)
             dh0.append(gh)
             dc0.append(gc)
             dparams += [gw_ih, gw_hh] + ([gb, gb.clone()] if bias else [])
         if active is not None and need_x:
             dx = dx[active]  # back to the packed layout
+        elif packed_x is not None and need_x:
+            dx = dx.view(-1, dx.shape[2])
         return (
             dx, torch.stack(dh0), torch.stack(dc0), None, None, None, None, None, None, None,
             *(p if ctx.needs_input_grad[10 + i] else None for i, p in enumerate(dparams)),
@@ -151,110 +146,145 @@ def _padded(data: Tensor, active: Tensor) -> Tensor:
     return out
 
 
+def _select(da: Tensor, k: int, ctx, rev: Tensor) -> Tensor:
+    """The kept units of one step's ``da: (B, 4, H)``: ``(R, 4, k)`` indices into each
+    gate's ``H`` (``R`` = 1 unified, ``B`` per example), in no particular order. Ties to
+    the lower index, NaN and inf as +inf: for fp32/fp16/bf16 each score's bit pattern
+    (non-negative floats order like their bits read as integers) is packed with the
+    reversed unit index into a unique int64 key, so ``topk`` has no ties to break."""
+    B, _, H = da.shape
+    if ctx.selection == "random":
+        R = 1 if ctx.unified else B
+        idx = reference.per_example_random_indices(R * 4, H, k, generator=ctx.generator, device=da.device, sort=False)
+        return idx.view(R, 4, k)
+    if da.dtype == torch.float64:
+        s = da.abs().sum(0, keepdim=True) if ctx.unified else da.abs()
+        s.nan_to_num_(nan=math.inf, posinf=math.inf)
+        return torch.sort(s, dim=2, descending=True, stable=True).indices[..., :k]
+    if ctx.unified and B > 1:
+        s = da.abs().sum(0, keepdim=True, dtype=torch.float32)
+        bits = s.nan_to_num_(nan=math.inf, posinf=math.inf).view(torch.int32)
+    else:  # |da| as bits: the sign bit cleared, every NaN pattern clamped to inf's
+        s = da if da.dtype == torch.float32 else da.float()
+        bits = s.view(torch.int32).bitwise_and(0x7FFFFFFF).clamp_max_(0x7F800000)
+    return torch.add(rev, bits, alpha=1 << 32).topk(k, dim=2, sorted=False).indices
+
+
 def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn, d_cn, need_x, active=None):
     """The meProp backward of one direction over ``x: (T, B, in)`` (time in the order the
     direction runs): ``(dx, dh0, dc0, dW_ih, dW_hh, db)``. ``active``: ``(T, B)`` bool,
-    False where a (packed) sequence has no step: there the state passes unchanged."""
+    False where a (packed) sequence has no step: there the state passes unchanged.
+
+    Everything that does not depend on the incoming gradient is computed for all steps
+    at once before the loop (the gates, the cell states, and the factors ``da`` is made
+    of), so a step of the loop is a handful of operations: ``dc``, ``da`` (two products),
+    the selection and the recurrent product."""
     T, B, n_in = x.shape
     H = w_hh.shape[1]
-    k = ctx.k
-    if d_out is None:
-        d_out = torch.zeros_like(out)
+    k = min(ctx.k, H)
+    dense = k >= H
     h_prev = torch.cat([h0.unsqueeze(0), out[:-1]], 0)  # (T, B, H)
     if active is not None:  # a step after an inactive one starts from h0 (reversed packed)
         before = torch.cat([active.new_zeros(1, B), active[:-1]], 0).unsqueeze(2)
         h_prev = torch.where(before, h_prev, h0.unsqueeze(0))
-    # the gates, recomputed: one GEMM per weight over all steps
-    a = F.linear(x, w_ih, b_ih) + F.linear(h_prev, w_hh, b_hh)  # (T, B, 4H)
-    i, f, g, o = a.chunk(4, dim=2)
-    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-    c = torch.empty_like(i)
+    # The gates, recomputed: one GEMM per weight over all steps.
+    a = F.linear(x, w_ih, b_ih)
+    a.view(T * B, 4 * H).addmm_(h_prev.reshape(T * B, H), w_hh.t())
+    if b_hh is not None:
+        a += b_hh
+    a = a.view(T, B, 4, H)
+    g = a[:, :, 2].tanh()
+    a.sigmoid_()
+    i, f, o = a[:, :, 0], a[:, :, 1], a[:, :, 3]
+    ig = i * g
+    if active is not None:  # inactive steps: c passes unchanged (f = 1, nothing added)
+        act = active.unsqueeze(2).to(a.dtype)
+        ig *= act
+        f_eff = torch.where(active.unsqueeze(2), f, 1.0)
+    else:
+        f_eff = f
+    c = torch.empty_like(ig)
     c_t = c0
-    for t in range(T):
-        c_new = f[t] * c_t + i[t] * g[t]
-        c_t = c_new if active is None else torch.where(active[t].unsqueeze(1), c_new, c_t)
-        c[t] = c_t
+    for ig_t, f_t, c_out in zip(ig.unbind(0), f_eff.unbind(0), c.unbind(0)):
+        c_t = torch.addcmul(ig_t, f_t, c_t, out=c_out)
     c_prev = torch.cat([c0.unsqueeze(0), c[:-1]], 0)
     tanh_c = c.tanh()
+    # da_t = [dc_t * fac_i, dc_t * fac_f, dc_t * fac_g, dh_t * fac_o];
+    # dc_t = dc_{t+1} f_{t+1} + dh_t * oc_t
+    fac = torch.empty_like(a)
+    torch.mul(g, i * (1 - i), out=fac[:, :, 0])
+    torch.mul(c_prev, f * (1 - f), out=fac[:, :, 1])
+    torch.mul(i, 1 - g * g, out=fac[:, :, 2])
+    torch.mul(tanh_c, o * (1 - o), out=fac[:, :, 3])
+    oc = o * (1 - tanh_c * tanh_c)
+    keep = None
+    if active is not None:
+        fac *= act.unsqueeze(2)
+        oc *= act
+        keep = (1 - act).unbind(0)  # 1 where the state passes unchanged
 
-    dense = k >= H
+    da_all = torch.empty((T, B, 4, H), dtype=fac.dtype, device=fac.device)
     kept = 4 * (H if dense else k)
-    vals = torch.empty((T, B, kept), dtype=a.dtype, device=a.device)  # the kept da
-    idx = None if dense else torch.empty((T, B, kept), dtype=torch.int64, device=a.device)
-    db = torch.zeros(4 * H, dtype=a.dtype, device=a.device)
-    dh = d_hn if d_hn is not None else torch.zeros_like(h0)
+    R = 1 if ctx.unified else B
+    idx = None if dense else torch.empty((T, R, 4, k), dtype=torch.int64, device=fac.device)
+    vals = None if dense else torch.empty((T, B, kept), dtype=fac.dtype, device=fac.device)
+    rev = torch.arange(H - 1, -1, -1, device=fac.device)
+    offsets = torch.arange(0, 4 * H, H, device=fac.device).view(1, 4, 1)
+    if d_out is None:
+        d_out = torch.zeros_like(out)
+    d_outs = d_out.unbind(0)
+    dh = d_outs[T - 1] if d_hn is None else d_hn + d_outs[T - 1]
     dc = d_cn if d_cn is not None else torch.zeros_like(c0)
-    score_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    timer = ProductTimer.active
+    facs, ocs, fs, das = fac.unbind(0), oc.unbind(0), f_eff.unbind(0), da_all.unbind(0)
     for t in range(T - 1, -1, -1):
-        act = None if active is None else active[t].unsqueeze(1)
-        dh_in, dc_in = dh, dc
-        dh = dh + d_out[t]
-        do = dh * tanh_c[t]
-        dc = dc + dh * o[t] * (1 - tanh_c[t] * tanh_c[t])
-        da = torch.cat([
-            dc * g[t] * i[t] * (1 - i[t]),
-            dc * c_prev[t] * f[t] * (1 - f[t]),
-            dc * i[t] * (1 - g[t] * g[t]),
-            do * o[t] * (1 - o[t]),
-        ], 1)  # (B, 4H)
-        if act is not None:
-            da = da * act
-        db += da.sum(0)
-        dc = dc * f[t]
-        if act is not None:
-            dc = torch.where(act, dc, dc_in)
-        timer = ProductTimer.active
+        fac_t, da4 = facs[t], das[t]
+        dc = torch.addcmul(dc, dh, ocs[t])
+        torch.mul(fac_t[:, :3], dc.unsqueeze(1), out=da4[:, :3])
+        torch.mul(fac_t[:, 3], dh, out=da4[:, 3])
+        dc = dc * fs[t]
+        da = da4.view(B, 4 * H)
         if dense:
-            vals[t] = da
             if timer is not None:
                 timer.start(da.device)
-            dh = da @ w_hh
-            if timer is not None:
-                timer.stop(da.device)
-            if act is not None:
-                dh = torch.where(act, dh, dh_in)
-            continue
-        if ctx.selection == "random":
-            sel = _gate_random(1 if ctx.unified else B, H, k, ctx.generator, da.device)
-        elif ctx.unified:
-            scores = da.abs().sum(0, dtype=score_dtype).nan_to_num_(nan=float("inf"))
-            sel = _gate_topk(scores.reshape(1, 4, H), k)
+            dh_new = torch.addmm(d_outs[t - 1], da, w_hh) if t else da @ w_hh
         else:
-            sel = _gate_topk(da.abs().reshape(B, 4, H), k)
-        if ctx.unified:
-            cols = sel[0]
-            v = da.index_select(1, cols)  # (B, 4k)
-            vals[t] = v
-            idx[t] = cols
-            if timer is not None:
-                timer.start(da.device)
-            dh = v @ w_hh.index_select(0, cols)
-        else:
-            v = da.gather(1, sel)
-            vals[t] = v
-            idx[t] = sel
-            if timer is not None:
-                timer.start(da.device)
-            dh = _rows_times(v, sel, w_hh)
+            cols = torch.add(_select(da4, k, ctx, rev), offsets, out=idx[t]).view(R, kept)
+            if ctx.unified:
+                v = torch.index_select(da, 1, cols[0], out=vals[t])
+                w_rows = w_hh.index_select(0, cols[0])
+                if timer is not None:
+                    timer.start(da.device)
+                dh_new = torch.addmm(d_outs[t - 1], v, w_rows) if t else v @ w_rows
+            else:
+                v = torch.gather(da, 1, cols, out=vals[t])
+                if timer is not None:
+                    timer.start(da.device)
+                dh_new = _rows_times(v, cols, w_hh)
+                if t:
+                    dh_new += d_outs[t - 1]
         if timer is not None:
             timer.stop(da.device)
-        if act is not None:
-            dh = torch.where(act, dh, dh_in)
+        if keep is not None:
+            dh_new.addcmul_(dh, keep[t])
+        dh = dh_new
 
     M = T * B
-    timer = ProductTimer.active
+    db = da_all.sum((0, 1)).view(4 * H)
     if timer is not None:
         timer.start(x.device)
+    x2, h2 = x.reshape(M, n_in), h_prev.reshape(M, H)
     if dense:
-        da_all = vals.reshape(M, 4 * H)
-        dx = (da_all @ w_ih).reshape(T, B, n_in) if need_x else None
-        dw_ih = da_all.t() @ x.reshape(M, n_in)
-        dw_hh = da_all.t() @ h_prev.reshape(M, H)
+        da2 = da_all.view(M, 4 * H)
+        dx = (da2 @ w_ih).view(T, B, n_in) if need_x else None
+        dw_ih = da2.t() @ x2
+        dw_hh = da2.t() @ h2
     else:
-        v2, i2 = vals.reshape(M, kept), idx.reshape(M, kept)
-        dx = _rows_times(v2, i2, w_ih).reshape(T, B, n_in) if need_x else None
-        dw_ih = _scatter_rows(v2, i2, x.reshape(M, n_in), 4 * H)
-        dw_hh = _scatter_rows(v2, i2, h_prev.reshape(M, H), 4 * H)
+        v2 = vals.view(M, kept)
+        i2 = idx.view(T, R, kept).expand(T, B, kept).reshape(M, kept)
+        dx = _rows_times(v2, i2, w_ih).view(T, B, n_in) if need_x else None
+        dw_ih = _scatter_rows(v2, i2, x2, 4 * H)
+        dw_hh = _scatter_rows(v2, i2, h2, 4 * H)
     if timer is not None:
         timer.stop(x.device)
     return dx, dh, dc, dw_ih, dw_hh, db

@@ -132,6 +132,71 @@ def test_sparse_k_matches_the_definition(k, unified):
     assert not torch.allclose(got[3], dense)
 
 
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
+def test_sparse_k_float32_matches_the_definition(unified):
+    """fp32 (the selection on packed integer keys, not fp64's stable sort), batch of 1
+    and of 3, against the fp32 step-by-step definition."""
+    for B in (1, 3):
+        torch.manual_seed(1)
+        ref = nn.LSTM(5, 9, 1)
+        mp = MePropLSTM.from_lstm(ref, k=2, unified=unified)
+        gen = torch.Generator().manual_seed(3)
+        T = 5
+        x = torch.randn(T, B, 5, generator=gen, requires_grad=True)
+        h0 = torch.randn(1, B, 9, generator=gen, requires_grad=True)
+        c0 = torch.randn(1, B, 9, generator=gen, requires_grad=True)
+        g_out = torch.randn(T, B, 9, generator=gen)
+        out, (h, c) = mp(x, (h0, c0))
+        got = torch.autograd.grad((out * g_out).sum() + h.sum(), [x, h0, c0, *mp.parameters()])
+        params = list(ref.parameters())
+        o2, h2, c2 = _step_by_step(x, h0[0], c0[0], *params, 2, unified)
+        want = torch.autograd.grad((o2 * g_out).sum() + h2.sum(), [x, h0, c0, *params])
+        for name, a, b in zip(["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"], got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"B={B} {name}")
+
+
+def _select_oracle(scores: torch.Tensor, k: int) -> set:
+    """Per row of a 2-D score tensor, the k largest (NaN and inf as +inf, ties to the
+    lower index), as a set of (row, column) pairs: plain Python sorting."""
+    kept = set()
+    for r in range(scores.shape[0]):
+        key = [float("inf") if (v != v or v == float("inf")) else float(v) for v in scores[r].tolist()]
+        kept.update((r, j) for j in sorted(range(len(key)), key=lambda j: (-key[j], j))[:k])
+    return kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("k", [1, 3])
+def test_gate_selection_ties_nan_inf(dtype, unified, B, k):
+    """The backward's per-gate selection against plain sorting: ties (values repeated on
+    purpose), NaN, +-inf and negative zero, every gate its own top-k."""
+    from types import SimpleNamespace
+
+    from meprop_triton.recurrent import _select
+
+    H = 11
+    gen = torch.Generator().manual_seed(7)
+    da = torch.randint(-3, 4, (B, 4, H), generator=gen).to(dtype) / 2  # many ties
+    da[0, 0, 8] = float("nan")  # NaN and inf tie: the lower index, 5, first
+    da[0, 0, 5] = float("inf")
+    da[-1, 1, 2] = float("inf")
+    da[0, 1, 9] = float("-inf")
+    da[0, 2, :] = -0.0
+    ctx = SimpleNamespace(selection="topk", unified=unified, generator=None)
+    rev = torch.arange(H - 1, -1, -1)
+    got = _select(da, k, ctx, rev)
+    assert got.shape == (1 if unified else B, 4, k)
+    if unified:
+        scores = da.double().abs().sum(0, keepdim=True)
+    else:
+        scores = da.double().abs()
+    want = _select_oracle(scores.reshape(-1, H), k)
+    rows = got.reshape(-1, k)
+    assert {(r, int(j)) for r in range(rows.shape[0]) for j in rows[r]} == want
+
+
 def test_two_layers_bidirectional_sparse_matches_the_definition():
     ref, mp = _lstm_pair(H=6, layers=2, bidirectional=True, k=2)
     gen = torch.Generator().manual_seed(4)
@@ -228,6 +293,26 @@ def test_packed_sequences(layers, bidirectional, k):
         want = torch.autograd.grad(loss, inputs)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [7, 2], ids=["dense-k", "k2"])
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
+def test_packed_sequences_of_one_length_are_the_plain_batch(k, unified):
+    """A PackedSequence whose sequences are all as long (one sentence a step is one): the
+    same outputs and gradients as the (T, B) tensor it packs, exactly."""
+    torch.manual_seed(8)
+    mp = MePropLSTM(5, 7, k=k, unified=unified, bidirectional=True).double()
+    for B in (1, 3):
+        x = torch.randn(6, B, 5, dtype=torch.double, requires_grad=True)
+        g = torch.randn(6, B, 14, dtype=torch.double)
+        out, _ = mp(x)
+        want = torch.autograd.grad((out * g).sum(), [x, *mp.parameters()])
+        packed = nn.utils.rnn.pack_padded_sequence(x, [6] * B)
+        out_p, _ = mp(packed)
+        assert torch.equal(out_p.data, out.reshape(-1, 14))
+        got = torch.autograd.grad((out_p.data * g.reshape(-1, 14)).sum(), [x, *mp.parameters()])
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
 
 
 def test_convert_swaps_lstms_only_when_asked():
