@@ -138,29 +138,32 @@ def _places(model: nn.Module):
     return out
 
 
-def _param_owners(model: nn.Module) -> tuple[dict[int, set[int]], dict[int, str]]:
-    """id(Parameter) -> ids of the modules that register it; id(module) -> first name."""
-    owners: dict[int, set[int]] = {}
+def _param_owners(model: nn.Module) -> tuple[dict[int, list[tuple[int, str]]], dict[int, str]]:
+    """id(Parameter) -> (id(module), name there) of each module that registers it;
+    id(module) -> its first qualified name."""
+    owners: dict[int, list[tuple[int, str]]] = {}
     first: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        first.setdefault(id(module), name)
-        for p in module._parameters.values():
+        if id(module) in first:
+            continue
+        first[id(module)] = name
+        for pname, p in module._parameters.items():
             if p is not None:
-                owners.setdefault(id(p), set()).add(id(module))
+                owners.setdefault(id(p), []).append((id(module), pname))
     return owners, first
 
 
 def _tied_with(module: nn.Module, owners, first) -> list[str]:
-    """Qualified names (``module.param``) of the other modules holding this layer's
-    parameters, e.g. the token embedding an output layer's weight is tied to."""
-    others = []
+    """``"weight is transformer.wte.weight"`` for each parameter of this layer that
+    another module also registers (tied embeddings)."""
+    ties = []
     for pname, p in module._parameters.items():
         if p is None:
             continue
-        for owner in sorted(owners.get(id(p), ()), key=lambda o: first.get(o, "")):
-            if owner != id(module):
-                others.append(f"{first.get(owner, '?')} ({pname})")
-    return others
+        others = [f"{first[o] + '.' if first[o] else ''}{n}" for o, n in owners.get(id(p), ()) if o != id(module)]
+        if others:
+            ties.append(f"{pname} is {' and '.join(others)}")
+    return ties
 
 
 def convert(
@@ -258,8 +261,7 @@ def convert(
                 others = _tied_with(child, owners, first)
                 if others:
                     kept[id(child)] = (
-                        f"tied: its parameters are shared with {', '.join(others)}; "
-                        "pass tied='convert' to convert it anyway"
+                        f"tied: its {', '.join(others)} too; pass tied='convert' to convert it anyway"
                     )
         seen.add(id(child))
     swaps = [c for c in candidates if id(c[3]) not in kept]
@@ -290,7 +292,7 @@ def convert(
         detail = (
             "; ".join(f"{n or '(the model)'}: {w}" for n, w in list(summary.left_dense.items())[:4])
             if summary.left_dense
-            else "it has no nn.Linear or transformers Conv1D layer" + ("" if lstm else " (nn.LSTM needs lstm=True)")
+            else "it has no layer that convert swaps (nn.Linear, transformers Conv1D, and nn.LSTM with lstm=True)"
         )
         warnings.warn(f"convert changed nothing in this {type(model).__name__}: {detail}", UserWarning, stacklevel=2)
     return (result, summary) if report else result
