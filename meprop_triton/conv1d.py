@@ -19,12 +19,17 @@ Where the work runs:
   products on the transposed view; their row sums read whole rows of the ``(out, in)``
   view, so torch copies the weight to that layout once per backward and the weight
   gradient, made ``(out, in)``, is copied back into the parameter's layout;
-* the Triton kernels (``backend="triton"``, or ``"auto"`` on CUDA): the existing ops on the
-  transposed view ``weight.t()``. The kernels load the weight along its rows, so they copy
-  it once per backward to a contiguous ``(out, in)`` tensor (``kernels/matmul.py``,
+* the Triton backend (``backend="triton"``, or ``"auto"`` on CUDA), unified top-k (the
+  default): the Triton kernels score and select the units (one pass over G, which also
+  gives the bias gradient), and the products are GEMMs over the k selected columns
+  (``torch.ops.meprop_triton.conv1d_unified_topk_backward``), the weight gradient written
+  straight into the ``(in, out)`` layout: no transposed copy;
+* the Triton backend, the other modes (per-example, random-k): the existing ops on the
+  transposed view ``weight.t()``. Their kernels load the weight along its rows, so they
+  copy it once per backward to a contiguous ``(out, in)`` tensor (``kernels/matmul.py``,
   ``COPY_NON_UNIT_INNER``), and their ``(out, in)`` weight gradient is transposed into
-  the parameter's ``(in, out)`` layout by autograd, a second copy: two passes over an
-  ``(in x out)`` tensor per backward that ``MePropLinear`` does not pay.
+  the parameter's layout by autograd, a second copy: two passes over an ``(in x out)``
+  tensor per backward that ``MePropLinear`` does not make.
 
 ``sparse_grad=True`` is refused: the kept units are columns of the stored weight, which a
 row-sparse COO gradient (what SGD, Adagrad and SparseAdam take) cannot hold.
@@ -173,6 +178,11 @@ def _backward(ctx, grad: Tensor):
         gx = grad @ weight.t() if need_x else None
         gw = x.t() @ grad if need_w else None
         gb = grad.sum(0) if need_b else None
+    elif ctx.backend == "triton" and ctx.unified and ctx.selection == "topk":
+        if need_x or need_w:
+            gx, gw, gb, idx = _triton_unified_topk(grad, x, weight, k, need_x, need_w, need_b)
+        else:
+            gb = grad.sum(0) if need_b else None
     elif ctx.backend == "triton":
         gx, gw_t, gb, idx = _triton_backward(ctx, grad, x, weight.t(), k, (need_x, need_w, need_b))
         gw = gw_t.t() if gw_t is not None else None
@@ -205,6 +215,64 @@ def _backward(ctx, grad: Tensor):
     if counts is not None and (need_x or need_w) and (idx is None or idx.numel() > 0):
         _count(counts, idx, grad.shape[0])
     return gx, gw, gb, None, None, None, None, None, None
+
+
+CONV1D_OP_NAME = "meprop_triton::conv1d_unified_topk_backward"
+
+
+def _conv1d_unified_topk_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, k: int, need_x: bool, need_w: bool, need_b: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Unified top-k for a weight stored ``(in, out)``: the Triton kernels score the units
+    (one pass over G, the bias gradient in the same pass) and select them; the products
+    are GEMMs over the k selected columns, with the weight gradient written straight
+    into the ``(in, out)`` layout. Outputs not asked for are empty tensors."""
+    from .kernels.scores import column_scores_and_bias
+    from .kernels.topk import topk_indices
+
+    scores, grad_b = column_scores_and_bias(grad, traceable=True)
+    idx = topk_indices(scores, k, traceable=True)
+    g_s = grad.index_select(1, idx)  # (M, k)
+    grad_x = g_s @ weight.index_select(1, idx).t() if need_x else grad.new_empty(0)
+    if need_w:
+        grad_w = grad.new_zeros(weight.shape)
+        grad_w.index_copy_(1, idx, x.t() @ g_s)
+    else:
+        grad_w = grad.new_empty(0)
+    return grad_x, grad_w, grad_b if need_b else grad.new_empty(0), idx
+
+
+def _fake_conv1d_unified_topk_backward(grad, x, weight, k, need_x, need_w, need_b):
+    return (
+        grad.new_empty((grad.shape[0], weight.shape[0])) if need_x else grad.new_empty(0),
+        grad.new_empty(tuple(weight.shape)) if need_w else grad.new_empty(0),
+        grad.new_empty((grad.shape[1],)) if need_b else grad.new_empty(0),
+        grad.new_empty((k,), dtype=torch.int64),
+    )
+
+
+_conv1d_op = None
+
+
+def _triton_unified_topk(grad, x, weight, k, need_x, need_w, need_b):
+    """``torch.ops.meprop_triton.conv1d_unified_topk_backward``, registered on first use
+    (importing triton then, never at package import) as the other Triton ops are: a
+    ``triton_op`` that ``torch.compile`` traces into, or under the interpreter an opaque
+    custom op with a fake."""
+    global _conv1d_op
+    if _conv1d_op is None:
+        from . import triton_ops
+
+        if triton_ops.INTERPRETED:
+            op = torch.library.custom_op(CONV1D_OP_NAME, mutates_args=())(_conv1d_unified_topk_backward)
+            op.register_fake(_fake_conv1d_unified_topk_backward)
+        else:
+            op = torch.library.triton_op(CONV1D_OP_NAME, mutates_args=())(_conv1d_unified_topk_backward)
+        _conv1d_op = op
+    gx, gw, gb, idx = torch.ops.meprop_triton.conv1d_unified_topk_backward(
+        grad, x, weight, int(k), bool(need_x), bool(need_w), bool(need_b)
+    )
+    return (gx if need_x else None, gw if need_w else None, gb if need_b else None, idx)
 
 
 def _triton_backward(ctx, grad, x, w_lin, k, needs):
