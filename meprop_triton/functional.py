@@ -12,6 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as _DDP
 
 from . import reference
 from ._validation import check_linear_args, check_options, resolve_k
@@ -131,12 +132,32 @@ def apply_meprop(x, weight, bias, k, backend, unified, selection, sparse_grad, g
     ``backend`` "torch" or "triton"; ``counts`` None or the selection counters, see
     :func:`meprop_linear`): the eager Function outside torch.func transforms and
     compilation, ``MePropFunction`` inside them."""
+    if sparse_grad and _DDP._active_ddp_module is not None:
+        _refuse_sparse_under_ddp(_DDP._active_ddp_module, weight, bias)
     args = (x, weight, bias, k, backend, unified, selection, sparse_grad, generator, counts)
     if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return MePropFunction.apply(*args)
     if _eager_apply is None or _is_wrapped(x) or _is_wrapped(weight) or (bias is not None and _is_wrapped(bias)):
         return _EagerMePropFunction.apply(*args)
     return _eager_apply(*args)
+
+
+def _refuse_sparse_under_ddp(ddp, weight, bias) -> None:
+    """Raise if ``ddp`` (the DistributedDataParallel whose forward is running) reduces
+    ``weight`` or ``bias`` (a parameter it ignores is the caller's to reduce)."""
+    params = getattr(ddp, "_module_parameters", None)
+    reduced = params is None or any(
+        p is t for p in params for t in (weight, bias) if t is not None and t.requires_grad
+    )
+    if reduced:
+        raise RuntimeError(
+            f"sparse_grad=True does not work under DistributedDataParallel: DDP all-reduces "
+            f"gradients in dense buckets and cannot take the sparse gradient of this meProp "
+            f"layer (weight {tuple(weight.shape)}); its backward would fail with 'Cannot "
+            f"access storage of SparseTensorImpl'. Use sparse_grad=False: each rank then "
+            f"keeps the top-k units of its own gradient, and the all-reduced weight gradient "
+            f"has up to world_size x k non-zero rows"
+        )
 
 
 def _save(ctx, x, weight, k, backend, unified, selection, sparse_grad, generator, counts=None):
