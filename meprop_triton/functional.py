@@ -100,6 +100,29 @@ class MePropFunction(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         return _backward(ctx, grad_output)
 
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, k, backend, unified, selection, sparse_grad, generator, counts=None):
+        # Each vmapped entry is its own call. Under vmap(grad(f)) the backward is
+        # _MePropGrad's vmap rule, and the forward is F.linear, batched as torch batches
+        # it. Where ordinary autograd records this forward (a vmapped forward, then
+        # .backward() outside torch.func), one meProp call per entry, so that the
+        # backward, too, is each entry's own, as a loop over the entries would give.
+        dims = in_dims[:3]
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+
+            def entry(t, dim, i):
+                return t if t is None or dim is None else t.select(dim, i)
+
+            ys = [
+                apply_meprop(
+                    *(entry(t, d, i) for t, d in zip((x, weight, bias), dims)),
+                    k, backend, unified, selection, sparse_grad, generator, counts,
+                )
+                for i in range(info.batch_size)
+            ]
+            return torch.stack(ys), 0
+        return torch.vmap(F.linear, in_dims=dims)(x, weight, bias), 0
+
 
 class _EagerMePropFunction(torch.autograd.Function):
     """The same Function in the combined ``forward(ctx, ...)`` form, which torch applies
@@ -187,65 +210,245 @@ def _count(counts: Tensor, idx: Tensor | None, rows: int) -> None:
 
 def _backward(ctx, grad_output: Tensor):
     x, weight = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    needs = ctx.needs_input_grad[:3]
+    settings = (ctx.k, ctx.backend, ctx.unified, ctx.selection, ctx.sparse_grad, ctx.generator)
+    if torch._C._are_functorch_transforms_active():
+        # Under torch.func the gradients come from a Function of their own, which has a
+        # vmap rule (vmap over a backward: each vmapped entry its own backward call) and
+        # a backward (grad of grad) of its own.
+        gx, gw, gb, _ = _MePropGrad.apply(grad_output, x, weight, *settings, ctx.counts, needs)
+        return gx, gw, gb, None, None, None, None, None, None, None
+    gx, gw, gb, _ = _gradients(grad_output, x, weight, *settings, ctx.counts, needs)
+    return gx, gw, gb, None, None, None, None, None, None, None
+
+
+def _gradients(grad_output, x, weight, k, backend, unified, selection, sparse, generator, counts, needs):
+    """meProp's gradients of ``F.linear(x, weight, bias)`` for ``grad_output``:
+    ``(grad_x, grad_W, grad_b, idx)``, None where ``needs`` (three flags) says no, and
+    ``idx`` the kept units: ``(k,)`` unified, ``(M, k)`` per row, None for all of them
+    (``k >= out``)."""
+    need_x, need_w, need_b = needs
     out_features, in_features = weight.shape
     # Views only where the input had other than two dimensions (a reshape costs
     # about a microsecond, and MNIST-sized backward passes take a few hundred).
     grad = grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, out_features)
     x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
-    k, sparse = ctx.k, ctx.sparse_grad
     idx = None  # the kept units: (k,) unified, (M, k) per row, None for all of them
     if k >= out_features:
         run = reference.dense_sparse_backward if sparse else reference.dense_backward
         gx, gw, gb = run(grad, x2d, weight, need_input=need_x, need_weight=need_w, need_bias=need_b)
-    elif ctx.backend == "triton" and not sparse:
-        gx, gw, gb, idx = _triton_backward(ctx, grad, x2d, weight, k, (need_x, need_w, need_b))
+    elif backend == "triton" and not sparse:
+        gx, gw, gb, idx = _triton_backward(unified, selection, generator, grad, x2d, weight, k, needs)
     else:
-        if not ctx.unified:
+        if not unified:
             # Each row's set in topk's order: the products do not need it sorted.
-            if ctx.selection == "topk":
+            if selection == "topk":
                 idx = reference.per_example_topk_indices(grad, k, sort=False)
             else:
                 idx = reference.per_example_random_indices(
-                    grad.shape[0], out_features, k, generator=ctx.generator,
+                    grad.shape[0], out_features, k, generator=generator,
                     device=grad.device, sort=False,
                 )
             run = reference.per_example_sparse_backward if sparse else reference.per_example_backward
         else:
-            if ctx.selection == "random":
-                idx = reference.random_indices(
-                    out_features, k, generator=ctx.generator, device=grad.device
-                )
+            if selection == "random":
+                idx = reference.random_indices(out_features, k, generator=generator, device=grad.device)
             else:
                 # Sorted only where the rows become a coalesced sparse gradient.
                 idx = reference.unified_topk_indices(grad, k, sort=sparse)
             run = reference.unified_sparse_backward if sparse else reference.unified_backward
         gx, gw, gb = run(grad, x2d, weight, idx, need_input=need_x, need_weight=need_w, need_bias=need_b)
-    counts = ctx.counts
     # Counted where a selection decided something: a backward that computes neither
     # grad_x nor grad_W (only the bias's) counts nothing, on either backend.
     if counts is not None and (need_x or need_w) and (idx is None or idx.numel() > 0):
         _count(counts, idx, grad.shape[0])
     if gx is not None and gx.dim() != x.dim():
         gx = gx.reshape(x.shape)
-    return gx, gw, gb, None, None, None, None, None, None, None
+    return gx, gw, gb, idx
 
 
-def _triton_backward(ctx, grad, x2d, weight, k, needs):
+class _MePropGrad(torch.autograd.Function):
+    """meProp's gradients as a Function of ``(grad_output, x, weight)``: what
+    ``MePropFunction.backward`` runs under ``torch.func`` transforms.
+
+    Outputs ``(grad_x, grad_W, grad_b, idx)`` as :func:`_gradients`. ``vmap`` is the rule
+    for a backward under ``torch.func.vmap`` (``vmap(grad(f))``, ``jacrev``): every
+    vmapped entry is its own backward call, so in ``vmap(grad(f))`` over a batch each
+    sample is a batch of its own and unified selection keeps that sample's own top-k.
+    ``backward`` is the derivative of the gradients with the kept units held fixed (grad
+    of grad), as autograd gives it through the ops of the eager backward.
+    """
+
+    @staticmethod
+    def forward(grad_output, x, weight, k, backend, unified, selection, sparse, generator, counts, needs):
+        return _gradients(grad_output, x, weight, k, backend, unified, selection, sparse, generator, counts, needs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        grad_output, x, weight, k, backend, unified, selection, sparse, *_ = inputs
+        idx = outputs[3]
+        if idx is not None:
+            ctx.mark_non_differentiable(idx)
+        ctx.sparse = sparse
+        ctx.save_for_backward(grad_output, x, weight, idx)
+
+    @staticmethod
+    def backward(ctx, ggx, ggw, ggb, _gidx):
+        grad_output, x, weight, idx = ctx.saved_tensors
+        need_g, need_x, need_w = ctx.needs_input_grad[:3]
+        out_features, in_features = weight.shape
+        G = grad_output.reshape(-1, out_features)
+        X = x.reshape(-1, in_features)
+        # The kept (row, unit) entries: broadcastable to G's shape; None: all of them.
+        # Out-of-place ops only, so this runs under vmap too.
+        if idx is None:
+            keep = None
+        elif idx.dim() == 1:
+            keep = G.new_zeros(1, out_features, dtype=torch.bool).scatter(1, idx.unsqueeze(0), True)
+        else:
+            keep = G.new_zeros(G.shape, dtype=torch.bool).scatter(1, idx, True)
+        Gm = G if keep is None else torch.where(keep, G, 0)
+        ggx = None if ggx is None else ggx.reshape(-1, in_features)
+        if ggw is not None and ggw.is_sparse:
+            ggw = ggw.to_dense()
+        if ggb is not None and ggb.is_sparse:
+            ggb = ggb.to_dense()
+        d_g = d_x = d_w = None
+        if need_g:
+            d_g = torch.zeros_like(G)
+            if ggx is not None:
+                d_g = d_g + ggx @ weight.t()
+            if ggw is not None:
+                d_g = d_g + X @ ggw.t()
+            if keep is not None:
+                d_g = torch.where(keep, d_g, 0)
+            if ggb is not None:
+                if ctx.sparse and keep is not None:
+                    # A row-sparse bias gradient holds the kept units' sums only.
+                    d_g = d_g + torch.where(keep.any(0, keepdim=True), ggb, 0)
+                else:
+                    d_g = d_g + ggb
+            d_g = d_g.reshape(grad_output.shape)
+        if need_x and ggw is not None:
+            d_x = (Gm @ ggw).reshape(x.shape)
+        if need_w and ggx is not None:
+            d_w = Gm.t() @ ggx
+        return d_g, d_x, d_w, None, None, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, x, weight, k, backend, unified, selection, sparse, generator, counts, needs):
+        if sparse:
+            raise NotImplementedError(
+                "sparse_grad=True cannot run under torch.func.vmap: per-sample gradients are "
+                "dense tensors with a batch dimension, which a sparse gradient cannot be; use "
+                "sparse_grad=False (the unselected rows are zero)"
+            )
+        if selection == "random" and info.randomness == "error":
+            raise RuntimeError(
+                "selection='random' under torch.func.vmap draws random units, which vmap's "
+                "default randomness='error' refuses; pass randomness='different' (each "
+                "vmapped entry draws its own units, in order, as a loop over the entries "
+                "would) or randomness='same' (one draw shared by all entries) to vmap"
+            )
+        return _vmapped_gradients(
+            info.batch_size, info.randomness, in_dims[:3], grad_output, x, weight,
+            k, unified, selection, generator, counts, needs,
+        )
+
+
+def _batch_first(t: Tensor, dim, size: int) -> Tensor:
+    """``t`` with its vmapped dimension ``dim`` first (expanded to ``size`` when None)."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+
+
+def _vmapped_gradients(B, randomness, dims, grad_output, x, weight, k, unified, selection, generator, counts, needs):
+    """meProp's gradients for ``B`` vmapped entries, each its own backward call: the
+    torch path, for any backend (the kernels take one call at a time). Outputs and
+    output dims as ``vmap`` rules return them."""
+    need_x, need_w, need_b = needs
+    g_dim, x_dim, w_dim = dims
+    out_features, in_features = weight.shape[-2:]
+    G = _batch_first(grad_output, g_dim, B)
+    lead = G.shape[1:-1]  # an entry's leading dims (x's and grad_output's alike)
+    G = G.reshape(B, -1, out_features)
+    M = G.shape[1]  # rows per entry
+    X = _batch_first(x, x_dim, B).reshape(B, M, in_features)
+    W = weight.movedim(w_dim, 0) if w_dim is not None else weight  # (B, out, in) or (out, in)
+    device = G.device
+    idx = None
+    gx = gw = gb = None
+    if k >= out_features:
+        gx = G @ W if need_x else None
+        gw = G.transpose(1, 2) @ X if need_w else None
+    elif unified:
+        if selection == "topk":
+            # Each entry's scores sum_m |G[b, m, j]| (fp32, or fp64 for fp64), NaN and
+            # inf as +inf; a row-wise top-k of them is each entry's own unified top-k,
+            # ties to the lower index.
+            score_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
+            scores = G.abs().sum(1, dtype=score_dtype)
+            idx = reference.per_example_topk_indices(scores, k)
+        elif randomness == "same":
+            idx = reference.random_indices(out_features, k, generator=generator, device=device).expand(B, k)
+        else:
+            idx = torch.stack([
+                reference.random_indices(out_features, k, generator=generator, device=device) for _ in range(B)
+            ])
+        g_s = G.gather(2, idx.unsqueeze(1).expand(B, M, k))  # (B, M, k)
+        if need_x:
+            if W.dim() == 2:
+                w_s = W[idx]  # (B, k, in)
+            else:
+                w_s = W.gather(1, idx.unsqueeze(2).expand(B, k, in_features))
+            gx = g_s @ w_s
+        if need_w:
+            gw = G.new_zeros(B, out_features, in_features)
+            gw.scatter_(1, idx.unsqueeze(2).expand(B, k, in_features), g_s.transpose(1, 2) @ X)
+    else:
+        if selection == "topk":
+            # Row-local: the same sets as each entry's own call.
+            idx = reference.per_example_topk_indices(G.reshape(B * M, out_features), k).reshape(B, M, k)
+        elif randomness == "same":
+            idx = reference.per_example_random_indices(M, out_features, k, generator=generator, device=device)
+            idx = idx.expand(B, M, k)
+        else:
+            idx = torch.stack([
+                reference.per_example_random_indices(M, out_features, k, generator=generator, device=device)
+                for _ in range(B)
+            ])
+        Gm = torch.zeros_like(G).scatter_(2, idx, G.gather(2, idx))
+        gx = Gm @ W if need_x else None
+        gw = Gm.transpose(1, 2) @ X if need_w else None
+    if need_b:
+        gb = G.sum(1)
+    if counts is not None and (need_x or need_w):
+        if idx is None:
+            counts.add_(B * M)
+        else:
+            flat = idx.reshape(-1)
+            counts.index_add_(0, flat, torch.full_like(flat, M if unified else 1))
+            counts[-1:].add_(B * M)
+    if gx is not None:
+        gx = gx.reshape(B, *lead, in_features)
+    outputs = (gx, gw, gb, idx)
+    return outputs, tuple(None if t is None else 0 for t in outputs)
+
+
+def _triton_backward(unified, selection, generator, grad, x2d, weight, k, needs):
     """The Triton kernels' backward (CUDA tensors, or the interpreter): dense gradients,
-    and the kept units (as ``_backward`` takes them; empty where none were selected)."""
+    and the kept units (as ``_gradients`` takes them; empty where none were selected)."""
     from . import triton_ops
 
     out_features = weight.shape[0]
-    if ctx.selection == "random":
-        if ctx.unified:
-            idx = reference.random_indices(out_features, k, generator=ctx.generator, device=grad.device)
+    if selection == "random":
+        if unified:
+            idx = reference.random_indices(out_features, k, generator=generator, device=grad.device)
             return (*triton_ops.unified_backward_from_indices(grad, x2d, weight, idx, *needs), idx)
         idx = reference.per_example_random_indices(
-            grad.shape[0], out_features, k, generator=ctx.generator, device=grad.device
+            grad.shape[0], out_features, k, generator=generator, device=grad.device
         )
         return (*triton_ops.per_example_backward_from_indices(grad, x2d, weight, idx, *needs), idx)
-    if ctx.unified:
+    if unified:
         return triton_ops.unified_topk_backward(grad, x2d, weight, k, *needs, return_indices=True)
     return triton_ops.per_example_topk_backward(grad, x2d, weight, k, *needs, return_indices=True)
 
