@@ -85,6 +85,9 @@ class MePropFunction(torch.autograd.Function):
     ``setup_context``). Its ``apply`` binds the arguments to ``forward``'s signature
     through ``inspect`` on every call, 45-150 us depending on the torch release, so eager
     calls go through ``_EagerMePropFunction`` instead (``apply_meprop`` chooses).
+
+    Its ``vmap`` rule makes every vmapped entry its own call; under torch.func transforms
+    the backward's gradients come from ``_MePropGrad`` (vmap rule and grad of grad).
     """
 
     @staticmethod
@@ -491,6 +494,12 @@ def meprop_linear(
             ``counts[j]`` += the number of rows whose kept set holds unit j,
             ``counts[-1]`` += the number of rows. Device operations only (no host
             sync). ``MePropLinear(track_selection=True)`` keeps one.
+
+    Under ``torch.func.vmap`` each vmapped entry is its own call: in ``vmap(grad(f))``
+    over a batch every sample keeps its own top-k (per-sample meProp gradients).
+    ``selection="random"`` there needs vmap's ``randomness="different"`` (each entry draws
+    its own units, in entry order, as a loop would) or ``"same"`` (one shared draw);
+    ``sparse_grad=True`` is refused under vmap, and under DistributedDataParallel.
 
     Every argument is checked before any work is done.
     """
