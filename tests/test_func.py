@@ -319,3 +319,51 @@ def test_grad_of_grad_equals_eager_double_backward(unified, sparse_grad):
         g, e = dense(g), dense(e)
         assert torch.any(g != 0), name
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=name)
+
+
+TRITON_SCRIPT = r"""
+import os, sys
+import torch
+cuda = torch.cuda.is_available()
+if not cuda:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import
+os.environ["MEPROP_TRITON_TEST_CONFIG"] = "1"
+import numpy as np
+import triton
+from torch.func import grad, vmap
+from meprop_triton import meprop_linear
+
+if not cuda and tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7) and int(np.__version__.split(".")[0]) * 100 + int(np.__version__.split(".")[1]) >= 204:
+    print("SKIP triton < 3.7's interpreter cannot run these kernels under numpy >= 2.4")
+    sys.exit(0)
+dev = "cuda" if cuda else "cpu"
+gen = torch.Generator().manual_seed(0)
+W = torch.randn(20, 16, generator=gen).to(dev)
+X = torch.randn(4, 3, 16, generator=gen).to(dev)
+T = torch.randn(4, 3, 20, generator=gen).to(dev)
+for unified in (True, False):
+    def f(w, x, t, backend):
+        return (torch.tanh(meprop_linear(x, w, None, k=5, unified=unified, backend=backend)) * t).sum()
+    for name, run in (("grad", grad(f)), ("vmap(grad)", vmap(grad(f), in_dims=(None, 0, 0, None)))):
+        got, want = run(W, X, T, "triton"), run(W, X, T, "torch")
+        rows = lambda g: (g != 0).any(-1)
+        assert torch.equal(rows(got), rows(want)), f"{name} unified={unified}: other units kept"
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{name} unified={unified}")
+print("OK")
+"""
+
+
+def test_triton_backend_under_grad_and_vmap_matches_the_torch_path():
+    """backend="triton" under torch.func: grad runs the kernels (on plain tensors, in
+    _MePropGrad's forward), vmap(grad) the torch path; both give the torch path's
+    gradients. In a subprocess: TRITON_INTERPRET must be set before triton is imported."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    if last.startswith("SKIP"):
+        pytest.skip(last[5:])
+    assert last == "OK", proc.stdout[-2000:]
