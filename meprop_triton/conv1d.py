@@ -17,14 +17,17 @@ Where the work runs:
   gradient is built directly in the stored ``(in, out)`` layout, no transposed copy;
 * the torch path, per-example selection (``unified=False``): ``reference``'s per-example
   products on the transposed view; their row sums read whole rows of the ``(out, in)``
-  view, so torch copies the weight to that layout once per backward and the weight
-  gradient, made ``(out, in)``, is copied back into the parameter's layout;
+  view, so the weight is copied to that layout once per backward (not where k is a
+  large share of the units and two dense GEMMs run instead), and the weight gradient,
+  made ``(out, in)``, is copied back into the parameter's layout by autograd;
 * the Triton backend (``backend="triton"``, or ``"auto"`` on CUDA), unified top-k (the
   default): the Triton kernels score and select the units (one pass over G, which also
   gives the bias gradient), and the products are GEMMs over the k selected columns
   (``torch.ops.meprop_triton.conv1d_unified_topk_backward``), the weight gradient written
   straight into the ``(in, out)`` layout: no transposed copy;
-* the Triton backend, the other modes (per-example, random-k): the existing ops on the
+* unified random-k on either backend: the draw, then the same GEMMs over the selected
+  columns as the torch path (no Triton kernel: there is nothing to score);
+* the Triton backend, per-example selection (top-k or random): the existing ops on the
   transposed view ``weight.t()``. Their kernels load the weight along its rows, so they
   copy it once per backward to a contiguous ``(out, in)`` tensor (``kernels/matmul.py``,
   ``COPY_NON_UNIT_INNER``), and their ``(out, in)`` weight gradient is transposed into
@@ -183,10 +186,12 @@ def _backward(ctx, grad: Tensor):
             gx, gw, gb, idx = _triton_unified_topk(grad, x, weight, k, need_x, need_w, need_b)
         else:
             gb = grad.sum(0) if need_b else None
-    elif ctx.backend == "triton":
+    elif ctx.backend == "triton" and not ctx.unified:
         gx, gw_t, gb, idx = _triton_backward(ctx, grad, x, weight.t(), k, (need_x, need_w, need_b))
         gw = gw_t.t() if gw_t is not None else None
     elif ctx.unified:
+        # torch path, and unified random-k on either backend: a random draw, then GEMMs
+        # over the k selected columns (cuBLAS on CUDA tensors) in the stored layout.
         if ctx.selection == "random":
             idx = reference.random_indices(n_out, k, generator=ctx.generator, device=grad.device)
         else:
@@ -207,8 +212,13 @@ def _backward(ctx, grad: Tensor):
             idx = reference.per_example_random_indices(
                 grad.shape[0], n_out, k, generator=ctx.generator, device=grad.device, sort=False
             )
+        w_lin = weight.t()
+        if need_x and not reference._masked_gemm_pays(grad.shape[0], k, n_out):
+            # the row sums gather rows of (out, in): one copy beats embedding_bag on the
+            # transposed view (4096 x 4096 fp32 on a 2-core CPU: 76 + 7 ms against 100 ms)
+            w_lin = w_lin.contiguous()
         gx, gw_t, gb = reference.per_example_backward(
-            grad, x, weight.t(), idx, need_input=need_x, need_weight=need_w, need_bias=need_b
+            grad, x, w_lin, idx, need_input=need_x, need_weight=need_w, need_bias=need_b
         )
         gw = gw_t.t() if gw_t is not None else None
     counts = ctx.counts
@@ -276,18 +286,14 @@ def _triton_unified_topk(grad, x, weight, k, need_x, need_w, need_b):
 
 
 def _triton_backward(ctx, grad, x, w_lin, k, needs):
-    """The Triton ops on the transposed view ``w_lin = weight.t()`` (out, in)."""
+    """Per-example selection on the Triton backend: the ops on the transposed view
+    ``w_lin = weight.t()`` (out, in)."""
     from . import triton_ops
 
     n_out = w_lin.shape[0]
     if ctx.selection == "random":
-        if ctx.unified:
-            idx = reference.random_indices(n_out, k, generator=ctx.generator, device=grad.device)
-            return (*triton_ops.unified_backward_from_indices(grad, x, w_lin, idx, *needs), idx)
         idx = reference.per_example_random_indices(grad.shape[0], n_out, k, generator=ctx.generator, device=grad.device)
         return (*triton_ops.per_example_backward_from_indices(grad, x, w_lin, idx, *needs), idx)
-    if ctx.unified:
-        return triton_ops.unified_topk_backward(grad, x, w_lin, k, *needs, return_indices=True)
     return triton_ops.per_example_topk_backward(grad, x, w_lin, k, *needs, return_indices=True)
 
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.interpreter
 OPS = {
     (True, "topk"): "_triton_unified_topk",  # conv1d's own op: products in the (in, out) layout
     (False, "topk"): "per_example_topk_backward",
-    (True, "random"): "unified_backward_from_indices",
+    (True, "random"): None,  # a random draw and torch GEMMs in the stored layout, no kernel
     (False, "random"): "per_example_backward_from_indices",
 }
 
@@ -38,9 +38,10 @@ def grads(layer, x, g, seed):
 def test_conv1d_on_triton_matches_torch(unified, selection, dtype, rng, device, monkeypatch):
     calls = []
     op = OPS[(unified, selection)]
-    module = conv1d if op.startswith("_") else triton_ops
-    real = getattr(module, op)
-    monkeypatch.setattr(module, op, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    if op is not None:
+        module = conv1d if op.startswith("_") else triton_ops
+        real = getattr(module, op)
+        monkeypatch.setattr(module, op, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     nx, nf = 24, 70
     layer = MePropConv1D(nf, nx, k=0.1, unified=unified, selection=selection, device=device, dtype=dtype)
     with torch.no_grad():
@@ -52,7 +53,7 @@ def test_conv1d_on_triton_matches_torch(unified, selection, dtype, rng, device, 
     g = (torch.randn(3, 3, nf, generator=rng) * scale).to(device, dtype)
     layer.backend = "triton"
     y_t, gx_t, gw_t, gb_t = grads(layer, x, g, 7)
-    assert len(calls) == 1
+    assert len(calls) == (op is not None)
     layer.backend = "torch"
     y_r, gx_r, gw_r, gb_r = grads(layer, x, g, 7)
     assert torch.equal(y_t, y_r)
