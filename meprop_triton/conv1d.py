@@ -41,6 +41,7 @@ row-sparse COO gradient (what SGD, Adagrad and SparseAdam take) cannot hold.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
@@ -178,7 +179,7 @@ def _backward(ctx, grad: Tensor):
     idx = None
     gx = gw = gb = None
     if k >= n_out:
-        gx = grad @ weight.t() if need_x else None
+        gx = F.linear(grad, weight) if need_x else None  # grad @ weight.t()
         gw = x.t() @ grad if need_w else None
         gb = grad.sum(0) if need_b else None
     elif ctx.backend == "triton" and ctx.unified and ctx.selection == "topk":
@@ -199,7 +200,9 @@ def _backward(ctx, grad: Tensor):
         if need_x or need_w:
             g_s = grad.index_select(1, idx)  # (M, k)
             if need_x:
-                gx = g_s @ weight.index_select(1, idx).t()
+                # g_s @ weight[:, S].t(), as F.linear: on a 2-core CPU at 1024 x 3072 -> 768,
+                # k = 154, 1.3 ms, where matmul on the transposed view took 9 ms
+                gx = F.linear(g_s, weight.index_select(1, idx))
             if need_w:
                 # Built in the parameter's (in, out) layout: no transposed copy.
                 gw = reference._weight_grad_zeros(tuple(weight.shape), grad)
@@ -243,7 +246,7 @@ def _conv1d_unified_topk_backward(
     scores, grad_b = column_scores_and_bias(grad, traceable=True)
     idx = topk_indices(scores, k, traceable=True)
     g_s = grad.index_select(1, idx)  # (M, k)
-    grad_x = g_s @ weight.index_select(1, idx).t() if need_x else grad.new_empty(0)
+    grad_x = F.linear(g_s, weight.index_select(1, idx)) if need_x else grad.new_empty(0)
     if need_w:
         grad_w = grad.new_zeros(weight.shape)
         grad_w.index_copy_(1, idx, x.t() @ g_s)
