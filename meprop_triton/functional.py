@@ -12,7 +12,11 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel as _DDP
+
+try:
+    from torch.nn.parallel import DistributedDataParallel as _DDP
+except ImportError:  # pragma: no cover - a torch build without torch.distributed
+    _DDP = None
 
 from . import reference
 from ._validation import check_linear_args, check_options, resolve_k
@@ -158,7 +162,8 @@ def apply_meprop(x, weight, bias, k, backend, unified, selection, sparse_grad, g
     ``backend`` "torch" or "triton"; ``counts`` None or the selection counters, see
     :func:`meprop_linear`): the eager Function outside torch.func transforms and
     compilation, ``MePropFunction`` inside them."""
-    if sparse_grad and _DDP._active_ddp_module is not None:
+    if sparse_grad and getattr(_DDP, "_active_ddp_module", None) is not None:
+        # Inside a DistributedDataParallel forward (the class attribute DDP sets there).
         _refuse_sparse_under_ddp(_DDP._active_ddp_module, weight, bias)
     args = (x, weight, bias, k, backend, unified, selection, sparse_grad, generator, counts)
     if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
