@@ -81,6 +81,14 @@ def _refuse_sparse(value) -> None:
         )
 
 
+try:  # one C call, whatever the device type
+    _any_autocast = torch._C._is_any_autocast_enabled
+except AttributeError:  # pragma: no cover - older torch
+
+    def _any_autocast() -> bool:
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
 def _any_autocast_dtype(device_type: str):
     try:
         if torch.is_autocast_enabled(device_type):
@@ -416,6 +424,7 @@ class MePropConv1D(nn.Module):
     def k(self, value) -> None:
         check_k(value)
         self.__dict__["_k"] = value
+        self.__dict__["_k_for"] = None  # (nf, units), resolved at forward
 
     def _setting(name):  # noqa: N805 - a property factory used in the class body
         private = "_" + name
@@ -494,8 +503,44 @@ class MePropConv1D(nn.Module):
         return new
 
     def forward(self, input: Tensor) -> Tensor:
+        weight, bias = self.weight, self.bias
+        # The common case in few Python operations (as MePropLinear's): floating-point
+        # CPU or CUDA tensors of one dtype, no autocast, the torch path or "auto". Anything
+        # else, and any error, takes meprop_conv1d's full checks, which name the bad value.
+        if (
+            isinstance(input, Tensor)
+            and isinstance(weight, Tensor)
+            and self._backend != "triton"
+            and not _any_autocast()
+            and weight.dim() == 2
+            and input.dim() > 0
+            and input.shape[-1] == weight.shape[0]
+            and input.dtype == weight.dtype
+            and weight.dtype.is_floating_point
+            and (weight.is_cpu or weight.is_cuda)
+            and (bias is None or (isinstance(bias, Tensor) and bias.shape == weight.shape[1:] and bias.dtype == weight.dtype))
+        ):
+            n_in, n_out = weight.shape
+            try:
+                x2d = input.reshape(-1, n_in)
+                if not torch.is_grad_enabled() or not (
+                    input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+                ):
+                    return _forward(x2d, weight, bias).view(*input.shape[:-1], n_out)
+                k_for = self.__dict__.get("_k_for")
+                if k_for is None or k_for[0] != n_out:
+                    k_for = self.__dict__["_k_for"] = (n_out, resolve_k(self._k, n_out))
+                backend = "torch" if weight.is_cpu else resolve_backend(self._backend, weight.device, weight.dtype)
+                out = _apply(
+                    x2d, weight, bias, k_for[1], backend, self._unified, self._selection, None,
+                    self._buffers.get("selection_counts"),
+                )
+                return out.view(*input.shape[:-1], n_out)
+            except RuntimeError:
+                _check_args(input, weight, bias)  # the clear error, where it is a bad input
+                raise
         return meprop_conv1d(
-            input, self.weight, self.bias, k=self._k, unified=self._unified, selection=self._selection,
+            input, weight, bias, k=self._k, unified=self._unified, selection=self._selection,
             backend=self._backend, counts=self._buffers.get("selection_counts"),
         )
 

@@ -303,3 +303,29 @@ def test_convert_changes_settings_of_a_converted_conv1d():
     convert(model, k=0.5, unified=False)
     assert model[0] is not first and model[0].weight is first.weight
     assert (model[0].k, model[0].unified) == (0.5, False)
+
+
+def test_k_set_between_calls_takes_effect(gen):
+    layer = MePropConv1D.from_conv1d(conv(nf=20, nx=6), k=2)
+    x = torch.randn(4, 6, generator=gen)
+    layer(x).sum().backward()
+    assert int((layer.weight.grad != 0).any(0).sum()) == 2
+    layer.zero_grad(set_to_none=True)
+    layer.k = 0.25
+    layer(x).sum().backward()
+    assert int((layer.weight.grad != 0).any(0).sum()) == 5
+    # a replaced weight of another width: k resolved for it
+    layer.weight = nn.Parameter(torch.randn(6, 40))
+    layer.bias = nn.Parameter(torch.zeros(40))
+    layer(x).sum().backward()
+    assert int((layer.weight.grad != 0).any(0).sum()) == 10
+
+
+def test_no_grad_and_inference_mode_forward(gen):
+    layer = conv()
+    mine = MePropConv1D.from_conv1d(layer, k=2)
+    x = torch.randn(3, 9, generator=gen)
+    with torch.inference_mode():
+        assert torch.equal(mine(x), layer(x))
+    with torch.no_grad():
+        assert not mine(x).requires_grad
