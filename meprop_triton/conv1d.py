@@ -309,8 +309,16 @@ def _triton_backward(ctx, grad, x, w_lin, k, needs):
 
 
 def _apply(x2d, weight, bias, k, backend, unified, selection, generator, counts):
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vmap(grad), jacrev): MePropLinear's Function on the transposed
+        # view, whose vmap rule and grad of grad this layer then shares, with its
+        # semantics (each vmapped entry its own call). The gradient of the view is
+        # transposed back by autograd: a copy, off the eager path.
+        from .functional import apply_meprop
+
+        return apply_meprop(x2d, weight.t(), bias, k, backend, unified, selection, False, generator, counts)
     args = (x2d, weight, bias, k, backend, unified, selection, generator, counts)
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return MePropConv1DFunction.apply(*args)
     return _EagerConv1DFunction.apply(*args)
 

@@ -329,3 +329,40 @@ def test_no_grad_and_inference_mode_forward(gen):
         assert torch.equal(mine(x), layer(x))
     with torch.no_grad():
         assert not mine(x).requires_grad
+
+
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
+def test_vmap_grad_gives_per_sample_gradients(unified, gen):
+    """torch.func: vmap(grad(...)) over a MePropConv1D; each sample is its own call, so
+    its gradient is that sample's own meProp gradient (computed here one sample at a time
+    through the eager layer)."""
+    from torch.func import functional_call, grad, vmap
+
+    layer = MePropConv1D.from_conv1d(conv(nf=15, nx=7, dtype=torch.float64), k=4, unified=unified)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    x = torch.randn(5, 3, 7, generator=gen, dtype=torch.float64)  # 5 samples of 3 tokens
+    target = torch.randn(5, 3, 15, generator=gen, dtype=torch.float64)
+
+    def loss(p, xs, ts):
+        return (functional_call(layer, p, (xs,)) - ts).pow(2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, target)
+    for i in range(5):
+        layer.zero_grad(set_to_none=True)
+        loss(dict(layer.named_parameters()), x[i], target[i]).backward()
+        torch.testing.assert_close(per_sample["weight"][i], layer.weight.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(per_sample["bias"][i], layer.bias.grad, rtol=1e-12, atol=1e-12)
+        assert int((per_sample["weight"][i] != 0).any(0).sum()) <= (4 if unified else 12)
+    assert int((per_sample["weight"][0] != 0).any(0).sum()) >= 4
+
+
+def test_torch_func_grad_equals_eager_backward(gen):
+    from torch.func import functional_call, grad
+
+    layer = MePropConv1D.from_conv1d(conv(nf=15, nx=7, dtype=torch.float64), k=3)
+    x = torch.randn(4, 7, generator=gen, dtype=torch.float64)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    got = grad(lambda p: functional_call(layer, p, (x,)).pow(2).sum())(params)
+    layer(x).pow(2).sum().backward()
+    torch.testing.assert_close(got["weight"], layer.weight.grad, rtol=1e-12, atol=1e-12)
+    assert int((got["weight"] != 0).any(0).sum()) == 3
