@@ -366,3 +366,17 @@ def test_torch_func_grad_equals_eager_backward(gen):
     layer(x).pow(2).sum().backward()
     torch.testing.assert_close(got["weight"], layer.weight.grad, rtol=1e-12, atol=1e-12)
     assert int((got["weight"] != 0).any(0).sum()) == 3
+
+
+def test_bare_conv1d_converts_and_its_settings_apply_back():
+    from meprop_triton import apply_settings, meprop_settings
+
+    layer = conv()
+    out, report = convert(layer, k=3, report=True)
+    assert type(out) is MePropConv1D and out.weight is layer.weight and type(layer) is Conv1D
+    assert report.converted == {"": "Conv1D"}
+    settings = meprop_settings(out)
+    assert settings == {"": {"type": "MePropConv1D", "k": 3, "unified": True, "selection": "topk",
+                             "sparse_grad": False, "backend": "auto", "track_selection": False}}
+    again = apply_settings(conv(seed=1), settings)
+    assert type(again) is MePropConv1D and again.k == 3
