@@ -162,7 +162,6 @@ def test_gpt2_tied_convert_converts_lm_head_too():
 @needs_transformers
 def test_gpt2_trains_next_to_its_dense_twin():
     dense = gpt2()
-    dense.config.resid_pdrop = dense.config.embd_pdrop = dense.config.attn_pdrop = 0.0
     for m in dense.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
