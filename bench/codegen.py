@@ -1,7 +1,7 @@
 """What the Triton backward compiles to on a GPU, read on a machine without one.
 
 ``python bench/codegen.py --arch 90 --shape M IN OUT --k K [K ...] --dtype bfloat16
-[float16 ...] [--mode unified|per-example] [--json PATH]``
+[float16 ...] [--mode unified|per-example] [--only PREFIX ...] [--json PATH]``
 
 The backward's own host code runs on CPU tensors of the given shape with every kernel
 launch *recorded* instead of executed (the kernel, its grid, its arguments). Each launch
@@ -306,6 +306,22 @@ def work(launch: Launch) -> tuple[int, int]:
     if name == "topk.topk_kernel":
         n = a["N"]
         return 4 * n + 8 * n, 0
+    if name in ("topk.radix_histogram_kernel", "topk.radix_write_kernel"):
+        # the multi-program radix select: each launch reads the n fp32 scores once; each
+        # of its P programs reads the 256-bin histograms of the rounds before (L2), the
+        # histogram kernels add 256 counts per program and the last one stores a 257-entry
+        # row per program; the write kernel reads two entries of every earlier program's
+        # row and writes the k (+ n - k) int64 indices
+        n, kk, kw = a["N"], a["K"], launch.kwargs
+        bins = 1 << kw["RADIX_BITS"]
+        programs = -(-n // kw["BLOCK"])
+        if name == "topk.radix_histogram_kernel":
+            r = kw["ROUND"]
+            last = 4 * (bins + 1) * programs if r == 32 // kw["RADIX_BITS"] - 1 else 0
+            return 4 * n + 4 * bins * programs * (r + 1) + last, 0
+        rounds = 32 // kw["RADIX_BITS"]
+        written = 8 * n if kw["WRITE_REST"] else 8 * kk
+        return 4 * n + 4 * bins * rounds * programs + 4 * programs * (programs - 1) + written, 0
     return sum(nbytes(n) for n in t), 0
 
 
@@ -321,13 +337,17 @@ def roofline_us(nbytes: int, flops: int, dtype: torch.dtype) -> dict:
 # --- the report -------------------------------------------------------------------------
 
 
-def report(shape, k: int, dtype: str = "bfloat16", mode: str = "unified", arch: int = 90) -> list[dict]:
-    """One record per (launch, candidate config): see the module docstring."""
+def report(shape, k: int, dtype: str = "bfloat16", mode: str = "unified", arch: int = 90,
+           only: tuple[str, ...] | None = None) -> list[dict]:
+    """One record per (launch, candidate config): see the module docstring. ``only``:
+    report just the launches whose name (``file.kernel``) starts with one of these."""
     M, n_in, n_out = (int(s) for s in shape)
     dt = DTYPES[dtype]
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     records = []
     for i, launch in enumerate(record_backward(M, n_in, n_out, int(k), dt, mode, arch)):
+        if only and not launch.name.startswith(tuple(only)):
+            continue
         nbytes, flops = work(launch)
         for tag, kwargs in _candidates(launch):
             rec = {
@@ -380,6 +400,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=sorted(DTYPES))
     ap.add_argument("--mode", default="unified", choices=["unified", "per-example"])
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--only", nargs="+", metavar="PREFIX",
+                    help="report only the launches whose name starts with one of these (e.g. topk.)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled", file=sys.stderr)
@@ -392,7 +414,7 @@ def main(argv=None) -> int:
     records = []
     for dtype in args.dtype:
         for k in args.k:
-            recs = report(args.shape, k, dtype, args.mode, args.arch)
+            recs = report(args.shape, k, dtype, args.mode, args.arch, only=args.only)
             records += recs
             print(f"sm_{args.arch}  M={M} in={n_in} out={n_out} k={k} {dtype} {args.mode}")
             print(table(recs))

@@ -13,13 +13,39 @@ each at the slot given by a prefix sum (``tl.cumsum``), so the output comes out 
 The same pass writes the complement (the ``n - k`` unselected indices, ascending), which
 the weight-gradient kernel uses to zero the other rows.
 
-One program does it all (no atomics across programs, nothing order-dependent). Up to
-``n = 4096`` the scores are read once, into registers (16 keys per thread of 8 warps),
-and every round and the compaction run on them: one read of 16 KiB at out = 4096
-instead of five dependent passes. Larger ``n`` streams blocks of ``BLOCK`` through the
-rounds (5 reads: ``n = 65536`` is 64 blocks a pass): 8192 or 16384 resident keys spill
-registers (the AOT builds for sm_90: 17 to 200 spill instructions in the rounds' loops
-with 16 or 32 warps). Any ``n < 2**31`` works.
+Up to ``n = MAX_RESIDENT = 4096`` one program does it all (``topk_kernel``, no atomics,
+nothing order-dependent): the scores are read once, into registers (16 keys per thread
+of 8 warps), and every round and the compaction run on them: one read of 16 KiB at
+out = 4096 instead of five dependent passes. The same kernel can also stream blocks of
+``BLOCK`` through the rounds for any ``n`` (5 reads: ``n = 65536`` is 64 blocks a pass;
+a config kept for tests and comparison): 8192 or 16384 resident keys spill registers
+(the AOT builds for sm_90: 17 to 200 spill instructions in the rounds' loops with 16 or
+32 warps). Any ``n < 2**31`` works.
+
+Above ``MAX_RESIDENT`` that one program would make the five dependent passes alone, on
+one SM (at n = 65,536: 320 dependent block loads). There the selection is spread over
+``P = cdiv(n, BLOCK)`` programs instead (:func:`pick_config` chooses it for every
+``n > MAX_RESIDENT``), the same radix select in five launches:
+
+* ``radix_histogram_kernel``, once per digit round r = 0..3: each program reads its
+  slice of ``BLOCK`` keys, finds T's digits of the earlier rounds itself from the global
+  histograms of those rounds (every program does the same integer arithmetic on the same
+  counts, so all agree: no host sync, nothing data-dependent on the host), histograms
+  round r's digit of its keys that share them, and adds that into the global histogram
+  of round r with int32 atomic adds (integer addition: the order does not matter, the
+  counts are exact). The last round also stores the program's own counts, cumulated from
+  the top digit down and offset by its keys above T's first three digits (``ge[d]``:
+  keys >= the key with last digit d, per program), for the last pass.
+* ``radix_write_kernel``: each program finds T and ``need_eq`` the same way, gets
+  ``count(key > T)`` and ``count(key == T)`` of every earlier program from two entries of
+  its ``ge`` row (``ge[d + 1]`` and ``ge[d] - ge[d + 1]``) and sums them in index order
+  (an exclusive scan), then compacts its slice exactly as the single program does. So
+  the selected set, the ascending output order, the tie rule and ``rest`` are the single
+  program's, bit for bit.
+
+Workspace per call: ``4 * 256 + P * 257`` int32 (P = 64 at n = 65,536: 66 KiB), zeroed
+by one fill; nothing is read back by the host, so the launches can be captured in a
+CUDA graph.
 """
 
 from __future__ import annotations
@@ -30,7 +56,10 @@ import triton.language as tl
 
 from . import _launch
 
-__all__ = ["topk_indices", "configs", "pick_config", "topk_kernel", "MAX_RESIDENT"]
+__all__ = [
+    "topk_indices", "configs", "pick_config", "topk_kernel", "radix_histogram_kernel", "radix_write_kernel",
+    "MAX_RESIDENT",
+]
 
 
 #: The largest ``n`` whose keys one program holds in registers without spilling.
@@ -38,21 +67,26 @@ MAX_RESIDENT = 4096
 
 
 def configs() -> list[dict]:
-    """The launch configs this file ships: streaming blocks (any n), and keys resident
-    in registers for n up to :data:`MAX_RESIDENT` (see :func:`pick_config`)."""
+    """The launch configs this file ships: streaming blocks in one program (any n), keys
+    resident in registers for n up to :data:`MAX_RESIDENT`, and the multi-program radix
+    select (``MULTI``: one program per ``BLOCK`` keys, any n; see :func:`pick_config`)."""
     return [
-        {"BLOCK": 1024, "RADIX_BITS": 8, "num_warps": 8, "RESIDENT": False},
-        {"BLOCK": MAX_RESIDENT, "RADIX_BITS": 8, "num_warps": 8, "RESIDENT": True},
+        {"BLOCK": 1024, "RADIX_BITS": 8, "num_warps": 8, "RESIDENT": False, "MULTI": False},
+        {"BLOCK": MAX_RESIDENT, "RADIX_BITS": 8, "num_warps": 8, "RESIDENT": True, "MULTI": False},
+        {"BLOCK": 1024, "RADIX_BITS": 8, "num_warps": 4, "RESIDENT": False, "MULTI": True},
     ]
 
 
 def pick_config(n: int) -> dict:
-    """Keys resident in registers when they fit (n <= :data:`MAX_RESIDENT`; masked
-    lanes of a smaller n cost nothing but registers), else streamed."""
-    for cfg in configs()[1:]:
-        if n <= cfg["BLOCK"]:
-            return cfg
-    return configs()[0]
+    """The rule: one program with its keys resident in registers when they fit
+    (n <= :data:`MAX_RESIDENT`; masked lanes of a smaller n cost nothing but registers),
+    else the multi-program radix select (n > MAX_RESIDENT: one program of 1024 keys per
+    slice, 5 to 64 programs from n = 4097 to 65,536). The streaming single-program
+    config stays available through ``config=``."""
+    resident = configs()[1]
+    if n <= resident["BLOCK"]:
+        return resident
+    return configs()[2]
 
 
 @triton.jit
@@ -147,6 +181,131 @@ def topk_kernel(
         n_eq += tl.sum(eq, axis=0)
 
 
+# --- the multi-program radix select (n > MAX_RESIDENT) -----------------------------------
+
+
+@triton.jit
+def _digits_so_far(hist_ptr, K, ROUNDS: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """T's digits of the first ``ROUNDS`` rounds from their global histograms (rows of
+    ``2**RADIX_BITS`` int32 at ``hist_ptr``), and ``n_above``: the keys above every key
+    that shares those digits. The single program's arithmetic, repeated by each program."""
+    BINS: tl.constexpr = 1 << RADIX_BITS
+    bins = tl.arange(0, BINS)
+    thresh = tl.full([], 0, dtype=tl.uint32)
+    n_above = tl.full([], 0, dtype=tl.int32)
+    for r in tl.static_range(ROUNDS):
+        shift = 32 - (r + 1) * RADIX_BITS
+        hist = tl.load(hist_ptr + r * BINS + bins)
+        at_least = n_above + tl.cumsum(hist, axis=0, reverse=True)
+        digit = tl.sum((at_least >= K).to(tl.int32), axis=0) - 1
+        n_above += tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        thresh = thresh | (digit.to(tl.uint32) << shift)
+    return thresh, n_above
+
+
+@triton.jit
+def radix_histogram_kernel(
+    s_ptr, hist_ptr, ge_ptr,
+    N, K, stride_s,
+    ROUND: tl.constexpr, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
+):
+    """Round ``ROUND`` of the radix select, program p on keys ``[p*BLOCK, (p+1)*BLOCK)``:
+    adds the histogram of this round's digit (keys that share T's earlier digits) into
+    row ``ROUND`` of ``hist_ptr``. The last round also writes the program's row of
+    ``ge_ptr`` (``BINS + 1`` int32): ``ge[d]`` = its keys that share T's earlier digits
+    with a last digit >= d, plus its keys above them; ``ge[BINS]`` = those above."""
+    BINS: tl.constexpr = 1 << RADIX_BITS
+    ROUNDS: tl.constexpr = 32 // RADIX_BITS
+    shift: tl.constexpr = 32 - (ROUND + 1) * RADIX_BITS
+    tl.static_assert(32 % RADIX_BITS == 0)
+    pid = tl.program_id(0)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < N
+    key = _keys(s_ptr, i, N, stride_s)
+    bins = tl.arange(0, BINS)
+    if ROUND > 0:
+        thresh, n_above = _digits_so_far(hist_ptr, K, ROUND, RADIX_BITS)
+        high = shift + RADIX_BITS
+        match = ok & ((key >> high) == (thresh >> high))
+    else:
+        match = ok
+    key_digit = ((key >> shift) & (BINS - 1)).to(tl.int32)
+    hist = tl.histogram(key_digit, BINS, mask=match)
+    tl.atomic_add(hist_ptr + ROUND * BINS + bins, hist, sem="relaxed")
+    if ROUND == ROUNDS - 1:
+        above = tl.sum((ok & ((key >> RADIX_BITS) > (thresh >> RADIX_BITS))).to(tl.int32), axis=0)
+        row = ge_ptr + pid.to(tl.int64) * (BINS + 1)
+        tl.store(row + bins, above + tl.cumsum(hist, axis=0, reverse=True))
+        tl.store(row + BINS, above)
+
+
+@triton.jit
+def radix_write_kernel(
+    s_ptr, hist_ptr, ge_ptr, idx_ptr, rest_ptr,
+    N, K, stride_s,
+    BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, SCAN_BLOCK: tl.constexpr, WRITE_REST: tl.constexpr,
+):
+    """The last pass, program p: T from the histograms, the counts of keys > T and == T
+    in programs 0..p-1 (an exclusive scan over their ``ge`` rows, in index order), then
+    the single program's compaction of keys ``[p*BLOCK, (p+1)*BLOCK)``."""
+    BINS: tl.constexpr = 1 << RADIX_BITS
+    ROUNDS: tl.constexpr = 32 // RADIX_BITS
+    tl.static_assert(BLOCK <= 16384)  # the packed prefix sum below must not overflow
+    pid = tl.program_id(0)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < N
+    key = _keys(s_ptr, i, N, stride_s)
+    thresh, n_above = _digits_so_far(hist_ptr, K, ROUNDS, RADIX_BITS)
+    need_eq = K - n_above
+    d = (thresh & (BINS - 1)).to(tl.int32)
+
+    # ge[q, d + 1] = count(key > T) in program q, ge[q, d] - ge[q, d + 1] = count(key == T).
+    acc_gt = tl.zeros([SCAN_BLOCK], dtype=tl.int32)
+    acc_ge = tl.zeros([SCAN_BLOCK], dtype=tl.int32)
+    for q0 in range(0, pid, SCAN_BLOCK):
+        q = q0 + tl.arange(0, SCAN_BLOCK)
+        row = ge_ptr + q.to(tl.int64) * (BINS + 1)
+        before = q < pid
+        acc_ge += tl.load(row + d, mask=before, other=0)
+        acc_gt += tl.load(row + d + 1, mask=before, other=0)
+    n_gt = tl.sum(acc_gt, axis=0)
+    n_eq = tl.sum(acc_ge, axis=0) - n_gt
+
+    # The compaction of topk_kernel, offset by the earlier programs' counts.
+    gt = ((key > thresh) & ok).to(tl.int32)
+    eq = ((key == thresh) & ok).to(tl.int32)
+    packed = (gt << 16) | eq
+    before = tl.cumsum(packed, axis=0) - packed
+    eq_before = n_eq + (before & 0xFFFF)
+    pos = n_gt + (before >> 16) + tl.minimum(eq_before, need_eq)
+    sel = (gt != 0) | ((eq != 0) & (eq_before < need_eq))
+    tl.store(idx_ptr + pos, i, mask=sel)
+    if WRITE_REST:
+        tl.store(rest_ptr + (i - pos), i, mask=ok & ~sel)
+
+
+def _multi_program_topk(scores, n, k, out, rest_out, return_rest, cfg, traceable):
+    """The five launches of the multi-program radix select (see the module docstring)."""
+    block, bits = cfg["BLOCK"], cfg["RADIX_BITS"]
+    bins, rounds = 1 << bits, 32 // bits
+    programs = triton.cdiv(n, block)
+    work = torch.zeros(rounds * bins + programs * (bins + 1), dtype=torch.int32, device=scores.device)
+    hist, ge = work[: rounds * bins], work[rounds * bins :]
+    for r in range(rounds):
+        _launch.launchable(radix_histogram_kernel, traceable)[(programs,)](
+            scores, hist, ge, n, k, scores.stride(0),
+            ROUND=r, BLOCK=block, RADIX_BITS=bits, num_warps=cfg["num_warps"],
+        )
+    _launch.launchable(radix_write_kernel, traceable)[(programs,)](
+        scores, hist, ge, out, rest_out if return_rest else out, n, k, scores.stride(0),
+        BLOCK=block, RADIX_BITS=bits, SCAN_BLOCK=SCAN_BLOCK, WRITE_REST=return_rest, num_warps=cfg["num_warps"],
+    )
+
+
+#: Earlier programs' count rows read at once by each program of ``radix_write_kernel``.
+SCAN_BLOCK = 128
+
+
 def topk_indices(
     scores: torch.Tensor,
     k: int,
@@ -183,6 +342,9 @@ def topk_indices(
         raise ValueError("out buffers must be contiguous")
 
     cfg = config or pick_config(n)
+    if cfg.get("MULTI"):
+        _multi_program_topk(scores, n, k, out, rest_out, return_rest, cfg, traceable)
+        return (out, rest_out) if return_rest else out
     if cfg["RESIDENT"] and n > cfg["BLOCK"]:
         raise ValueError(f"config {cfg} holds {cfg['BLOCK']} keys in registers; n = {n}")
     _launch.launchable(topk_kernel, traceable)[(1,)](

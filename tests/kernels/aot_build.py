@@ -130,6 +130,32 @@ def builds() -> list[dict]:
                 aligned=True,
             ))
     for c in topk.configs():
+        if c["MULTI"]:  # the multi-program radix select: its own two kernels
+            hint = lambda strided: {} if strided else {"unit": ("stride_s",), "aligned": True}  # noqa: E731
+            for strided in (False, True):
+                tag = f"B{c['BLOCK']}R{c['RADIX_BITS']}{'-strided' if strided else ''}"
+                for r in range(32 // c["RADIX_BITS"]):
+                    out.append(_build(
+                        "topk.radix_histogram_kernel",
+                        f"topk_multi-hist{r}-{tag}",
+                        {"s_ptr": "*fp32", "hist_ptr": "*i32", "ge_ptr": "*i32"},
+                        ["N", "K", "stride_s"],
+                        {"ROUND": r, "BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"]},
+                        {"num_warps": c["num_warps"]},
+                        **hint(strided),
+                    ))
+                for rest in (True, False):
+                    out.append(_build(
+                        "topk.radix_write_kernel",
+                        f"topk_multi-write-{'rest' if rest else 'norest'}-{tag}",
+                        {"s_ptr": "*fp32", "hist_ptr": "*i32", "ge_ptr": "*i32", "idx_ptr": "*i64", "rest_ptr": "*i64"},
+                        ["N", "K", "stride_s"],
+                        {"BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"], "SCAN_BLOCK": topk.SCAN_BLOCK,
+                         "WRITE_REST": rest},
+                        {"num_warps": c["num_warps"]},
+                        **hint(strided),
+                    ))
+            continue
         for rest in (True, False):
             for strided in (False, True):
                 out.append(_build(

@@ -160,7 +160,14 @@ def test_every_shipped_config_is_built():
             built = any(i.startswith(f"{short}-cfg{ci}-") and "-fp32-gather-contig" in i for i in ids)
             assert built == (c in kept), (short, ci)
     assert sum(i.startswith("scores.") for i in ids) == len(scores.configs()) * 3 * (2 * 2 + 1)
-    assert sum(i.startswith("topk-") for i in ids) == len(topk.configs()) * 2 * 2
+    single = [c for c in topk.configs() if not c["MULTI"]]
+    multi = [c for c in topk.configs() if c["MULTI"]]
+    assert single and multi
+    assert sum(i.startswith("topk-") for i in ids) == len(single) * 2 * 2
+    # the multi-program select: a histogram kernel per digit round and the write kernel
+    # with and without the complement, each contiguous and strided
+    assert sum(i.startswith("topk_multi-hist") for i in ids) == sum(32 // c["RADIX_BITS"] for c in multi) * 2
+    assert sum(i.startswith("topk_multi-write-") for i in ids) == len(multi) * 2 * 2
     assert sum(i.startswith("gather_columns-") for i in ids) == len(matmul.gather_configs()) * 3 * 2
     assert sum(i.startswith("split_reduce-") for i in ids) == len(matmul.reduce_configs()) * 3 * 2
 

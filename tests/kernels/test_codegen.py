@@ -130,3 +130,32 @@ def test_per_example_mode_reports_its_kernels(tmp_path):
         assert r["error"] is None and (r["spill_bytes"] or 0) <= 32, r
         if r["name"] == "per_example.grad_input_kernel":
             assert r["flops"] == 2 * 1024 * 5 * 512
+
+
+WIDE = [(90, 8192, 410), (80, 65536, 3277)]
+
+
+@pytest.mark.parametrize("arch,n_out,k", WIDE, ids=[f"sm{a}-out{n}-k{k}" for a, n, k in WIDE])
+def test_wide_layers_select_with_several_programs(tmp_path, arch, n_out, k):
+    """out > MAX_RESIDENT (the paper's 8192-unit layers and wider): the backward selects
+    with the multi-program radix select, a histogram launch per digit round and the
+    write launch, one program per 1024 scores, no spills (``--only topk.``: the GEMMs
+    are checked above)."""
+    out = tmp_path / "wide.json"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "codegen.py"), "--arch", str(arch), "--shape", "8192", "8192",
+        str(n_out), "--k", str(k), "--dtype", "bfloat16", "--only", "topk.", "--json", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    recs = json.loads(out.read_text())
+    assert [r["name"] for r in recs] == ["topk.radix_histogram_kernel"] * 4 + ["topk.radix_write_kernel"]
+    for r in recs:
+        assert r["error"] is None, r["error"]
+        assert r["programs"] == -(-n_out // 1024), r
+        assert r["smem_fits"], r
+        if r["spill_bytes"] is not None:
+            assert r["spill_bytes"] == 0 and r["spill_instructions"] == 0, r

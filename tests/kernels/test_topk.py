@@ -67,12 +67,79 @@ def test_topk_matches_reference(n, kind, rng, device):
         check(scores, k)
 
 
-@pytest.mark.parametrize("k", [1, 3277, 65535], ids=["k1", "k5pct", "k_out_minus_1"])
+@pytest.mark.parametrize("k", [1, 3277, 65535, 65536], ids=["k1", "k5pct", "k_out_minus_1", "k_out"])
 def test_topk_65536(k, rng, device):
-    """out = 65,536: 64 blocks per pass; ties sit at the threshold."""
-    scores = torch.randint(0, 1000, (65536,), generator=rng).float().to(device)
+    """out = 65,536 (64 programs of the multi-program select): ties sit at the
+    threshold, with NaN / inf (both +inf, in index order) and -0.0 among them."""
+    scores = torch.randint(0, 1000, (65536,), generator=rng).float()
     scores[12345] = math.inf
-    check(scores, k)
+    scores[40000] = math.nan
+    scores[:: 97] = -0.0
+    check(scores.to(device), k)
+
+
+# The multi-program radix select (n > MAX_RESIDENT): each size crosses the boundaries
+# between programs (1024 keys each) differently: 4097 leaves one key in the last program,
+# 12,345 an odd tail; every k class: 1, 16, small and not a multiple of 16, out - 1, out.
+MULTI_CASES = [
+    (4097, kind) for kind in ("random", "ties", "signed", "nonfinite")
+] + [(8192, "ties"), (12345, "nonfinite"), (12345, "signed")]
+
+
+@pytest.mark.parametrize("n,kind", MULTI_CASES, ids=[f"{n}-{kind}" for n, kind in MULTI_CASES])
+def test_multi_program_matches_reference(n, kind, rng, device):
+    from meprop_triton.kernels.topk import pick_config
+
+    assert pick_config(n)["MULTI"]
+    scores = make_scores(kind, n, rng).to(device)
+    ks = (1, 16, 205, n - 1, n) if n == 4097 else (1, 205, n - 1, n)
+    for k in ks:
+        check(scores, k)
+
+
+def test_multi_program_ties_everywhere(rng, device):
+    """Integer-valued scores in {0, 1}: thousands of keys tie at the threshold, spread
+    over every program, so the per-program tie counts and their scan decide the set."""
+    scores = torch.randint(0, 2, (8192,), generator=rng).float().to(device)
+    for k in (1500, 4096, 6000):
+        check(scores, k)
+
+
+def test_multi_program_strided_and_without_rest(rng, device):
+    from meprop_triton.kernels.topk import topk_indices
+
+    base = torch.rand(2 * 5000, generator=rng).to(device)
+    check(base[::2], 321)
+    scores = make_scores("ties", 4500, rng).to(device)
+    out = poisoned((77,), torch.int64, device)
+    idx = topk_indices(scores, 77, out=out)
+    assert idx is out
+    assert torch.equal(idx.cpu(), reference.select_topk(scores.cpu(), 77))
+
+
+def test_multi_program_repeatable(rng, device):
+    """The atomic adds are on int32 counts: the same input gives the same output."""
+    scores = make_scores("ties", 8192, rng).to(device)
+    first = run(scores, 4000)
+    again = run(scores, 4000)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_unified_backward_selects_over_4096_units(rng, device):
+    """The custom op (launches traced through wrap_triton where compiled) takes the
+    multi-program selection at out > MAX_RESIDENT: the reference's set."""
+    from meprop_triton.triton_ops import unified_topk_backward
+
+    M, n_in, n_out, k = 3, 5, 4100, 37
+    G = torch.randn(M, n_out, generator=rng).to(device)
+    G[:, 4099] = 1e3
+    X = torch.randn(M, n_in, generator=rng).to(device)
+    W = torch.randn(n_out, n_in, generator=rng).to(device)
+    gx, gw, gb, idx = unified_topk_backward(G, X, W, k, return_indices=True)
+    assert torch.equal(idx.cpu(), reference.unified_topk_indices(G.cpu(), k))
+    rest = torch.ones(n_out, dtype=torch.bool)
+    rest[idx.cpu()] = False
+    assert (gw.cpu()[rest] == 0).all()
 
 
 def _configs():
@@ -81,11 +148,15 @@ def _configs():
     return configs()
 
 
-@pytest.mark.parametrize("ci", range(len(_configs())), ids=[f"B{c['BLOCK']}{'-resident' if c['RESIDENT'] else ''}" for c in _configs()])
+def _config_id(c) -> str:
+    return f"B{c['BLOCK']}{'-resident' if c['RESIDENT'] else ''}{'-multi' if c['MULTI'] else ''}"
+
+
+@pytest.mark.parametrize("ci", range(len(_configs())), ids=[_config_id(c) for c in _configs()])
 @pytest.mark.parametrize("n", [130, 2049, 4096, 16384])
 def test_every_config(n, ci, rng, device):
-    """Keys streamed block by block or held in registers: the same indices; a resident
-    config refuses more scores than it can hold."""
+    """Keys streamed block by block, held in registers, or spread over programs: the
+    same indices; a resident config refuses more scores than it can hold."""
     from meprop_triton.kernels.topk import topk_indices
 
     cfg = _configs()[ci]
@@ -99,13 +170,14 @@ def test_every_config(n, ci, rng, device):
 
 
 def test_pick_config():
-    """Resident keys up to MAX_RESIDENT scores, streamed beyond."""
+    """Resident keys in one program up to MAX_RESIDENT scores, several programs beyond."""
     from meprop_triton.kernels.topk import MAX_RESIDENT, pick_config
 
     assert MAX_RESIDENT >= 4096
     assert pick_config(1)["RESIDENT"] and pick_config(1)["BLOCK"] == MAX_RESIDENT
-    assert pick_config(MAX_RESIDENT)["RESIDENT"]
-    assert not pick_config(MAX_RESIDENT + 1)["RESIDENT"]
+    assert pick_config(MAX_RESIDENT)["RESIDENT"] and not pick_config(MAX_RESIDENT)["MULTI"]
+    for n in (MAX_RESIDENT + 1, 8192, 65536, 1 << 20):
+        assert pick_config(n)["MULTI"] and not pick_config(n)["RESIDENT"]
 
 
 def test_ties_go_to_lower_index(device):
