@@ -41,7 +41,8 @@ def test_dense_k_is_nn_lstm(layers, bidirectional, batch_first, hx):
     g_c = torch.randn(layers * dirs, B, H, generator=gen, dtype=torch.double)
     (o1, h1, c1), want = _grads(ref, x, state, g_out, g_h, g_c)
     (o2, h2, c2), got = _grads(mp, x, state, g_out, g_h, g_c)
-    assert torch.equal(o1, o2) and torch.equal(h1, h2) and torch.equal(c1, c2)  # the same forward
+    for a, b in ((o1, o2), (h1, h2), (c1, c2)):  # the same forward (step by step when training)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -52,7 +53,8 @@ def test_unbatched_input():
     o1, (h1, c1) = ref(x)
     o2, (h2, c2) = mp(x)
     assert o2.shape == o1.shape == (6, 14) and h2.shape == (4, 7)
-    assert torch.equal(o1, o2) and torch.equal(h1, h2) and torch.equal(c1, c2)
+    for a, b in ((o1, o2), (h1, h2), (c1, c2)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     g1 = torch.autograd.grad(o1.square().sum(), [x, *ref.parameters()])
     g2 = torch.autograd.grad(o2.square().sum(), [x, *mp.parameters()])
     for a, b in zip(g2, g1):
@@ -230,7 +232,9 @@ def test_from_lstm_shares_parameters_and_state_dict_both_ways():
     plain = nn.LSTM(5, 7, 2, bidirectional=True).double()
     plain.load_state_dict(fresh.state_dict())
     x = torch.randn(4, 2, 5, dtype=torch.double)
-    assert torch.equal(plain(x)[0], fresh(x)[0])
+    torch.testing.assert_close(plain(x)[0], fresh(x)[0], rtol=1e-12, atol=1e-14)
+    with torch.no_grad():  # no backward to come: torch's fused LSTM, bit for bit
+        assert torch.equal(plain(x)[0], fresh(x)[0])
     assert "k=0.5" in repr(fresh) and fresh.k_units == 4
 
 
@@ -313,6 +317,32 @@ def test_packed_sequences_of_one_length_are_the_plain_batch(k, unified):
         got = torch.autograd.grad((out_p.data * g.reshape(-1, 14)).sum(), [x, *mp.parameters()])
         for a, b in zip(got, want):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("k", [7, 3], ids=["dense-k", "k3"])
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
+def test_kept_gates_equal_recomputed_ones(k, unified):
+    """The training forward keeps the gates for the backward; without it (keep_gates
+    False: torch's fused forward, the gates recomputed in the backward) the outputs and
+    gradients are the same (fp64)."""
+    from meprop_triton.recurrent import _LSTMLayer
+
+    torch.manual_seed(9)
+    ref = nn.LSTM(5, 7, bidirectional=True).double()
+    params = list(ref.parameters())
+    x = torch.randn(6, 3, 5, dtype=torch.double, requires_grad=True)
+    h0 = torch.randn(2, 3, 7, dtype=torch.double, requires_grad=True)
+    c0 = torch.randn(2, 3, 7, dtype=torch.double, requires_grad=True)
+    gen = torch.Generator().manual_seed(10)
+    g = torch.randn(6, 3, 14, generator=gen, dtype=torch.double)
+    gh = torch.randn(2, 3, 7, generator=gen, dtype=torch.double)
+    results = []
+    for keep in (True, False):
+        out, h, c = _LSTMLayer.apply(x, h0, c0, None, k, unified, "topk", None, True, True, keep, *params)
+        grads = torch.autograd.grad((out * g).sum() + (h * gh).sum() + c.sum(), [x, h0, c0, *params])
+        results.append((out, h, c, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_convert_swaps_lstms_only_when_asked():
