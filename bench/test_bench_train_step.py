@@ -127,7 +127,7 @@ def _params(grads):
                 yield pytest.param(name, grad, opt, id=f"{device}-{name}-{grad}grad{suffix}", marks=marks)
 
 
-@pytest.mark.parametrize("name,grad,opt", _params(["dense"]))
+@pytest.mark.parametrize("name,grad,opt", list(_params(["dense"])))
 def test_train_step_dense(benchmark, name, grad, opt):
     device, batch, dims, k, dtype, budget = MLPS[name]
     _info(benchmark, name, "dense", grad, "dense", opt)
@@ -137,7 +137,7 @@ def test_train_step_dense(benchmark, name, grad, opt):
         benchmark.extra_info.update(speedup_vs_dense=1.0, **peak_memory(fn, device))
 
 
-@pytest.mark.parametrize("name,grad,opt", _params(["sparse", "dense"]))
+@pytest.mark.parametrize("name,grad,opt", list(_params(["sparse", "dense"])))
 def test_train_step_meprop(benchmark, request, name, grad, opt):
     device, batch, dims, k, dtype, budget = MLPS[name]
     sparse = grad == "sparse"

@@ -32,11 +32,16 @@ def triton_interpreter_enabled() -> bool:
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_FOUND: list = []  # filled once: [True] or [False]
+
+
 def _triton_importable() -> bool:
     # Cached: ``find_spec`` walks sys.path (about 10 us), and installed packages do not
-    # come and go while a process trains.
-    return importlib.util.find_spec("triton") is not None
+    # come and go while a process trains. A list read rather than functools.lru_cache,
+    # which torch.compile warns about when it traces through the call.
+    if not _TRITON_FOUND:
+        _TRITON_FOUND.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_FOUND[0]
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
