@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from . import reference
 from ._validation import check_k, check_options, resolve_k
 from .functional import resolve_backend
+from .nn import _HOOK_DICTS, _MePropSettings
 
 __all__ = ["MePropConv1D", "meprop_conv1d", "is_conv1d"]
 
@@ -375,7 +376,7 @@ def meprop_conv1d(
     return out.view(*lead, n_out)
 
 
-class MePropConv1D(nn.Module):
+class MePropConv1D(_MePropSettings, nn.Module):
     """transformers' ``Conv1D`` with a meProp backward.
 
     ``MePropConv1D(nf, nx, *, k, ...)``: ``nf`` output features, ``nx`` input features,
@@ -386,6 +387,11 @@ class MePropConv1D(nn.Module):
     ``backend``, ``track_selection``), checked when set; ``sparse_grad=True`` is refused
     (see the module's docstring). ``from_conv1d(layer, k=...)`` wraps an existing layer,
     sharing its Parameter objects.
+
+    ``track_selection=True`` keeps ``MePropLinear``'s selection statistics, per output
+    feature (a non-persistent int64 buffer ``selection_counts`` of ``nf + 1`` entries, the
+    last one counting the rows): ``selection_stats()`` reads them as a
+    :class:`~meprop_triton.SelectionStats`, ``reset_selection_stats()`` zeroes them.
     """
 
     def __init__(
@@ -422,34 +428,10 @@ class MePropConv1D(nn.Module):
         self.backend = backend
         self.track_selection = track_selection
 
-    # Settings, checked when set (a refused value keeps the old one).
-    @property
-    def k(self):
-        """An int >= 1 (units kept) or a float in (0, 1] (a fraction of nf)."""
-        return self._k
-
-    @k.setter
-    def k(self, value) -> None:
-        check_k(value)
-        self.__dict__["_k"] = value
-        self.__dict__["_k_for"] = None  # (nf, units), resolved at forward
-
-    def _setting(name):  # noqa: N805 - a property factory used in the class body
-        private = "_" + name
-
-        def get(self):
-            return self.__dict__[private]
-
-        def set(self, value):
-            check_options(**{name: value})
-            self.__dict__[private] = value
-
-        return property(get, set)
-
-    unified = _setting("unified")
-    selection = _setting("selection")
-    backend = _setting("backend")
-    del _setting
+    # Settings, checked when set (a refused value keeps the old one): k, unified,
+    # selection, backend, track_selection and its counters come from _MePropSettings.
+    def _n_units(self) -> int:
+        return self.nf
 
     @property
     def sparse_grad(self) -> bool:
@@ -460,25 +442,6 @@ class MePropConv1D(nn.Module):
     def sparse_grad(self, value) -> None:
         check_options(sparse_grad=value)
         _refuse_sparse(value)
-
-    @property
-    def track_selection(self) -> bool:
-        """True: each backward adds its selection statistics to ``selection_counts``."""
-        return "selection_counts" in self._buffers
-
-    @track_selection.setter
-    def track_selection(self, value) -> None:
-        check_options(track_selection=value)
-        if value and "selection_counts" not in self._buffers:
-            counts = torch.zeros(self.nf + 1, dtype=torch.int64, device=self.weight.device)
-            self.register_buffer("selection_counts", counts, persistent=False)
-        elif not value and "selection_counts" in self._buffers:
-            del self._buffers["selection_counts"]
-
-    @property
-    def k_units(self) -> int:
-        """The number of output units kept in backward (``k`` resolved for ``nf``)."""
-        return resolve_k(self._k, self.nf)
 
     @classmethod
     def from_conv1d(cls, layer: nn.Module, *, k, **options) -> "MePropConv1D":
@@ -502,10 +465,7 @@ class MePropConv1D(nn.Module):
         if counts is not None:
             new._buffers["selection_counts"] = torch.zeros_like(counts, device=weight.device)
         new.train(layer.training)
-        for name in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                     "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-                     "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-                     "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
+        for name in _HOOK_DICTS:
             if name in layer.__dict__:
                 new.__dict__[name] = layer.__dict__[name]
         return new

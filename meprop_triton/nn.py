@@ -16,7 +16,8 @@ __all__ = ["MePropLinear", "MePropLSTM", "SelectionStats"]
 
 
 class SelectionStats(NamedTuple):
-    """What ``MePropLinear.selection_stats()`` returns (meSimp's counters).
+    """What ``selection_stats()`` of a ``MePropLinear`` or ``MePropConv1D`` returns
+    (meSimp's counters).
 
     ``hits[j]``: the rows (examples, tokens) whose kept set held output unit j, since the
     last reset; ``rows``: the rows seen; ``hit_rate = hits / rows`` (zeros when no row
@@ -63,7 +64,80 @@ def _checked_setting(name: str, doc: str) -> property:
     return property(get, set, doc=doc)
 
 
-class MePropLinear(nn.Linear):
+class _MePropSettings:
+    """The checked settings ``MePropLinear`` and ``MePropConv1D`` share, a mixin listed
+    before their ``nn.Module`` base: ``k`` (kept as ``_k``; setting it also resets
+    ``_k_for``, the ``(units, k resolved)`` pair the forward caches), ``unified``,
+    ``selection``, ``backend``, ``track_selection`` with its counters
+    (``selection_stats()``, ``reset_selection_stats()``) and ``k_units``.
+
+    A subclass gives ``_n_units()``, its number of output units, and keeps its own
+    ``sparse_grad``. The properties are data descriptors on the class, so a read finds
+    them before ``nn.Module.__getattr__`` is tried and ``nn.Module.__setattr__`` hands an
+    assignment (not a Parameter, Module or buffer) on to their setters."""
+
+    def _n_units(self) -> int:  # pragma: no cover - every subclass gives its own
+        raise NotImplementedError
+
+    @property
+    def k(self):
+        """An int >= 1 (units kept) or a float in (0, 1] (a fraction of the output units)."""
+        return self._k
+
+    @k.setter
+    def k(self, value) -> None:
+        check_k(value)
+        self.__dict__["_k"] = value
+        self.__dict__["_k_for"] = (-1, -1)  # (output units, units kept): resolved at forward
+
+    unified = _checked_setting("unified", "True: one set of units per call; False: one per row")
+    selection = _checked_setting("selection", '"topk" or "random"')
+    backend = _checked_setting("backend", '"auto", "torch" or "triton"')
+
+    @property
+    def track_selection(self) -> bool:
+        """True: each backward adds its selection statistics to ``selection_counts``."""
+        return "selection_counts" in self._buffers
+
+    @track_selection.setter
+    def track_selection(self, value) -> None:
+        check_options(track_selection=value)
+        if value and "selection_counts" not in self._buffers:
+            weight = self.weight
+            device = weight.device if isinstance(weight, Tensor) else None
+            counts = torch.zeros(self._n_units() + 1, dtype=torch.int64, device=device)
+            self.register_buffer("selection_counts", counts, persistent=False)
+        elif not value and "selection_counts" in self._buffers:
+            del self._buffers["selection_counts"]
+
+    def selection_stats(self) -> SelectionStats:
+        """Per output unit, the rows whose kept set held it since the last reset (see
+        :class:`SelectionStats`); reads the counters (a host sync on a GPU)."""
+        counts = self._buffers.get("selection_counts")
+        if counts is None:
+            raise RuntimeError(
+                "this layer keeps no selection statistics; set layer.track_selection = True "
+                "(or convert(..., track_selection=True)) before training"
+            )
+        hits = counts[:-1].clone()
+        rows = int(counts[-1])
+        rate = hits.double() / rows if rows else torch.zeros_like(hits, dtype=torch.float64)
+        return SelectionStats(hits, rows, rate)
+
+    def reset_selection_stats(self) -> None:
+        """Zero the selection counters (``track_selection`` must be on)."""
+        counts = self._buffers.get("selection_counts")
+        if counts is None:
+            raise RuntimeError("this layer keeps no selection statistics (track_selection is False)")
+        counts.zero_()
+
+    @property
+    def k_units(self) -> int:
+        """The number of output units kept in backward (``k`` resolved for this layer)."""
+        return resolve_k(self._k, self._n_units())
+
+
+class MePropLinear(_MePropSettings, nn.Linear):
     """``nn.Linear`` with a meProp backward.
 
     Same parameters (``weight``, ``bias``), init, ``state_dict`` and forward as
@@ -113,59 +187,12 @@ class MePropLinear(nn.Linear):
         self.backend = backend
         self.track_selection = track_selection
 
-    # Settings: validated on assignment, stored under a private name.
-    @property
-    def k(self):
-        """An int >= 1 (units kept) or a float in (0, 1] (a fraction of out_features)."""
-        return self._k
-
-    @k.setter
-    def k(self, value) -> None:
-        check_k(value)
-        self.__dict__["_k"] = value
-        self.__dict__["_k_for"] = (-1, -1)  # (out_features, units): resolved at forward
-
-    unified = _checked_setting("unified", "True: one set of units per call; False: one per row")
-    selection = _checked_setting("selection", '"topk" or "random"')
+    # Settings: validated on assignment, stored under a private name (k, unified,
+    # selection, backend, track_selection and the counters: _MePropSettings).
     sparse_grad = _checked_setting("sparse_grad", "True: row-sparse weight and bias gradients")
-    backend = _checked_setting("backend", '"auto", "torch" or "triton"')
 
-    @property
-    def track_selection(self) -> bool:
-        """True: each backward adds its selection statistics to ``selection_counts``."""
-        return "selection_counts" in self._buffers
-
-    @track_selection.setter
-    def track_selection(self, value) -> None:
-        check_options(track_selection=value)
-        if value and "selection_counts" not in self._buffers:
-            weight = self.weight
-            device = weight.device if isinstance(weight, Tensor) else None
-            counts = torch.zeros(self.out_features + 1, dtype=torch.int64, device=device)
-            self.register_buffer("selection_counts", counts, persistent=False)
-        elif not value and "selection_counts" in self._buffers:
-            del self._buffers["selection_counts"]
-
-    def selection_stats(self) -> SelectionStats:
-        """Per output unit, the rows whose kept set held it since the last reset (see
-        :class:`SelectionStats`); reads the counters (a host sync on a GPU)."""
-        counts = self._buffers.get("selection_counts")
-        if counts is None:
-            raise RuntimeError(
-                "this layer keeps no selection statistics; set layer.track_selection = True "
-                "(or convert(..., track_selection=True)) before training"
-            )
-        hits = counts[:-1].clone()
-        rows = int(counts[-1])
-        rate = hits.double() / rows if rows else torch.zeros_like(hits, dtype=torch.float64)
-        return SelectionStats(hits, rows, rate)
-
-    def reset_selection_stats(self) -> None:
-        """Zero the selection counters (``track_selection`` must be on)."""
-        counts = self._buffers.get("selection_counts")
-        if counts is None:
-            raise RuntimeError("this layer keeps no selection statistics (track_selection is False)")
-        counts.zero_()
+    def _n_units(self) -> int:
+        return self.out_features
 
     def __setstate__(self, state) -> None:
         # A layer pickled before the settings became checked properties kept them in its
@@ -175,11 +202,6 @@ class MePropLinear(nn.Linear):
                 state["_" + name] = state.pop(name)
         state["_k_for"] = (-1, -1)
         super().__setstate__(state)
-
-    @property
-    def k_units(self) -> int:
-        """The number of output units kept in backward (``k`` resolved for this layer)."""
-        return resolve_k(self._k, self.weight.shape[0])
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, k, **options) -> "MePropLinear":

@@ -237,6 +237,55 @@ def test_track_selection_counts_like_meprop_linear(gen):
     assert "selection_counts" not in dict(mine.named_buffers())
 
 
+@pytest.mark.parametrize("unified", [True, False])
+def test_selection_stats_equal_meprop_linear_on_the_transposed_weight(unified, gen):
+    layer = conv(nf=10, nx=6)
+    mine = MePropConv1D.from_conv1d(layer, k=3, unified=unified, track_selection=True)
+    lin = MePropLinear(6, 10, k=3, unified=unified, track_selection=True)
+    with torch.no_grad():
+        lin.weight.copy_(layer.weight.t())
+        lin.bias.copy_(layer.bias)
+    for layer_ in (mine, lin):  # nothing seen yet: zero hits and rate
+        stats = layer_.selection_stats()
+        assert stats.rows == 0 and not stats.hits.any() and not stats.hit_rate.any()
+    x = torch.randn(5, 6, generator=gen)
+    g = torch.randn(5, 10, generator=gen)
+    mine(x).backward(g)
+    lin(x).backward(g)
+    ours, theirs = mine.selection_stats(), lin.selection_stats()
+    assert ours.rows == theirs.rows == 5
+    assert torch.equal(ours.hits, theirs.hits) and ours.hits.dtype == torch.int64
+    assert torch.equal(ours.hit_rate, theirs.hit_rate) and ours.hit_rate.dtype == torch.float64
+    assert int(ours.hits.sum()) == 5 * 3
+    ours.hits.zero_()  # a copy: the counters are untouched
+    assert int(mine.selection_counts[:-1].sum()) == 15
+    mine.reset_selection_stats()
+    assert not mine.selection_counts.any() and mine.selection_stats().rows == 0
+    # fresh random input after the reset: counted again, as the linear layer counts it
+    lin.reset_selection_stats()
+    x = torch.randn(7, 6, generator=gen)
+    g = torch.randn(7, 10, generator=gen)
+    mine(x).backward(g)
+    lin(x).backward(g)
+    assert torch.equal(mine.selection_stats().hits, lin.selection_stats().hits)
+    assert mine.selection_stats().rows == 7
+
+
+def test_selection_stats_refused_without_track_selection():
+    mine = MePropConv1D(10, 4, k=3)
+    assert not mine.track_selection and "selection_counts" not in dict(mine.named_buffers())
+    with pytest.raises(RuntimeError, match=r"keeps no selection statistics; set layer.track_selection = True"):
+        mine.selection_stats()
+    with pytest.raises(RuntimeError, match=r"keeps no selection statistics \(track_selection is False\)"):
+        mine.reset_selection_stats()
+    mine.track_selection = True
+    assert mine.selection_counts.shape == (11,) and mine.selection_counts.dtype == torch.int64
+    assert mine.selection_stats().rows == 0
+    mine.track_selection = False
+    with pytest.raises(RuntimeError, match="keeps no selection statistics"):
+        mine.selection_stats()
+
+
 def test_autocast_bf16_on_cpu(gen):
     layer = conv(nf=16, nx=8)
     mine = MePropConv1D.from_conv1d(layer, k=4)
