@@ -126,7 +126,7 @@ def _info(benchmark, device, shape_key, dt, backend, mode, grad, k_units, k_requ
         benchmark.extra_info["paper_table7"] = paper
 
 
-@pytest.mark.parametrize("device,shape_key,dt", _dense_cases())
+@pytest.mark.parametrize("device,shape_key,dt", list(_dense_cases()))
 def test_dense_backward(benchmark, device, shape_key, dt):
     dtype, shape = DTYPES[dt], shape_of(device, shape_key)
     M, d_in, d_out = shape
@@ -145,7 +145,7 @@ def test_dense_backward(benchmark, device, shape_key, dt):
     )
 
 
-@pytest.mark.parametrize("device,shape_key,dt,backend,mode,grad,k", _meprop_cases())
+@pytest.mark.parametrize("device,shape_key,dt,backend,mode,grad,k", list(_meprop_cases()))
 def test_meprop_backward(benchmark, request, device, shape_key, dt, backend, mode, grad, k):
     dtype, shape = DTYPES[dt], shape_of(device, shape_key)
     M, d_in, d_out = shape

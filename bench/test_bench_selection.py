@@ -70,7 +70,7 @@ def _torch_topk(grad: torch.Tensor, k: int):
     return lambda: torch.topk(grad.abs().sum(0, dtype=torch.float32), k).indices
 
 
-@pytest.mark.parametrize("device,shape_key,dt,backend,k", _cases())
+@pytest.mark.parametrize("device,shape_key,dt,backend,k", list(_cases()))
 def test_selection(benchmark, request, device, shape_key, dt, backend, k):
     dtype, shape = DTYPES[dt], SHAPES[device][shape_key]
     M, d_in, d_out = shape

@@ -88,6 +88,8 @@ def test_layer_used_twice_in_one_graph():
     torch.testing.assert_close(sparse.weight.grad.to_dense(), dense.weight.grad)
 
 
+# torch's Adagrad builds a sparse tensor and warns that invariant checks are off by default
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     "opt_cls,kw",
