@@ -120,3 +120,50 @@ def test_lstm_forward_backward(benchmark, request, mode, batch):
             benchmark, request.config, target, values,
             context=f"MePropLSTM {medians['meprop'] * 1e3:.2f} ms vs nn.LSTM {medians['nn_lstm'] * 1e3:.2f} ms",
         )
+
+
+SPARSE_SHAPES = {"tagger": (190, 500), "wide": (1000, 2000)}
+SPARSE_OPTIMIZERS = {
+    "adagrad": (lambda ps, sparse: torch.optim.Adagrad(ps, lr=0.01)),
+    "adam": (lambda ps, sparse: torch.optim.SparseAdam(ps, lr=1e-3) if sparse else torch.optim.Adam(ps, lr=1e-3, fused=True)),
+    "sgd": (lambda ps, sparse: torch.optim.SGD(ps, lr=0.01)),
+}
+
+
+def _train_step(sparse: bool, shape, optimizer: str, steps: int = 21):
+    """One training step of a ``MePropLSTM`` at k = 5 on one sequence: forward, backward
+    and the optimizer's step (Adam: fused Adam on dense gradients, SparseAdam on sparse)."""
+    n_in, hidden = shape
+    torch.manual_seed(0)
+    lstm = MePropLSTM(n_in, hidden, k=K, sparse_grad=sparse)
+    opt = SPARSE_OPTIMIZERS[optimizer](list(lstm.parameters()), sparse)
+    gen = torch.Generator().manual_seed(1)
+    calls = []
+    for _ in range(N_SETS):
+        x = torch.randn(steps, 1, n_in, generator=gen).requires_grad_()
+
+        def step(x=x):
+            opt.zero_grad(set_to_none=True)
+            out, _ = lstm(x)
+            out.pow(2).sum().backward()
+            opt.step()
+
+        calls.append(step)
+    return rotating(calls)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+@pytest.mark.parametrize("optimizer", list(SPARSE_OPTIMIZERS))
+@pytest.mark.parametrize("shape", list(SPARSE_SHAPES))
+def test_lstm_sparse_grad_train_step(benchmark, shape, optimizer):
+    """``sparse_grad=True`` against dense gradients, the whole training step (no target:
+    it pays on wide layers only; the README quotes both shapes)."""
+    n_in, hidden = SPARSE_SHAPES[shape]
+    benchmark.group = f"lstm-sparse-grad-cpu-21x1x{n_in}->{hidden}"
+    benchmark.extra_info.update(mode="sparse_grad", k=K, optimizer=optimizer, input_size=n_in, hidden=hidden,
+                                steps=21, batch=1, device_type="cpu", threads=torch.get_num_threads())
+    fns = {"sparse": _train_step(True, SPARSE_SHAPES[shape], optimizer),
+           "dense_grad": _train_step(False, SPARSE_SHAPES[shape], optimizer)}
+    medians = measure(benchmark, fns, candidate="sparse", budget_s=1.0, min_rounds=5)
+    if medians is not None:
+        benchmark.extra_info.update(speedup_vs_dense_grad=round(medians.paired["dense_grad"], 3))

@@ -24,7 +24,7 @@ from .nn import MePropLinear, MePropLSTM
 __all__ = ["convert", "ConversionReport", "meprop_settings", "apply_settings"]
 
 _OPTIONS = {"unified": True, "selection": "topk", "sparse_grad": False, "backend": "auto", "track_selection": False}
-_LSTM_OPTIONS = ("unified", "selection")
+_LSTM_OPTIONS = ("unified", "selection", "sparse_grad")
 _TIED = ("skip", "convert")
 
 
@@ -190,7 +190,7 @@ def convert(
             output layer dense: ``exclude=["classifier"]``.
         lstm: also swap every ``nn.LSTM`` for a ``MePropLSTM`` sharing its parameters
             (``k`` then counts units per gate of its hidden size; of the options only
-            ``unified`` and ``selection`` apply to it).
+            ``unified``, ``selection`` and ``sparse_grad`` apply to it).
         tied: ``"skip"`` (default): a layer whose weight or bias is also registered in
             another module (tied embeddings: GPT-2's ``lm_head.weight`` is
             ``transformer.wte.weight``) stays dense, and the report names the module it

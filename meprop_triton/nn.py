@@ -10,7 +10,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from ._validation import check_k, check_linear_args, check_options, resolve_k
-from .functional import apply_meprop, meprop_linear, resolve_backend
+from .functional import _DDP, _refuse_sparse_under_ddp, apply_meprop, meprop_linear, resolve_backend
 
 __all__ = ["MePropLinear", "MePropLSTM", "SelectionStats"]
 
@@ -369,17 +369,26 @@ class MePropLSTM(nn.LSTM):
     unbatched input and ``PackedSequence`` input (sequences of different lengths; the
     unified selection of a step is over the sequences that have that step) work as in
     ``nn.LSTM``. ``proj_size > 0`` is refused with an error.
+
+    ``sparse_grad=True``: the weight gradients come back as row-sparse COO tensors holding
+    only the rows (gate units) some step kept, and the bias gradients, which are exact, as
+    sparse tensors holding every row, so that one optimizer that takes sparse gradients
+    (SGD, Adagrad, SparseAdam) can own all of the LSTM's parameters and update only the
+    kept rows of its weights. It is refused under DistributedDataParallel, as for
+    ``MePropLinear``.
     """
 
-    def __init__(self, *args, k, unified: bool = True, selection: str = "topk", **kwargs) -> None:
+    def __init__(self, *args, k, unified: bool = True, selection: str = "topk", sparse_grad: bool = False,
+                 **kwargs) -> None:
         if kwargs.get("proj_size", 0):
             raise NotImplementedError("MePropLSTM does not support proj_size > 0 yet; use proj_size=0")
         check_k(k)
-        check_options(unified=unified, selection=selection)
+        check_options(unified=unified, selection=selection, sparse_grad=sparse_grad)
         super().__init__(*args, **kwargs)
         self.k = k
         self.unified = unified
         self.selection = selection
+        self.sparse_grad = sparse_grad
 
     @property
     def k(self):
@@ -393,20 +402,30 @@ class MePropLSTM(nn.LSTM):
 
     unified = _checked_setting("unified", "True: one set per gate and step for the batch; False: per sequence")
     selection = _checked_setting("selection", '"topk" or "random"')
+    sparse_grad = _checked_setting(
+        "sparse_grad", "True: row-sparse weight gradients (the kept rows) and sparse bias gradients"
+    )
 
     @property
     def k_units(self) -> int:
         return resolve_k(self._k, self.hidden_size)
 
+    def _refuse_sparse_under_ddp(self) -> None:
+        ddp = getattr(_DDP, "_active_ddp_module", None)
+        if ddp is not None and torch.is_grad_enabled():
+            _refuse_sparse_under_ddp(ddp, self.weight_ih_l0, None)
+
     @classmethod
-    def from_lstm(cls, lstm: nn.LSTM, *, k, unified: bool = True, selection: str = "topk") -> "MePropLSTM":
+    def from_lstm(cls, lstm: nn.LSTM, *, k, unified: bool = True, selection: str = "topk",
+                  sparse_grad: bool = False) -> "MePropLSTM":
         """A ``MePropLSTM`` sharing ``lstm``'s Parameter objects (no copy)."""
         if not isinstance(lstm, nn.LSTM):
             raise TypeError(f"from_lstm expects an nn.LSTM; got {type(lstm).__name__}")
         new = cls(
             lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias, batch_first=lstm.batch_first,
             dropout=lstm.dropout, bidirectional=lstm.bidirectional, proj_size=lstm.proj_size,
-            k=k, unified=unified, selection=selection, device="meta", dtype=lstm.weight_ih_l0.dtype,
+            k=k, unified=unified, selection=selection, sparse_grad=sparse_grad, device="meta",
+            dtype=lstm.weight_ih_l0.dtype,
         )
         for name in lstm._flat_weights_names:
             setattr(new, name, getattr(lstm, name))
@@ -416,6 +435,8 @@ class MePropLSTM(nn.LSTM):
     def forward(self, input, hx=None):
         from .recurrent import lstm_layer
 
+        if self._sparse_grad:
+            self._refuse_sparse_under_ddp()
         if isinstance(input, nn.utils.rnn.PackedSequence):
             return self._forward_packed(input, hx)
         if not isinstance(input, Tensor) or input.dim() not in (2, 3):
@@ -454,6 +475,7 @@ class MePropLSTM(nn.LSTM):
             out, h, c = lstm_layer(
                 layer_in, h0[s], c0[s], weights[layer * dirs * per:(layer + 1) * dirs * per],
                 k=k, bidirectional=dirs == 2, unified=self._unified, selection=self._selection,
+                sparse_grad=self._sparse_grad,
             )
             h_n.append(h)
             c_n.append(c)
@@ -502,7 +524,7 @@ class MePropLSTM(nn.LSTM):
             out, h, c = lstm_layer(
                 layer_in, h0[s], c0[s], weights[layer * dirs * per:(layer + 1) * dirs * per],
                 k=k, bidirectional=dirs == 2, unified=self._unified, selection=self._selection,
-                batch_sizes=batch_sizes,
+                batch_sizes=batch_sizes, sparse_grad=self._sparse_grad,
             )
             h_n.append(h)
             c_n.append(c)
@@ -521,4 +543,6 @@ class MePropLSTM(nn.LSTM):
             s += ", unified=False"
         if self.selection != "topk":
             s += f", selection={self.selection!r}"
+        if self.sparse_grad:
+            s += ", sparse_grad=True"
         return s

@@ -327,7 +327,7 @@ def test_settings_round_trip_through_json_and_a_dense_copy():
     assert settings["0.encoder.0"] == {"type": "MePropLinear", "k": 3, "unified": True, "selection": "topk",
                                        "sparse_grad": False, "backend": "torch", "track_selection": False}
     assert settings["0.head.proj"]["k"] == 0.5 and settings["0.head.proj"]["unified"] is False
-    assert settings["1"] == {"type": "MePropLSTM", "k": 0.5, "unified": False, "selection": "topk"}
+    assert settings["1"] == {"type": "MePropLSTM", "k": 0.5, "unified": False, "selection": "topk", "sparse_grad": False}
     assert "0.head.classifier" not in settings
     torch.manual_seed(1)
     fresh = nn.Sequential(make_net(1), nn.LSTM(3, 5))
