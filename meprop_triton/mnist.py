@@ -158,6 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare", action="store_true",
                    help="train densely and with meProp, taking turns every 10 minibatches (same "
                         "seed and data order; each run trains as it would alone)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch's intra-op CPU threads (default: torch's choice); 1 keeps a run's "
+                        "timings steady on a machine that is busy with other work")
     p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                    help="leave glibc's malloc at its defaults (by default the process keeps "
                         "freed memory for reuse: see meprop_triton.utils.keep_freed_memory)")
@@ -549,6 +552,8 @@ def main(argv=None) -> None:
     """The ``meprop-mnist`` command (``python -m meprop_triton.mnist``)."""
     args = parse_args(argv)
     device = _resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     # Both runs train in a process that reuses its freed memory: otherwise page faults
     # from the allocator's trimming cost a fifth of a CPU step, and vary from run to run.
     kept = keep_freed_memory() if args.keep_freed_memory else False
@@ -600,7 +605,7 @@ def main(argv=None) -> None:
             for key in ("n_epoch", "d_hidden", "n_layer", "d_minibatch", "dropout", "k",
                         "unified", "random_seed", "optimizer", "fused", "lr", "selection",
                         "sparse_grad", "compare", "data_dir", "warmup_steps", "simplify", "prune",
-                        "train_cycle", "prune_checks_per_epoch", "reset_optimizer")
+                        "train_cycle", "prune_checks_per_epoch", "reset_optimizer", "threads")
         }
         config.update(
             data_source=mnist.source, n_train=len(data["train"][0]), n_dev=len(data["dev"][0]),

@@ -112,6 +112,15 @@ def test_dense_only_with_k0(tmp_path, capsys, fake):
     assert "| MLP 32d (dense) |" in printed
 
 
+def test_threads_option_sets_torchs_threads(tmp_path, capsys, fake):
+    before = torch.get_num_threads()
+    try:
+        result, _ = run_cli([*TINY, "--k", "0", "--threads", "1"], tmp_path, capsys)
+        assert result["config"]["threads"] == result["config"]["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_options_reach_the_model(tmp_path, capsys, fake, monkeypatch):
     built = []
     real = mnist.build_model
@@ -210,6 +219,7 @@ def test_data_unavailable_is_a_clean_exit(monkeypatch, capsys):
         (["--dropout", "1"], "dropout must lie"),
         (["--optimizer", "rmsprop"], "invalid choice"),
         (["--warmup-steps", "-1"], "must be >= 0"),
+        (["--threads", "0"], "must be >= 1"),
         (["--simplify", "--k", "0"], "--simplify prunes by meProp"),
         (["--simplify", "--n_layer", "1"], "n_layer >= 2"),
         (["--prune", "1.5"], r"must lie in \[0, 1\]"),
