@@ -63,7 +63,9 @@ def clip_grad_norm_(
 ) -> Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for models that mix sparse and dense gradients.
 
-    torch's version refuses sparse gradients (no norm kernel for sparse tensors). Here
+    torch's version fails on sparse gradients before torch 2.14 (2.13 has no
+    ``linalg_vector_norm`` kernel for sparse tensors; 2.14.1's gives the same result as
+    this one). Here
     a sparse gradient is coalesced in place (duplicate rows from several backward passes
     summed) and its stored values count towards the norm and are scaled. Returns the
     total norm, as torch's does.
