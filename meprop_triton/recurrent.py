@@ -389,11 +389,8 @@ def _scatter_rows(vals: Tensor, idx: Tensor, x: Tensor, n_rows: int) -> Tensor:
 def _sparse_rows(vals: Tensor, idx: Tensor, xs, n_rows: int) -> tuple:
     """:func:`_scatter_rows` of each of ``xs`` as a row-sparse COO tensor holding only the
     rows some step kept (``sparse_grad=True``): no ``(n_rows, in)`` tensor is made."""
-    pair_units, rows, order = reference._pairs_by_unit(idx)
-    units = torch.unique_consecutive(pair_units)
-    offsets = torch.searchsorted(pair_units, units)
-    w = vals.reshape(-1)[order]
-    return tuple(reference.rows_to_sparse(units, reference._bag_sums(rows, x, offsets, w), n_rows) for x in xs)
+    units, sums = reference.kept_row_sums(idx, vals, xs)
+    return tuple(reference.rows_to_sparse(units, s, n_rows) for s in sums)
 
 
 def _masked(vals: Tensor, idx: Tensor, n_cols: int) -> Tensor:

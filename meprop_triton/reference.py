@@ -332,6 +332,20 @@ def unified_sparse_backward(
     return grad_x, grad_w, grad_b
 
 
+def kept_row_sums(idx: Tensor, vals: Tensor | None, tables) -> tuple:
+    """For an ``(M, k)`` selection ``idx`` (each row's units distinct) with values
+    ``vals``: ``(units, sums)``, the units some row kept (ascending) and, per table ``x``
+    of ``tables``, ``sums[i][u] = sum over (m, j) with idx[m, j] == units[u] of
+    vals[m, j] * x[m]``: the kept rows of a per-row meProp weight gradient, no others."""
+    pair_units, rows, order = _pairs_by_unit(idx)
+    units = torch.unique_consecutive(pair_units)
+    if not tables:
+        return units, []
+    offsets = torch.searchsorted(pair_units, units)
+    w = vals.reshape(-1)[order]
+    return units, [_bag_sums(rows, x, offsets, w) for x in tables]
+
+
 def per_example_sparse_backward(
     grad: Tensor,
     x: Tensor,
@@ -355,12 +369,9 @@ def per_example_sparse_backward(
             grad, x, weight, idx, need_input=True, need_weight=False, need_bias=False
         )[0]
     if need_weight or need_bias:
-        pair_units, rows, order = _pairs_by_unit(idx)
-        units = torch.unique_consecutive(pair_units)
+        units, sums = kept_row_sums(idx, grad.gather(1, idx) if need_weight else None, [x] if need_weight else [])
     if need_weight:
-        offsets = torch.searchsorted(pair_units, units)
-        vals = grad.gather(1, idx).reshape(-1)[order]
-        grad_w = rows_to_sparse(units, _bag_sums(rows, x, offsets, vals), out)
+        grad_w = rows_to_sparse(units, sums[0], out)
     if need_bias:
         grad_b = rows_to_sparse(units, grad.index_select(1, units).sum(0), out)
     return grad_x, grad_w, grad_b
