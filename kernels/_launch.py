@@ -24,6 +24,7 @@ __all__ = [
     "check_out",
     "out_or_empty",
     "launchable",
+    "is_interpreted",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -141,14 +142,23 @@ def out_or_empty(name: str, out: torch.Tensor | None, shape, dtype, device) -> t
     return out
 
 
+def is_interpreted(kernel) -> bool:
+    """Whether ``kernel`` (a ``triton.jit`` function) was built for Triton's interpreter
+    (``TRITON_INTERPRET=1`` when triton was imported)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
 def launchable(kernel, traceable: bool):
     """``kernel`` itself, or wrapped with ``torch.library.wrap_triton`` when ``traceable``.
 
     Launchers called from a ``torch.library.triton_op`` pass ``traceable=True`` so that
     ``torch.compile`` sees the launch (inside the op in eager mode the wrapper hands back
     the kernel itself). Direct eager calls skip the wrapper: its dispatch costs ~1 ms.
+    A kernel built for Triton's interpreter is returned as it is: the ops are opaque
+    custom ops there (``triton_ops.INTERPRETED``), so nothing traces the launch, and
+    torch 2.11's ``wrap_triton`` refuses such a kernel even where it would not wrap it.
     """
-    if not traceable:
+    if not traceable or is_interpreted(kernel):
         return kernel
     from torch.library import wrap_triton
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
+from .kernels import _launch
 from .kernels import scores as _scores
 from .kernels.matmul import gather_columns, gathered_grad_input, scattered_grad_weight
 from .kernels.per_example import gathered_rows_grad_input, row_topk_indices, sorted_pairs_grad_weight
@@ -95,7 +96,7 @@ def _fake_unified_topk_backward(grad, x, weight, k, need_x, need_w, need_b):
 #: triton was imported). wrap_triton cannot trace interpreted kernels, so there the op is
 #: an opaque custom op with a fake implementation (torch.compile keeps it as one node);
 #: otherwise it is a triton_op, which torch.compile traces into.
-INTERPRETED = type(_scores.partial_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = _launch.is_interpreted(_scores.partial_kernel)
 
 if INTERPRETED:
     _op = torch.library.custom_op(OP_NAME, mutates_args=())(_unified_topk_backward)

@@ -378,10 +378,12 @@ def test_functorch_grad_matches_autograd():
     assert int((got != 0).any(1).sum()) == 3
 
 
-def test_apply_takes_leftovers_of_a_functorch_transform_and_keywords():
+def test_apply_takes_leftovers_of_a_functorch_transform():
     """The fast ``apply`` keeps what torch's own does outside transforms: a tensor that
-    leaked out of a finished ``torch.func`` transform is unwrapped, and keyword
-    arguments are bound as usual."""
+    leaked out of a finished ``torch.func`` transform is unwrapped. ``MePropFunction``
+    (the form for transforms) also works eagerly. Its ``apply`` is torch's own, which
+    takes keyword arguments on torch 2.13 and later but not on 2.11 (``apply() takes no
+    keyword arguments``), so none are passed here."""
     from meprop_triton.functional import MePropFunction
 
     gen = torch.Generator().manual_seed(5)
@@ -399,6 +401,6 @@ def test_apply_takes_leftovers_of_a_functorch_transform_and_keywords():
     assert int((w2.grad != 0).any(1).sum()) == 2
 
     w3 = w.clone().requires_grad_()
-    y = MePropFunction.apply(x, w3, None, 2, "torch", True, "topk", False, generator=None)
+    y = MePropFunction.apply(x, w3, None, 2, "torch", True, "topk", False, None)
     y.sum().backward()
     assert int((w3.grad != 0).any(1).sum()) == 2
