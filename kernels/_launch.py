@@ -25,6 +25,7 @@ __all__ = [
     "out_or_empty",
     "launchable",
     "is_interpreted",
+    "cdiv",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -33,6 +34,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: ``TRITON_INTERPRET=1`` -> one fixed config per kernel, no autotuning);
 #: ``True`` / ``False``: force single-config mode on / off.
 FORCE_SINGLE_CONFIG: bool | None = None
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the host's grid arithmetic. ``triton.cdiv`` gives the same
+    numbers, but it is a ``constexpr_function``: about 1.8 us a call on the host, where a
+    backward makes a dozen such calls."""
+    return -(-a // b)
 
 
 def _env_flag(name: str) -> bool:

@@ -489,7 +489,7 @@ def gather_columns(
     if M == 0 or KP == 0:
         return out
     cfg = gather_configs()[0]
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(KP, cfg["BLOCK_K"]))
+    grid = (_launch.cdiv(M, cfg["BLOCK_M"]), _launch.cdiv(KP, cfg["BLOCK_K"]))
     _launch.launchable(gather_columns_kernel, traceable)[grid](
         grad, idx, out, M, K, KP,
         grad.stride(0), grad.stride(1), out.stride(0), out.stride(1),
@@ -562,7 +562,7 @@ def gathered_grad_input(
         return out.zero_()
 
     def grid_of(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_in, meta["BLOCK_N"]),)
+        return (_launch.cdiv(M, meta["BLOCK_M"]) * _launch.cdiv(n_in, meta["BLOCK_N"]),)
 
     g_op, gather, KA = _grad_operand(grad, idx, grad_selected)
     args = (
@@ -593,7 +593,7 @@ def weight_split(M: int, K: int, n_in: int, device: torch.device) -> int:
     sms = _launch.num_sms(device)
     if tiles >= sms:
         return 1
-    return max(1, min(triton.cdiv(sms, tiles), M // MIN_SPLIT_TOKENS, MAX_SPLIT))
+    return max(1, min(_launch.cdiv(sms, tiles), M // MIN_SPLIT_TOKENS, MAX_SPLIT))
 
 
 def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -652,10 +652,10 @@ def scattered_grad_weight(
 
     def grid_of(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-        n_tiles = triton.cdiv(n_in, bn)
+        n_tiles = _launch.cdiv(n_in, bn)
         if use_ws:
-            return (triton.cdiv(K, bm) * n_tiles * split,)
-        return ((triton.cdiv(K, bm) + triton.cdiv(R, bm)) * n_tiles,)
+            return (_launch.cdiv(K, bm) * n_tiles * split,)
+        return ((_launch.cdiv(K, bm) + _launch.cdiv(R, bm)) * n_tiles,)
 
     g_op, gather, KA = _grad_operand(grad, idx, grad_selected)
     args = (
@@ -669,7 +669,7 @@ def scattered_grad_weight(
     )
     if use_ws:
         rc = reduce_configs()[0]
-        grid = ((triton.cdiv(K, rc["BLOCK_M"]) + triton.cdiv(R, rc["BLOCK_M"])) * triton.cdiv(n_in, rc["BLOCK_N"]),)
+        grid = ((_launch.cdiv(K, rc["BLOCK_M"]) + _launch.cdiv(R, rc["BLOCK_M"])) * _launch.cdiv(n_in, rc["BLOCK_N"]),)
         _launch.launchable(split_reduce_kernel, traceable)[grid](
             ws, idx, rest, out, n_in, K, R, split, ws.stride(0), out.stride(0), out.stride(1),
             BLOCK_M=rc["BLOCK_M"], BLOCK_N=rc["BLOCK_N"], num_warps=rc["num_warps"],

@@ -461,7 +461,7 @@ def gathered_rows_grad_input(
     if M == 0 or n_in == 0:
         return out
     cfg = config or pick_product_config(grad_input_configs(), n_in)
-    grid = (M, triton.cdiv(n_in, cfg["BLOCK_N"]))
+    grid = (M, _launch.cdiv(n_in, cfg["BLOCK_N"]))
     _launch.launchable(grad_input_kernel, traceable)[grid](
         grad, weight, idx, out, n_in, n_out, k,
         grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
@@ -488,7 +488,7 @@ def unit_lists(
         raise TypeError("idx must be a 2-D int64 tensor")
     M, k = idx.shape
     device = idx.device
-    n_words = triton.cdiv(n_out, 32)
+    n_words = _launch.cdiv(n_out, 32)
     cfg = lists_configs()[0]
     crow = torch.empty(n_out + 1, dtype=torch.int64, device=device)
     rows = torch.empty(M * k, dtype=torch.int32, device=device)
@@ -559,7 +559,7 @@ def sorted_pairs_grad_weight(
     if n_out == 0 or n_in == 0:
         return out
     cfg = config or pick_product_config(grad_weight_configs(), n_in)
-    grid = (triton.cdiv(n_out, cfg["BLOCK_J"]), triton.cdiv(n_in, cfg["BLOCK_N"]))
+    grid = (_launch.cdiv(n_out, cfg["BLOCK_J"]), _launch.cdiv(n_in, cfg["BLOCK_N"]))
     _launch.launchable(grad_weight_kernel, traceable)[grid](
         grad, x, crow, rows, out, n_in, n_out,
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),

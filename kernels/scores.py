@@ -99,9 +99,9 @@ def finish_kernel(
 
 def _choose_split(M: int, N: int, block_m: int, block_n: int, device: torch.device) -> int:
     """Row slices so that (column blocks x slices) is ~4 programs per SM, each with >= 4 tiles."""
-    col_blocks = triton.cdiv(N, block_n)
+    col_blocks = _launch.cdiv(N, block_n)
     target = 4 * _launch.num_sms(device)
-    split = min(triton.cdiv(target, col_blocks), triton.cdiv(M, 4 * block_m))
+    split = min(_launch.cdiv(target, col_blocks), _launch.cdiv(M, 4 * block_m))
     return max(1, split)
 
 
@@ -143,11 +143,11 @@ def column_scores_and_bias(
     if split is None:
         split = _choose_split(M, N, bm, bn, device)
     split = max(1, min(int(split), M))
-    rows_per_split = triton.cdiv(M, split)
+    rows_per_split = _launch.cdiv(M, split)
     if split > 1:
-        rows_per_split = triton.cdiv(rows_per_split, bm) * bm  # whole tiles per slice
-    split = triton.cdiv(M, rows_per_split)
-    grid = (triton.cdiv(N, bn), split)
+        rows_per_split = _launch.cdiv(rows_per_split, bm) * bm  # whole tiles per slice
+    split = _launch.cdiv(M, rows_per_split)
+    grid = (_launch.cdiv(N, bn), split)
 
     if split == 1:
         _launch.launchable(partial_kernel, traceable)[grid](
@@ -162,7 +162,7 @@ def column_scores_and_bias(
         BLOCK_M=bm, BLOCK_N=bn, FINAL=False, num_warps=pcfg["num_warps"],
     )
     fbn = fcfg["BLOCK_N"]
-    _launch.launchable(finish_kernel, traceable)[(triton.cdiv(N, fbn),)](
+    _launch.launchable(finish_kernel, traceable)[(_launch.cdiv(N, fbn),)](
         work[0], work[1], scores, grad_b, N, split,
         BLOCK_N=fbn, num_warps=fcfg["num_warps"],
     )

@@ -288,7 +288,7 @@ def _multi_program_topk(scores, n, k, out, rest_out, return_rest, cfg, traceable
     """The five launches of the multi-program radix select (see the module docstring)."""
     block, bits = cfg["BLOCK"], cfg["RADIX_BITS"]
     bins, rounds = 1 << bits, 32 // bits
-    programs = triton.cdiv(n, block)
+    programs = _launch.cdiv(n, block)
     work = torch.zeros(rounds * bins + programs * (bins + 1), dtype=torch.int32, device=scores.device)
     hist, ge = work[: rounds * bins], work[rounds * bins :]
     for r in range(rounds):

@@ -282,17 +282,18 @@ def _triton_unified_topk(grad, x, weight, k, need_x, need_w, need_b):
     ``triton_op`` that ``torch.compile`` traces into, or under the interpreter an opaque
     custom op with a fake."""
     global _conv1d_op
-    if _conv1d_op is None:
-        from . import triton_ops
+    from . import triton_ops
 
+    if _conv1d_op is None:
         if triton_ops.INTERPRETED:
             op = torch.library.custom_op(CONV1D_OP_NAME, mutates_args=())(_conv1d_unified_topk_backward)
             op.register_fake(_fake_conv1d_unified_topk_backward)
         else:
             op = torch.library.triton_op(CONV1D_OP_NAME, mutates_args=())(_conv1d_unified_topk_backward)
         _conv1d_op = op
-    gx, gw, gb, idx = torch.ops.meprop_triton.conv1d_unified_topk_backward(
-        grad, x, weight, int(k), bool(need_x), bool(need_w), bool(need_b)
+    gx, gw, gb, idx = triton_ops.call_op(
+        "conv1d_unified_topk_backward", _conv1d_unified_topk_backward,
+        (grad, x, weight, int(k), bool(need_x), bool(need_w), bool(need_b)), (grad, x, weight),
     )
     return (gx if need_x else None, gw if need_w else None, gb if need_b else None, idx)
 
