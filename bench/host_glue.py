@@ -1,0 +1,128 @@
+"""The host (Python) time of one eager unified Triton backward, less Triton's own
+launches, read on a machine without a GPU.
+
+``python bench/host_glue.py [--shape M IN OUT] [--k K] [--dtype D] [--calls N]
+[--json PATH]``
+
+At the target shape the backward's GPU work is ~80 us, so the Python that prepares it
+(argument checks, allocations, grid arithmetic, the op's dispatch) can bound an eager
+training step as much as the kernels do. This tool runs the public op function
+(``triton_ops.unified_topk_backward``, as a ``MePropLinear`` backward calls it) on CPU
+tensors of the shape, taken for a Hopper GPU's (its SM count and configs, as
+``codegen.recording`` sets them), with every kernel launch dropped instead of run. What
+it times is the package's own glue; each Triton launch then adds its launcher's time
+(the binder, the cache lookup and ``cuLaunchKernel``), which only a GPU shows
+(``bench/gpu_run.sh`` records the whole ``host_launch_us``).
+
+An upper bound: on a CPU every tensor above 32 MiB that the call allocates is an
+mmap / munmap pair (a few microseconds each), which a GPU's caching allocator does not
+pay. The unified path's host code runs no torch computation, only allocations, so
+nothing else is counted that a GPU would run asynchronously. Prints the median
+microseconds per call over 15 rounds of ``--calls`` calls, and the launches one call
+makes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make ``bench`` and the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from bench.codegen import DTYPES, recording
+
+
+class _NoLaunch:
+    """Stands for ``launchable(kernel)``: ``[grid](*args)`` does nothing, keeps nothing."""
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    @staticmethod
+    def _launch(*args, **kwargs):
+        return None
+
+
+@contextlib.contextmanager
+def stubbed(arch: int):
+    """Within: as ``codegen.recording(arch)`` (CPU tensors taken for a GPU's with that
+    architecture's SMs and configs), but a launch is dropped, not recorded, so that
+    nothing a call allocated outlives it."""
+    from meprop_triton.kernels import _launch
+
+    with recording(arch):
+        _launch.launchable = lambda kernel, traceable=False: _NO_LAUNCH
+        yield
+
+
+_NO_LAUNCH = _NoLaunch()
+
+
+def measure(M: int, n_in: int, n_out: int, k: int, *, dtype=torch.bfloat16, calls: int = 200,
+            rounds: int = 15, arch: int = 90) -> dict:
+    """``{"us_per_call", "launches", "launch_names", ...}`` for one unified backward
+    (grad of x, W and b) at this shape, timed as the module describes."""
+    from meprop_triton import triton_ops
+
+    if not 1 <= k <= n_out:
+        raise ValueError(f"k must lie in [1, OUT={n_out}]; got {k}")
+    fn = triton_ops.unified_topk_backward
+    device = "cpu"
+    grad = torch.empty(M, n_out, dtype=dtype, device=device)
+    x = torch.empty(M, n_in, dtype=dtype, device=device)
+    weight = torch.empty(n_out, n_in, dtype=dtype, device=device)
+    with recording(arch) as rec:
+        fn(grad, x, weight, k)  # the first call imports and builds what later calls reuse
+        names = [launch.name for launch in rec.launches]
+    del rec
+    times = []
+    with stubbed(arch):
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn(grad, x, weight, k)
+            times.append((time.perf_counter() - start) / calls * 1e6)
+    return {
+        "shape": [M, n_in, n_out], "k": k, "dtype": str(dtype).removeprefix("torch."),
+        "us_per_call": statistics.median(times), "us_min": min(times),
+        "launches": len(names), "launch_names": names,
+        "torch": torch.__version__,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", type=int, nargs=3, metavar=("M", "IN", "OUT"), default=[8192, 4096, 4096])
+    ap.add_argument("--k", type=int, default=205)
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the ops must be the compiled-kernel ones", file=sys.stderr)
+        return 2
+    M, n_in, n_out = args.shape
+    try:
+        rec = measure(M, n_in, n_out, args.k, dtype=DTYPES[args.dtype], calls=args.calls)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(f"unified backward, M={M} in={n_in} out={n_out} k={args.k} {args.dtype}: "
+          f"{rec['us_per_call']:.1f} us of host glue per call (min {rec['us_min']:.1f}), "
+          f"{rec['launches']} launches: {', '.join(rec['launch_names'])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rec, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""``bench/host_glue.py``: the host time of one eager unified Triton backward with the
+launches dropped. Run in a subprocess without ``TRITON_INTERPRET`` (the ops must be the
+compiled-kernel ones, whose launches the tool stubs out). Times are reported, never
+asserted; what is checked is that the tool runs the public op function through the
+launches a GPU backward makes, and that its errors are clear."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args, tmp_path=None):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, str(ROOT / "bench" / "host_glue.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "shape,k,launches",
+    [
+        # 8192 x 4096 -> 4096: the scores in row slices (partial + finish), grad_W split-K
+        (("8192", "4096", "4096"), 205, ["scores.partial_kernel", "scores.finish_kernel", "topk.topk_kernel",
+                                         "matmul.gather_columns_kernel", "matmul.grad_input_kernel",
+                                         "matmul.grad_weight_kernel", "matmul.split_reduce_kernel"]),
+        # out > 4096: the multi-program top-k (four histogram rounds and the write pass)
+        (("1024", "256", "8192"), 410, ["scores.partial_kernel", "scores.finish_kernel"]
+         + ["topk.radix_histogram_kernel"] * 4 + ["topk.radix_write_kernel", "matmul.gather_columns_kernel",
+                                                  "matmul.grad_input_kernel", "matmul.grad_weight_kernel",
+                                                  "matmul.split_reduce_kernel"]),
+    ],
+    ids=["target", "wide"],
+)
+def test_reports_the_glue_of_the_launches_a_gpu_backward_makes(shape, k, launches, tmp_path):
+    out = tmp_path / "glue.json"
+    proc = _run("--shape", *shape, "--k", str(k), "--calls", "5", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert rec["launch_names"] == launches
+    assert rec["launches"] == len(launches)
+    assert 0 < rec["us_min"] <= rec["us_per_call"]
+    assert f"{len(launches)} launches" in proc.stdout
+
+
+def test_rejects_a_bad_k():
+    proc = _run("--shape", "64", "32", "100", "--k", "101", "--calls", "1")
+    assert proc.returncode == 2
+    assert "k must lie in [1, OUT=100]; got 101" in proc.stderr
