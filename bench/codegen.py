@@ -305,6 +305,8 @@ def work(launch: Launch) -> tuple[int, int]:
         return pairs * (4 + e) + M * N * e + NOUT * N * e, 2 * pairs * N
     if name == "topk.topk_kernel":
         n = a["N"]
+        if launch.kwargs.get("FROM_PARTS"):  # the scores' row slices in, the bias out
+            return nbytes("s_ptr", "bias_ptr") + 8 * n, 0
         return 4 * n + 8 * n, 0
     if name in ("topk.radix_histogram_kernel", "topk.radix_write_kernel"):
         # the multi-program radix select: each launch reads the n fp32 scores once; each

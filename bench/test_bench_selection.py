@@ -3,8 +3,9 @@ the meProp backward it belongs to.
 
 The candidate is the backend's own selection: on the torch path
 ``reference.select_topk(reference.column_scores(G), k)`` (fp32 scores, NaN as +inf, ties
-to the lower index); on the Triton path the fused scores + bias-gradient pass and the
-radix top-k kernel. The baseline is the naive ``torch.topk(G.abs().sum(0), k)`` (no tie
+to the lower index); on the Triton path ``triton_ops.select_units``, as the backward runs
+it: the fused scores + bias-gradient pass over G in row slices, and the radix top-k
+kernel (which adds up the slices itself up to 4,096 units). The baseline is the naive ``torch.topk(G.abs().sum(0), k)`` (no tie
 or NaN rules). The meProp backward of the same backend (unified top-k, dense gradients)
 runs interleaved with both, so ``share_of_backward`` compares numbers from one run.
 
@@ -59,10 +60,11 @@ def _cases():
 
 def _selection(backend: str, grad: torch.Tensor, k: int):
     if backend == "triton":
-        from meprop_triton.kernels.scores import column_scores_and_bias
-        from meprop_triton.kernels.topk import topk_indices
+        from meprop_triton.triton_ops import select_units
 
-        return lambda: topk_indices(column_scores_and_bias(grad)[0], k)
+        # what the backward runs: the scores' pass, then the top-k (which finishes the
+        # scores' row slices itself up to 4,096 units), the bias gradient beside
+        return lambda: select_units(grad, k, traceable=False)
     return lambda: reference.select_topk(reference.column_scores(grad), k)
 
 

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import _launch
 
-__all__ = ["column_scores_and_bias", "configs", "partial_kernel", "finish_kernel"]
+__all__ = ["column_scores_and_bias", "column_score_parts", "configs", "partial_kernel", "finish_kernel"]
 
 
 def configs() -> list[dict]:
@@ -105,6 +105,46 @@ def _choose_split(M: int, N: int, block_m: int, block_n: int, device: torch.devi
     return max(1, split)
 
 
+def _slices(M: int, N: int, split: int | None, device: torch.device) -> tuple[int, int]:
+    """(row slices, rows per slice) of the first pass (whole ``BLOCK_M`` tiles per slice
+    when there are several); ``split``: forced (tests), else :func:`_choose_split`."""
+    p = configs()[0]["partial"]
+    bm = p["BLOCK_M"]
+    if split is None:
+        split = _choose_split(M, N, bm, p["BLOCK_N"], device)
+    split = max(1, min(int(split), M))
+    rows_per_split = _launch.cdiv(M, split)
+    if split > 1:
+        rows_per_split = _launch.cdiv(rows_per_split, bm) * bm
+    return _launch.cdiv(M, rows_per_split), rows_per_split
+
+
+def _parts(grad: torch.Tensor, split: int, rows_per_split: int, traceable: bool) -> torch.Tensor:
+    """The first pass in ``split`` row slices: ``(2, split, N)`` fp32 partial sums."""
+    M, N = grad.shape
+    p = configs()[0]["partial"]
+    work = torch.empty((2, split, N), dtype=torch.float32, device=grad.device)
+    _launch.launchable(partial_kernel, traceable)[(_launch.cdiv(N, p["BLOCK_N"]), split)](
+        grad, work[0], work[1], M, N, grad.stride(0), grad.stride(1), rows_per_split,
+        BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], FINAL=False, num_warps=p["num_warps"],
+    )
+    return work
+
+
+def column_score_parts(grad: torch.Tensor, *, split: int | None = None, traceable: bool = False) -> torch.Tensor:
+    """The first pass of :func:`column_scores_and_bias` alone: ``(2, s, N)`` fp32, row
+    slice i's ``sum |G|`` per column in ``[0, i]`` and its ``sum G`` in ``[1, i]``, in
+    ``s`` row slices (one or more; ``split`` as there) with NaN and inf as they come.
+    ``topk.topk_from_parts`` finishes them and selects in one program. ``grad``: 2-D
+    with at least one row, any strides."""
+    _launch.check_float_tensor("grad", grad, 2)
+    M, N = grad.shape
+    if M == 0 or N == 0:
+        raise ValueError(f"grad must have rows and columns; got shape {tuple(grad.shape)}")
+    s, rows_per_split = _slices(M, N, split, grad.device)
+    return _parts(grad, s, rows_per_split, traceable)
+
+
 def column_scores_and_bias(
     grad: torch.Tensor,
     *,
@@ -139,28 +179,16 @@ def column_scores_and_bias(
 
     cfg = configs()[0]
     pcfg, fcfg = cfg["partial"], cfg["finish"]
-    bm, bn = pcfg["BLOCK_M"], pcfg["BLOCK_N"]
-    if split is None:
-        split = _choose_split(M, N, bm, bn, device)
-    split = max(1, min(int(split), M))
-    rows_per_split = _launch.cdiv(M, split)
-    if split > 1:
-        rows_per_split = _launch.cdiv(rows_per_split, bm) * bm  # whole tiles per slice
-    split = _launch.cdiv(M, rows_per_split)
-    grid = (_launch.cdiv(N, bn), split)
-
+    split, rows_per_split = _slices(M, N, split, device)
     if split == 1:
-        _launch.launchable(partial_kernel, traceable)[grid](
+        bm, bn = pcfg["BLOCK_M"], pcfg["BLOCK_N"]
+        _launch.launchable(partial_kernel, traceable)[(_launch.cdiv(N, bn), 1)](
             grad, scores, grad_b, M, N, grad.stride(0), grad.stride(1), rows_per_split,
             BLOCK_M=bm, BLOCK_N=bn, FINAL=True, num_warps=pcfg["num_warps"],
         )
         return scores, grad_b
 
-    work = torch.empty((2, split, N), dtype=torch.float32, device=device)
-    _launch.launchable(partial_kernel, traceable)[grid](
-        grad, work[0], work[1], M, N, grad.stride(0), grad.stride(1), rows_per_split,
-        BLOCK_M=bm, BLOCK_N=bn, FINAL=False, num_warps=pcfg["num_warps"],
-    )
+    work = _parts(grad, split, rows_per_split, traceable)
     fbn = fcfg["BLOCK_N"]
     _launch.launchable(finish_kernel, traceable)[(_launch.cdiv(N, fbn),)](
         work[0], work[1], scores, grad_b, N, split,

@@ -22,6 +22,13 @@ a config kept for tests and comparison): 8192 or 16384 resident keys spill regis
 (the AOT builds for sm_90: 17 to 200 spill instructions in the rounds' loops with 16 or
 32 warps). Any ``n < 2**31`` works.
 
+The backward's scores come from ``scores.column_score_parts`` as fp32 partial sums over
+row slices (one slice per group of SMs, to read G at full bandwidth). Up to
+``MAX_RESIDENT`` the resident program adds them up itself (``topk_from_parts``,
+``FROM_PARTS``): slice by slice in index order from zero in fp32, exactly as
+``scores.finish_kernel`` would, and writes the bias gradient beside. That saves a
+launch and a pass over the scores, and gives the same bits.
+
 Above ``MAX_RESIDENT`` that one program would make the five dependent passes alone, on
 one SM (at n = 65,536: 320 dependent block loads). There the selection is spread over
 ``P = cdiv(n, BLOCK)`` programs instead (:func:`pick_config` chooses it for every
@@ -57,7 +64,7 @@ import triton.language as tl
 from . import _launch
 
 __all__ = [
-    "topk_indices", "configs", "pick_config", "topk_kernel", "radix_histogram_kernel", "radix_write_kernel",
+    "topk_indices", "topk_from_parts", "configs", "pick_config", "topk_kernel", "radix_histogram_kernel", "radix_write_kernel",
     "MAX_RESIDENT",
 ]
 
@@ -110,20 +117,41 @@ def _keys(s_ptr, i, N, stride_s):
 
 @triton.jit
 def topk_kernel(
-    s_ptr, idx_ptr, rest_ptr,
-    N, K, stride_s,
+    s_ptr, idx_ptr, rest_ptr, bias_ptr,
+    N, K, stride_s, SPLIT,
     BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, WRITE_REST: tl.constexpr, RESIDENT: tl.constexpr,
+    FROM_PARTS: tl.constexpr = False,
 ):
     """``RESIDENT``: ``N <= BLOCK``, every key loaded once and kept in registers;
-    otherwise each pass streams the scores in blocks of ``BLOCK``."""
+    otherwise each pass streams the scores in blocks of ``BLOCK``.
+
+    ``FROM_PARTS`` (with ``RESIDENT``): ``s_ptr`` is the ``(2, SPLIT, N)`` fp32 partial
+    sums of ``scores.column_score_parts`` (``[0]``: each row slice's sum of ``|G|``,
+    ``[1]``: its sum of G). The program finishes them as ``scores.finish_kernel`` does
+    (the slices added in index order from zero, in fp32), writes the bias sums to
+    ``bias_ptr`` in its dtype, and selects from the finished scores it holds: one launch
+    and one pass over the scores fewer. Otherwise ``bias_ptr`` and ``SPLIT`` are unused.
+    """
     BINS: tl.constexpr = 1 << RADIX_BITS
     ROUNDS: tl.constexpr = 32 // RADIX_BITS
     tl.static_assert(32 % RADIX_BITS == 0)
     tl.static_assert(BLOCK <= 16384)  # the packed prefix sum below must not overflow
+    tl.static_assert(RESIDENT or not FROM_PARTS)
     offs = tl.arange(0, BLOCK)
     bins = tl.arange(0, BINS)
     if RESIDENT:
-        resident = _keys(s_ptr, offs, N, stride_s)
+        if FROM_PARTS:
+            in_n = offs < N
+            score_sum = tl.zeros([BLOCK], dtype=tl.float32)
+            bias_sum = tl.zeros([BLOCK], dtype=tl.float32)
+            # int32 offsets: topk_from_parts checks 2 * SPLIT * N < 2**31
+            for sl in range(0, SPLIT):
+                score_sum += tl.load(s_ptr + sl * N + offs, mask=in_n, other=0.0)
+                bias_sum += tl.load(s_ptr + (SPLIT + sl) * N + offs, mask=in_n, other=0.0)
+            tl.store(bias_ptr + offs, bias_sum.to(bias_ptr.dtype.element_ty), mask=in_n)
+            resident = _sort_key(score_sum)  # NaN -> +inf, as the finished scores have it
+        else:
+            resident = _keys(s_ptr, offs, N, stride_s)
 
     # Radix select of T, the k-th largest key, RADIX_BITS at a time from the top.
     # Invariant: n_above keys lie above the keys that share T's fixed high digits, and
@@ -306,6 +334,19 @@ def _multi_program_topk(scores, n, k, out, rest_out, return_rest, cfg, traceable
 SCAN_BLOCK = 128
 
 
+def _k_and_outputs(n, k, return_rest, out, rest_out, device):
+    """``k`` checked against ``n`` scores, and the index buffers (given ones checked)."""
+    k = int(k)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must lie in [1, {n}] for {n} scores; got {k}")
+    out = _launch.out_or_empty("out", out, (k,), torch.int64, device)
+    if return_rest:
+        rest_out = _launch.out_or_empty("rest_out", rest_out, (n - k,), torch.int64, device)
+    if not out.is_contiguous() or (return_rest and not rest_out.is_contiguous()):
+        raise ValueError("out buffers must be contiguous")
+    return k, out, rest_out
+
+
 def topk_indices(
     scores: torch.Tensor,
     k: int,
@@ -331,15 +372,7 @@ def topk_indices(
             f"the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1; scores are on '{scores.device}'"
         )
     n = scores.shape[0]
-    k = int(k)
-    if not 1 <= k <= n:
-        raise ValueError(f"k must lie in [1, {n}] for {n} scores; got {k}")
-    device = scores.device
-    out = _launch.out_or_empty("out", out, (k,), torch.int64, device)
-    if return_rest:
-        rest_out = _launch.out_or_empty("rest_out", rest_out, (n - k,), torch.int64, device)
-    if not out.is_contiguous() or (return_rest and not rest_out.is_contiguous()):
-        raise ValueError("out buffers must be contiguous")
+    k, out, rest_out = _k_and_outputs(n, k, return_rest, out, rest_out, scores.device)
 
     cfg = config or pick_config(n)
     if cfg.get("MULTI"):
@@ -348,9 +381,55 @@ def topk_indices(
     if cfg["RESIDENT"] and n > cfg["BLOCK"]:
         raise ValueError(f"config {cfg} holds {cfg['BLOCK']} keys in registers; n = {n}")
     _launch.launchable(topk_kernel, traceable)[(1,)](
-        scores, out, rest_out if return_rest else out,
-        n, k, scores.stride(0),
+        scores, out, rest_out if return_rest else out, scores,
+        n, k, scores.stride(0), 1,
         BLOCK=cfg["BLOCK"], RADIX_BITS=cfg["RADIX_BITS"], WRITE_REST=return_rest, RESIDENT=cfg["RESIDENT"],
         num_warps=cfg["num_warps"],
+    )
+    return (out, rest_out) if return_rest else out
+
+
+def topk_from_parts(
+    parts: torch.Tensor,
+    k: int,
+    bias: torch.Tensor,
+    *,
+    return_rest: bool = False,
+    out: torch.Tensor | None = None,
+    rest_out: torch.Tensor | None = None,
+    traceable: bool = False,
+):
+    """:func:`topk_indices` of the column scores that ``parts`` sum to, and their bias
+    sums written to ``bias``, in one program (``n <= MAX_RESIDENT``).
+
+    ``parts``: the ``(2, split, n)`` contiguous fp32 partial sums of
+    ``scores.column_score_parts`` (``[0]``: the row slices' sums of ``|G|``, ``[1]``:
+    their sums of G); ``bias``: a contiguous ``(n,)`` output of G's dtype. The result is
+    what ``scores.finish_kernel`` followed by :func:`topk_indices` gives, bit for bit:
+    the selected indices (and with ``return_rest=True``, ``(idx, rest)``), and in
+    ``bias`` the bias gradient. ``out`` / ``rest_out``: optional preallocated int64
+    buffers; ``traceable``: launch through ``torch.library.wrap_triton``.
+    """
+    if (
+        not isinstance(parts, torch.Tensor) or parts.dim() != 3 or parts.shape[0] != 2
+        or parts.dtype != torch.float32 or not parts.is_contiguous()
+    ):
+        got = f"{parts.dtype} of shape {tuple(parts.shape)}" if isinstance(parts, torch.Tensor) else type(parts).__name__
+        raise TypeError(f"parts must be a contiguous (2, split, n) float32 tensor; got {got}")
+    split, n = parts.shape[1], parts.shape[2]
+    if not 1 <= n <= MAX_RESIDENT or not 1 <= split or 2 * split * n >= 2**31:
+        raise ValueError(
+            f"parts must hold 1 to {MAX_RESIDENT} columns in 1 to 2**30 / n slices; got {tuple(parts.shape)}"
+        )
+    _launch.check_float_tensor("bias", bias, 1)
+    if bias.shape[0] != n or bias.device != parts.device or not bias.is_contiguous():
+        raise ValueError(f"bias must be a contiguous ({n},) tensor on '{parts.device}'; got {tuple(bias.shape)} on '{bias.device}'")
+    k, out, rest_out = _k_and_outputs(n, k, return_rest, out, rest_out, parts.device)
+    cfg = configs()[1]
+    _launch.launchable(topk_kernel, traceable)[(1,)](
+        parts, out, rest_out if return_rest else out, bias,
+        n, k, 1, split,
+        BLOCK=cfg["BLOCK"], RADIX_BITS=cfg["RADIX_BITS"], WRITE_REST=return_rest, RESIDENT=True,
+        FROM_PARTS=True, num_warps=cfg["num_warps"],
     )
     return (out, rest_out) if return_rest else out

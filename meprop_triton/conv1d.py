@@ -249,11 +249,9 @@ def _conv1d_unified_topk_backward(
     (one pass over G, the bias gradient in the same pass) and select them; the products
     are GEMMs over the k selected columns, with the weight gradient written straight
     into the ``(in, out)`` layout. Outputs not asked for are empty tensors."""
-    from .kernels.scores import column_scores_and_bias
-    from .kernels.topk import topk_indices
+    from .triton_ops import select_units
 
-    scores, grad_b = column_scores_and_bias(grad, traceable=True)
-    idx = topk_indices(scores, k, traceable=True)
+    idx, _, grad_b = select_units(grad, k)
     g_s = grad.index_select(1, idx)  # (M, k)
     grad_x = F.linear(g_s, weight.index_select(1, idx)) if need_x else grad.new_empty(0)
     if need_w:

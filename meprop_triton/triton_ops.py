@@ -24,8 +24,8 @@ from .kernels import _launch
 from .kernels import scores as _scores
 from .kernels.matmul import gather_columns, gathered_grad_input, scattered_grad_weight
 from .kernels.per_example import gathered_rows_grad_input, row_topk_indices, sorted_pairs_grad_weight
-from .kernels.scores import column_scores_and_bias
-from .kernels.topk import topk_indices
+from .kernels.scores import column_score_parts, column_scores_and_bias
+from .kernels.topk import MAX_RESIDENT, topk_from_parts, topk_indices
 
 __all__ = [
     "unified_topk_backward",
@@ -52,6 +52,25 @@ def _no_indices(grad: Tensor) -> Tensor:
     return grad.new_empty(0, dtype=torch.int64)
 
 
+def select_units(grad: Tensor, k: int, *, return_rest: bool = False, traceable: bool = True):
+    """``(idx, rest, grad_b)``: the unified top-k units of a 2-D ``grad`` (ascending; and
+    the others, ascending, with ``return_rest``, else None) and the bias gradient
+    ``grad.sum(0)``, from the kernels. Up to ``MAX_RESIDENT`` units the top-k program
+    finishes the scores' row slices itself (one launch fewer than
+    ``scores.finish_kernel`` then ``topk_indices``, the same bits). ``traceable``: the
+    launches go through ``wrap_triton`` (inside a ``triton_op``; False for direct calls)."""
+    M, n_out = grad.shape
+    if M > 0 and n_out <= MAX_RESIDENT:
+        grad_b = grad.new_empty(n_out)
+        parts = column_score_parts(grad, traceable=traceable)
+        sel = topk_from_parts(parts, k, grad_b, return_rest=return_rest, traceable=traceable)
+    else:
+        scores, grad_b = column_scores_and_bias(grad, traceable=traceable)
+        sel = topk_indices(scores, k, return_rest=return_rest, traceable=traceable)
+    idx, rest = sel if return_rest else (sel, None)
+    return idx, rest, grad_b
+
+
 def _unified_topk_backward(
     grad: Tensor, x: Tensor, weight: Tensor, k: int, need_x: bool, need_w: bool, need_b: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -60,8 +79,7 @@ def _unified_topk_backward(
     # selected set S (k,) ascending, empty when neither grad_x nor grad_W was asked for.
     idx = _no_indices(grad)
     if need_x or need_w:
-        scores, grad_b = column_scores_and_bias(grad, traceable=True)
-        idx, rest = topk_indices(scores, k, return_rest=True, traceable=True)
+        idx, rest, grad_b = select_units(grad, k, return_rest=True)
         g_sel = gather_columns(grad, idx, traceable=True) if COMPACT_GRAD else None
         grad_x = (
             gathered_grad_input(grad, weight, idx, grad_selected=g_sel, traceable=True)

@@ -163,7 +163,12 @@ def test_every_shipped_config_is_built():
     single = [c for c in topk.configs() if not c["MULTI"]]
     multi = [c for c in topk.configs() if c["MULTI"]]
     assert single and multi
-    assert sum(i.startswith("topk-") for i in ids) == len(single) * 2 * 2
+    assert sum(i.startswith("topk-") and not i.startswith("topk-parts-") for i in ids) == len(single) * 2 * 2
+    # the resident program finishing the scores' row slices: with and without the
+    # complement, the bias in each dtype, one slice or several
+    resident = [c for c in single if c["RESIDENT"]]
+    assert resident
+    assert sum(i.startswith("topk-parts-") for i in ids) == len(resident) * 2 * 3 * 2
     # the multi-program select: a histogram kernel per digit round and the write kernel
     # with and without the complement, each contiguous and strided
     assert sum(i.startswith("topk_multi-hist") for i in ids) == sum(32 // c["RADIX_BITS"] for c in multi) * 2

@@ -29,11 +29,13 @@ def _run(*args, tmp_path=None):
 @pytest.mark.parametrize(
     "shape,k,launches",
     [
-        # 8192 x 4096 -> 4096: the scores in row slices (partial + finish), grad_W split-K
-        (("8192", "4096", "4096"), 205, ["scores.partial_kernel", "scores.finish_kernel", "topk.topk_kernel",
+        # 8192 x 4096 -> 4096: the scores in row slices, finished in the top-k program;
+        # grad_W split-K
+        (("8192", "4096", "4096"), 205, ["scores.partial_kernel", "topk.topk_kernel",
                                          "matmul.gather_columns_kernel", "matmul.grad_input_kernel",
                                          "matmul.grad_weight_kernel", "matmul.split_reduce_kernel"]),
-        # out > 4096: the multi-program top-k (four histogram rounds and the write pass)
+        # out > 4096: the finish kernel, then the multi-program top-k (four histogram
+        # rounds and the write pass)
         (("1024", "256", "8192"), 410, ["scores.partial_kernel", "scores.finish_kernel"]
          + ["topk.radix_histogram_kernel"] * 4 + ["topk.radix_write_kernel", "matmul.gather_columns_kernel",
                                                   "matmul.grad_input_kernel", "matmul.grad_weight_kernel",

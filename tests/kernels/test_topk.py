@@ -221,3 +221,86 @@ def test_rejects_non_fp32(device):
 
     with pytest.raises(TypeError, match="float32"):
         topk_indices(torch.rand(5, device=device).half(), 2)
+
+
+# --- the scores' row slices finished inside the top-k program (topk_from_parts) -----------
+
+
+def _grad_with(kind: str, M: int, n: int, dtype, rng, device) -> torch.Tensor:
+    """A gradient whose column scores hold ties, signed zeros, inf or NaN by kind."""
+    if kind == "ties":  # integer G: exact sums, many tied scores
+        G = torch.randint(-2, 3, (M, n), generator=rng).float()
+    else:
+        G = torch.randn(M, n, generator=rng)
+    if kind == "nonfinite":
+        G[0, 1::5] = math.inf
+        G[M // 2, 3::7] = math.nan
+        G[M - 1, 2::9] = -math.inf
+    if kind == "zeros":
+        G[:, ::3] = 0.0
+        G[:, 1::4] = -0.0
+    return G.to(dtype).to(device)
+
+
+# the interpreter runs the kernels in numpy, which warns on inf - inf (NaN, as on a GPU)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["random", "ties", "nonfinite", "zeros"])
+@pytest.mark.parametrize("M,n", [(1, 1), (5, 7), (70, 130), (200, 4096)], ids=lambda v: str(v))
+def test_from_parts_equals_finish_then_topk(M, n, kind, dtype, rng, device):
+    """``topk_from_parts`` over ``column_score_parts`` gives, bit for bit, the indices,
+    complement and bias of ``column_scores_and_bias`` (its finish kernel) followed by
+    ``topk_indices``, for one and several row slices, into poisoned buffers."""
+    from meprop_triton.kernels.scores import column_score_parts, column_scores_and_bias
+    from meprop_triton.kernels.topk import topk_from_parts, topk_indices
+
+    G = _grad_with(kind, M, n, dtype, rng, device)
+    for split in sorted({1, min(3, M), M}):
+        scores, want_b = column_scores_and_bias(G, split=split)
+        parts = column_score_parts(G, split=split)
+        assert parts.shape[0] == 2 and parts.shape[2] == n
+        for k in sorted({1, max(1, n // 3), max(1, n - 1), n}):
+            want_idx, want_rest = topk_indices(scores, k, return_rest=True)
+            bias = poisoned((n,), dtype, device)
+            out, rest_out = poisoned((k,), torch.int64, device), poisoned((n - k,), torch.int64, device)
+            idx, rest = topk_from_parts(parts, k, bias, return_rest=True, out=out, rest_out=rest_out)
+            assert idx is out and rest is rest_out
+            assert torch.equal(idx, want_idx) and torch.equal(rest, want_rest), (split, k)
+            # bit for bit, NaN and the sign of zero included
+            assert torch.equal(bias.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               want_b.view(torch.int16 if dtype != torch.float32 else torch.int32)), (split, k)
+            assert torch.equal(topk_from_parts(parts, k, bias), want_idx)
+
+
+def test_from_parts_matches_the_reference_with_ties(rng, device):
+    """Integer G: the scores are exact, so the selection is the reference's, ties to the
+    lower index; the bias is G's column sums."""
+    from meprop_triton.kernels.scores import column_score_parts
+    from meprop_triton.kernels.topk import topk_from_parts
+
+    G = torch.randint(-2, 3, (96, 1000), generator=rng).float().to(device)
+    bias = poisoned((1000,), torch.float32, device)
+    for k in (1, 17, 500, 999, 1000):
+        idx = topk_from_parts(column_score_parts(G, split=4), k, bias)
+        assert torch.equal(idx.cpu(), reference.unified_topk_indices(G.cpu(), k))
+        assert torch.equal(bias.cpu(), G.cpu().sum(0))
+
+
+def test_from_parts_rejects_bad_arguments(device):
+    from meprop_triton.kernels.scores import column_score_parts
+    from meprop_triton.kernels.topk import MAX_RESIDENT, topk_from_parts
+
+    parts = torch.zeros(2, 3, 10, device=device)
+    bias = torch.empty(10, device=device)
+    with pytest.raises(TypeError, match=r"contiguous \(2, split, n\) float32"):
+        topk_from_parts(parts[0], 2, bias)
+    with pytest.raises(TypeError, match="float32"):
+        topk_from_parts(parts.double(), 2, bias)
+    with pytest.raises(ValueError, match=f"1 to {MAX_RESIDENT} columns"):
+        topk_from_parts(torch.zeros(2, 1, MAX_RESIDENT + 1, device=device), 2, torch.empty(MAX_RESIDENT + 1, device=device))
+    with pytest.raises(ValueError, match=r"bias must be a contiguous \(10,\)"):
+        topk_from_parts(parts, 2, torch.empty(9, device=device))
+    with pytest.raises(ValueError, match=r"k must lie in \[1, 10\]"):
+        topk_from_parts(parts, 11, bias)
+    with pytest.raises(ValueError, match="rows and columns"):
+        column_score_parts(torch.zeros(0, 5, device=device))
