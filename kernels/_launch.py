@@ -151,9 +151,11 @@ def out_or_empty(name: str, out: torch.Tensor | None, shape, dtype, device) -> t
 
 
 def is_interpreted(kernel) -> bool:
-    """Whether ``kernel`` (a ``triton.jit`` function) was built for Triton's interpreter
-    (``TRITON_INTERPRET=1`` when triton was imported)."""
-    return type(kernel).__name__ == "InterpretedFunction"
+    """Whether ``kernel`` (a ``triton.jit`` function, or an autotuner over one) was built
+    for Triton's interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
+    return type(kernel).__name__ == "InterpretedFunction" or (
+        type(getattr(kernel, "fn", None)).__name__ == "InterpretedFunction"
+    )
 
 
 def launchable(kernel, traceable: bool):

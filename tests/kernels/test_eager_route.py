@@ -77,28 +77,31 @@ def test_the_profiler_shows_the_op(rng, device):
 
 
 def test_module_backward_takes_the_direct_route(rng, device, monkeypatch):
-    """A MePropLinear backward on the Triton backend runs the bodies directly in eager
-    mode and gives the op route's gradients."""
+    """A MePropLinear backward on the Triton backend (its saved weight comes back as a
+    Parameter, grad mode off) runs the body directly, and gives the op route's
+    gradients bit for bit."""
     from meprop_triton import MePropLinear, triton_ops
 
-    calls = []
-    real = triton_ops.call_op
+    ran = []
+    real = triton_ops._unified_topk_backward
 
-    def spy(name, body, args, tensors):
-        calls.append(name)
-        return real(name, body, args, tensors)
+    def body(*args):
+        ran.append(torch.is_grad_enabled())
+        return real(*args)
 
+    monkeypatch.setattr(triton_ops, "_unified_topk_backward", body)
     torch.manual_seed(0)
     layer = MePropLinear(64, 130, k=9, backend="triton").to(device)
     x = randn((7, 64), torch.float32, rng, device).requires_grad_()
     layer(x).square().sum().backward()
+    assert ran == [False]  # the direct route, under the backward's no-grad mode
     direct = (x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone())
 
-    monkeypatch.setattr(triton_ops, "call_op", spy)
     monkeypatch.setattr(triton_ops, "_set_wrap_triton_enabled", None)  # forces the op route
+    ran.clear()
     x.grad = layer.weight.grad = layer.bias.grad = None
     layer(x).square().sum().backward()
-    assert calls == ["unified_topk_backward"]
+    assert ran == []
     for a, b in zip(direct, (x.grad, layer.weight.grad, layer.bias.grad)):
         assert torch.equal(a, b)
 
@@ -132,3 +135,35 @@ def test_plain_eager_runs_the_body_without_the_dispatcher(rng, device, monkeypat
         with _OpNames():
             public()
         assert ran == []
+
+
+def test_what_the_op_route_keeps(rng, device, monkeypatch):
+    """The op itself is called where running its body would differ: grad mode with an
+    input that requires grad (the op records no history), a TorchFunctionMode such as
+    ``with torch.device(...)``, and meta tensors (the op's fake gives the shapes)."""
+    from meprop_triton import triton_ops as T
+
+    ran = []
+    real = T._unified_topk_backward
+    monkeypatch.setattr(T, "_unified_topk_backward", lambda *a: ran.append(1) or real(*a))
+    G = randn((7, 130), torch.float32, rng, device)
+    X, W = randn((7, 64), torch.float32, rng, device), randn((130, 64), torch.float32, rng, device)
+
+    gx, gw, gb = T.unified_topk_backward(G.requires_grad_(), X, W, 9)
+    assert ran == []
+    with pytest.raises(RuntimeError):  # no autograd formula: refused, not silently partial
+        (gx.sum() + gb.sum()).backward()
+    G.requires_grad_(False)
+    with torch.no_grad():
+        T.unified_topk_backward(G.detach().requires_grad_(), X, W, 9)
+    assert ran == [1]  # no grad mode: direct
+
+    ran.clear()
+    with torch.device(device):
+        T.unified_topk_backward(G, X, W, 9)
+    assert ran == []
+
+    if T.INTERPRETED:  # compiled kernels refuse meta tensors before either route
+        meta = [t.to("meta") for t in (G, X, W)]
+        gx, gw, gb = T.unified_topk_backward(*meta, 9)
+        assert ran == [] and gx.is_meta and gx.shape == (7, 64) and gw.shape == (130, 64) and gb.shape == (130,)
