@@ -14,7 +14,7 @@ from .convert import ConversionReport, apply_settings, convert, meprop_settings
 from .functional import meprop_linear
 from .nn import MePropLinear, MePropLSTM, SelectionStats
 from .simplify import Simplifier
-from .utils import clip_grad_norm_, keep_freed_memory
+from .utils import clip_grad_norm_, flush_denormals, keep_freed_memory
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "Simplifier",
     "SelectionStats",
     "clip_grad_norm_",
+    "flush_denormals",
     "keep_freed_memory",
     "__version__",
 ]

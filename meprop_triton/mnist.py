@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Simplifier, __version__, convert
-from .utils import keep_freed_memory
+from .utils import flush_denormals, keep_freed_memory
 from .data import IDXFormatError, MNISTUnavailableError, load_mnist
 from .harness import (
     TURN_STEPS,
@@ -164,6 +164,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                    help="leave glibc's malloc at its defaults (by default the process keeps "
                         "freed memory for reuse: see meprop_triton.utils.keep_freed_memory)")
+    p.add_argument("--no-flush-denormals", dest="flush_denormals", action="store_false",
+                   help="on a CPU, leave denormal floats as they are (by default the process "
+                        "flushes them to zero: see meprop_triton.utils.flush_denormals)")
     p.add_argument("--warmup-steps", dest="warmup_steps", type=_nonnegative_int, default=50,
                    help="untimed training steps of each method before the timed runs, on "
                         "throwaway models, so that the first run does not pay the process's "
@@ -557,6 +560,9 @@ def main(argv=None) -> None:
     # Both runs train in a process that reuses its freed memory: otherwise page faults
     # from the allocator's trimming cost a fifth of a CPU step, and vary from run to run.
     kept = keep_freed_memory() if args.keep_freed_memory else False
+    # On a CPU, Adam's moments of the rows meProp leaves unselected decay into denormal
+    # floats, and every operation on them takes the CPU's slow path (flush_denormals).
+    flushed = flush_denormals() if args.flush_denormals and device.type == "cpu" else False
     load_start = _loadavg()
     t_start = time.perf_counter()
     try:
@@ -574,7 +580,8 @@ def main(argv=None) -> None:
     print(
         f"MLP {arch}, {args.n_epoch} epoch{'s' if args.n_epoch != 1 else ''}, minibatch {args.d_minibatch}, dropout "
         f"{args.dropout}, {args.optimizer}{' (fused)' if args.fused and args.optimizer == 'adam' else ''} lr {args.lr:g}, seed {args.random_seed}; device "
-        f"{_device_description(device)}; torch {torch.__version__}",
+        f"{_device_description(device)}{'; denormals flushed to zero' if flushed else ''}; "
+        f"torch {torch.__version__}",
         flush=True,
     )
     if args.simplify:
@@ -612,7 +619,7 @@ def main(argv=None) -> None:
             n_test=len(data["test"][0]), input_scaling="pixels / 255, in [0, 1]",
             torch=torch.__version__, meprop_triton=__version__, python=platform.python_version(),
             torch_threads=torch.get_num_threads(), platform=platform.platform(),
-            malloc_keeps_freed_memory=kept,
+            malloc_keeps_freed_memory=kept, flush_denormals=flushed,
             # 1-minute load average before and after: timings on a shared machine need it
             loadavg_start=load_start, loadavg_end=_loadavg(),
         )

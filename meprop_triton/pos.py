@@ -84,7 +84,7 @@ from .harness import (
 from .harness import Training as _Training
 from .nn import MePropLSTM
 from .recurrent import ProductTimer
-from .utils import keep_freed_memory
+from .utils import flush_denormals, keep_freed_memory
 
 __all__ = ["main", "brown_tag", "split_corpus", "Features", "Tagger"]
 
@@ -374,6 +374,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "timings steady on a machine that is busy with other work")
     p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                    help="leave glibc's malloc at its defaults (see meprop_triton.utils.keep_freed_memory)")
+    p.add_argument("--no-flush-denormals", dest="flush_denormals", action="store_false",
+                   help="on a CPU, leave denormal floats as they are (by default the process "
+                        "flushes them to zero: see meprop_triton.utils.flush_denormals)")
     p.add_argument("--json", dest="json_path", metavar="PATH", default=None,
                    help="write the results as JSON to PATH")
     p.add_argument("--plot", dest="plot_path", metavar="PATH", default=None,
@@ -397,6 +400,9 @@ def main(argv=None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     kept = keep_freed_memory() if args.keep_freed_memory else False
+    # On a CPU, Adam's moments of the rows meProp leaves unselected decay into denormal
+    # floats, and every operation on them takes the CPU's slow path (flush_denormals).
+    flushed = flush_denormals() if args.flush_denormals and device.type == "cpu" else False
     load_start = _loadavg()
     t_start = time.perf_counter()
     try:
@@ -417,8 +423,8 @@ def main(argv=None) -> None:
                   f"({', '.join(data['unseen_tags'][name][:10])}): counted as misses", flush=True)
     print(f"tagger: 50-d word + 7 x 20-d features -> LSTM {args.hidden} -> {len(data['tags'])} tags; "
           f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}, minibatch {args.batch_size}, "
-          f"{args.optimizer} lr {args.lr:g}, seed {args.seed}; device {_device_description(device)}; "
-          f"torch {torch.__version__}", flush=True)
+          f"{args.optimizer} lr {args.lr:g}, seed {args.seed}; device {_device_description(device)}"
+          f"{'; denormals flushed to zero' if flushed else ''}; torch {torch.__version__}", flush=True)
     specs = [(0, False), (args.k, False)] if args.compare else [(args.k, False)]
     if args.plain_lstm:
         specs.append((0, True))
@@ -445,7 +451,7 @@ def main(argv=None) -> None:
             unseen_tag_tokens=data["unseen_tag_tokens"], unseen_tags=data["unseen_tags"],
             torch=torch.__version__, meprop_triton=__version__, python=platform.python_version(),
             torch_threads=torch.get_num_threads(), platform=platform.platform(),
-            malloc_keeps_freed_memory=kept, loadavg_start=load_start, loadavg_end=_loadavg(),
+            malloc_keeps_freed_memory=kept, flush_denormals=flushed, loadavg_start=load_start, loadavg_end=_loadavg(),
         )
         path = write_json(args.json_path, runs, config, device, table, total)
         print(f"wrote {path}")

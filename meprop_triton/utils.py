@@ -1,16 +1,18 @@
 """Training helpers: gradient clipping that understands row-sparse (``sparse_grad=True``)
-gradients, and a CPU allocator setting for training loops."""
+gradients, and two process settings for CPU training loops (the allocator's, and
+flushing denormal floats to zero)."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["clip_grad_norm_", "keep_freed_memory"]
+__all__ = ["clip_grad_norm_", "flush_denormals", "keep_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_THRESHOLD = -3
@@ -52,6 +54,90 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
     # mallopt returns 1 on success, 0 for a value it refuses.
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) & bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
+
+
+def flush_denormals(enable: bool = True) -> bool:
+    """Make this thread and torch's CPU worker threads treat denormal floats as zero
+    (``enable=False``: as the IEEE numbers they are again); True when every one of them
+    now does as asked.
+
+    Why meProp training on a CPU needs it: a weight row that meProp leaves unselected
+    gets an exactly zero gradient, so an optimizer with decaying state (Adam, AdamW,
+    RMSprop, SGD with momentum) multiplies its moments for that row by beta at every
+    step until they fall below 1.2e-38 (after about 750 steps at Adam's beta1 = 0.9)
+    and then stay denormal for good: rounding keeps ``0.9 * x`` at ``x`` for the
+    smallest ones. On Intel CPUs every operation on a denormal takes a slow microcode
+    path. Measured in the MNIST MLP (784-500-500-10, batch 50, k = 80, fused Adam, 2
+    threads, Intel Xeon): after about 700 steps 15% of Adam's state was denormal and
+    the meProp step went from 2.7 to 3.9 ms while the dense one stayed at 2.7 ms; with
+    this setting it stays at 2.7 ms. Dense training leaves fewer denormals (0.3% there)
+    but gains a little too. A denormal moment is below anything that can move a weight
+    (its update is about ``lr * 1e-38 / eps``), so training is unchanged otherwise.
+
+    ``torch.set_flush_denormal`` sets the calling thread only, while torch's CPU
+    operations run on a pool of OpenMP threads that keep the mode they had; this also
+    sets it in that pool (through the OpenMP runtime's parallel entry point, on Linux
+    with GNU OpenMP, which torch's wheels use), then checks: a multiply over denormal
+    inputs spread across all of torch's threads must give zeros (with ``enable=False``:
+    must not). It returns False where the CPU cannot flush denormals (it then changes
+    nothing) or where a worker thread kept its mode; on another OpenMP runtime, calling
+    it before the first parallel torch operation of the process works, since threads
+    started later inherit the mode. It changes the whole process, so call it at the
+    start of a CPU training script (``meprop-mnist`` and ``meprop-pos`` do on a CPU,
+    unless ``--no-flush-denormals``). GPUs are not affected either way.
+    """
+    if not isinstance(enable, bool):
+        raise TypeError(f"enable must be True or False; got {enable!r}")
+    if not torch.set_flush_denormal(enable):
+        return False  # the CPU has no flush-to-zero (torch changed nothing)
+    _set_worker_fp_mode()
+    return _denormals_kept() == (0.0 if enable else 1.0)
+
+
+def _set_worker_fp_mode() -> bool:
+    """Copy this thread's floating-point control modes (x86's MXCSR: flush-to-zero and
+    denormals-are-zero among them) to the OpenMP team torch's operations run on; False
+    where there is no GNU OpenMP runtime or C library entry point to do it with."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split(None, 5)[-1].strip() for line in maps if "libgomp" in line}
+    except OSError:
+        return False
+    # torch's own copy first (its wheels bundle libgomp), then any other one loaded.
+    torch_dir = os.path.dirname(torch.__file__)
+    for path in sorted(paths, key=lambda p: not p.startswith(torch_dir)):
+        try:
+            gomp = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            parallel = gomp.GOMP_parallel
+            libm = ctypes.CDLL("libm.so.6")
+            getmode, setmode = libm.fegetmode, libm.fesetmode  # glibc 2.25 and later
+        except (OSError, AttributeError):
+            continue
+        mode = ctypes.create_string_buffer(64)  # a femode_t (8 bytes on x86-64), with room
+        if getmode(mode) != 0:
+            return False
+        # GOMP_parallel(fn, data, num_threads, flags) runs fn(data) on every thread of
+        # the calling thread's team (num_threads 0: as many as torch set), this one
+        # included: here fn is fesetmode and data this thread's modes.
+        parallel.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
+        parallel.restype = None
+        parallel(ctypes.cast(setmode, ctypes.c_void_p), ctypes.cast(mode, ctypes.c_void_p), 0, 0)
+        return True
+    return False
+
+
+def _denormals_kept() -> float:
+    """The fraction of torch's CPU threads that keep denormals (0.0: all flush them):
+    the smallest fp32 denormal (made from its bits, so that no conversion flushes it
+    first), multiplied by one in one chunk per thread, gives zero in the chunks of the
+    threads that flush."""
+    threads = max(torch.get_num_threads(), 1)
+    chunk = 1 << 16  # 64 Ki floats a thread: above torch's grain, so every thread gets one
+    tiny = torch.ones(threads * chunk, dtype=torch.int32).view(torch.float32)
+    kept = torch.mul(tiny, 1.0).ne(0).sum().item()
+    return kept / (threads * chunk)
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ from meprop_triton import MePropLinear, data, mnist
 
 N_TRAIN, N_TEST, N_DEV = 240, 60, 40
 # --no-keep-freed-memory: the CLI runs inside the test process, whose malloc is left alone
-TINY = ["--d_hidden", "32", "--d_minibatch", "20", "--n_epoch", "1", "--no-keep-freed-memory"]
+TINY = ["--d_hidden", "32", "--d_minibatch", "20", "--n_epoch", "1", "--no-keep-freed-memory",
+        "--no-flush-denormals"]
 
 
 def fake_mnist(seed=0) -> data.MNIST:
@@ -283,7 +284,7 @@ def test_module_entry_point_help():
                  "--unified", "--no-unified", "--random_seed", "--optimizer", "--lr", "--selection",
                  "--sparse-grad", "--device", "--data-dir", "--compare", "--json", "--plot",
                  "--simplify", "--prune", "--train-cycle", "--prune-checks-per-epoch",
-                 "--reset-optimizer", "--no-reset-optimizer"):
+                 "--reset-optimizer", "--no-reset-optimizer", "--no-flush-denormals"):
         assert flag in proc.stdout
 
 
@@ -292,11 +293,26 @@ def test_cli_keeps_freed_memory_by_default(tmp_path, capsys, fake, monkeypatch):
     --no-keep-freed-memory leaves it alone."""
     calls = []
     monkeypatch.setattr(mnist, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(mnist, "flush_denormals", lambda: True)  # not this test process's
     base = [a for a in TINY if a != "--no-keep-freed-memory"]
     result, _ = run_cli([*base, "--k", "8"], tmp_path, capsys)
     assert calls == [1] and result["config"]["malloc_keeps_freed_memory"] is True
     result, _ = run_cli([*base, "--k", "8", "--no-keep-freed-memory"], tmp_path, capsys)
     assert calls == [1] and result["config"]["malloc_keeps_freed_memory"] is False
+
+
+def test_cli_flushes_denormals_on_cpu_by_default(tmp_path, capsys, fake, monkeypatch):
+    """On a CPU the command flushes denormals (says so in the log and the JSON);
+    --no-flush-denormals leaves them, and nothing calls flush_denormals then."""
+    calls = []
+    monkeypatch.setattr(mnist, "flush_denormals", lambda: calls.append(1) or True)
+    base = [a for a in TINY if a != "--no-flush-denormals"]
+    result, out = run_cli([*base, "--k", "8", "--device", "cpu"], tmp_path, capsys)
+    assert calls == [1] and result["config"]["flush_denormals"] is True
+    assert "denormals flushed to zero" in out
+    result, out = run_cli([*base, "--k", "8", "--device", "cpu", "--no-flush-denormals"], tmp_path, capsys)
+    assert calls == [1] and result["config"]["flush_denormals"] is False
+    assert "denormals flushed" not in out
 
 
 def test_adam_is_fused_unless_asked_not_to():

@@ -10,7 +10,8 @@ import torch
 
 from meprop_triton import datasets, pos
 
-TINY = ["--hidden", "16", "--epochs", "1", "--warmup-steps", "0", "--no-keep-freed-memory"]
+TINY = ["--hidden", "16", "--epochs", "1", "--warmup-steps", "0", "--no-keep-freed-memory",
+        "--no-flush-denormals"]
 
 
 @pytest.fixture(autouse=True)
@@ -109,6 +110,22 @@ def test_cli_single_run_json(tmp_path, capsys):
     assert c["tags"] == [".", "at", "nn", "rb", "vbz"]  # -tl removed
     assert "| Method (Adam, CPU) |" in r["table"]
     assert "meProp top-3 (unified)" in capsys.readouterr().out
+
+
+def test_cli_flushes_denormals_on_cpu_by_default(tmp_path, capsys, monkeypatch):
+    """On a CPU the command flushes denormals (log and JSON say so); --no-flush-denormals
+    leaves them."""
+    calls = []
+    monkeypatch.setattr(pos, "flush_denormals", lambda: calls.append(1) or True)
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    base = ["--corpus", str(corpus), "--k", "3", "--max-sentences", "40", "--device", "cpu",
+            *(a for a in TINY if a != "--no-flush-denormals")]
+    r = run_cli(base, tmp_path)
+    assert calls == [1] and r["config"]["flush_denormals"] is True
+    assert "denormals flushed to zero" in capsys.readouterr().out
+    r = run_cli([*base, "--no-flush-denormals"], tmp_path)
+    assert calls == [1] and r["config"]["flush_denormals"] is False
+    assert "denormals flushed" not in capsys.readouterr().out
 
 
 def test_cli_compare_and_plain_from_same_weights(tmp_path):
