@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._validation import check_k, check_options, resolve_k
-from .functional import resolve_backend
+from .functional import _any_autocast, resolve_backend
 from .nn import _HOOK_DICTS, _MePropSettings
 
 __all__ = ["MePropConv1D", "meprop_conv1d", "is_conv1d"]
@@ -80,14 +80,6 @@ def _refuse_sparse(value) -> None:
             "gradient cannot hold; use sparse_grad=False (dense gradients, zero in the "
             "unselected columns)"
         )
-
-
-try:  # one C call, whatever the device type
-    _any_autocast = torch._C._is_any_autocast_enabled
-except AttributeError:  # pragma: no cover - older torch
-
-    def _any_autocast() -> bool:
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def _any_autocast_dtype(device_type: str):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from ._validation import check_k, check_linear_args, check_options, resolve_k
-from .functional import _DDP, _refuse_sparse_under_ddp, apply_meprop, meprop_linear, resolve_backend
+from .functional import _DDP, _any_autocast, _refuse_sparse_under_ddp, apply_meprop, meprop_linear, resolve_backend
 
 __all__ = ["MePropLinear", "MePropLSTM", "SelectionStats"]
 
@@ -27,12 +27,6 @@ class SelectionStats(NamedTuple):
     rows: int
     hit_rate: Tensor
 
-try:  # one C call, whatever the device type
-    _any_autocast = torch._C._is_any_autocast_enabled
-except AttributeError:  # pragma: no cover - older torch
-
-    def _any_autocast() -> bool:
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 _HOOK_DICTS = (
     "_forward_hooks",

@@ -79,19 +79,26 @@ def flush_denormals(enable: bool = True) -> bool:
     sets it in that pool (through the OpenMP runtime's parallel entry point, on Linux
     with GNU OpenMP, which torch's wheels use), then checks: a multiply over denormal
     inputs spread across all of torch's threads must give zeros (with ``enable=False``:
-    must not). It returns False where the CPU cannot flush denormals (it then changes
-    nothing) or where a worker thread kept its mode; on another OpenMP runtime, calling
-    it before the first parallel torch operation of the process works, since threads
-    started later inherit the mode. It changes the whole process, so call it at the
-    start of a CPU training script (``meprop-mnist`` and ``meprop-pos`` do on a CPU,
-    unless ``--no-flush-denormals``). GPUs are not affected either way.
+    must not). It returns False, having changed nothing, where the CPU cannot flush
+    denormals or where a worker thread did not take the mode; on another OpenMP runtime,
+    calling it before the first parallel torch operation of the process works, since
+    threads started later inherit the mode. OpenMP keeps a pool for each thread that
+    starts parallel work: this sets the calling thread and its pool, so call it from
+    the thread that trains (the main one, in a script), at the start of a CPU training
+    script (``meprop-mnist`` and ``meprop-pos`` do on a CPU, unless
+    ``--no-flush-denormals``). It is a CPU setting: nothing changes on a GPU.
     """
     if not isinstance(enable, bool):
         raise TypeError(f"enable must be True or False; got {enable!r}")
     if not torch.set_flush_denormal(enable):
         return False  # the CPU has no flush-to-zero (torch changed nothing)
     _set_worker_fp_mode()
-    return _denormals_kept() == (0.0 if enable else 1.0)
+    if _denormals_kept() == (0.0 if enable else 1.0):
+        return True
+    # Some worker kept its mode: undo, so that False means "as before", not half done.
+    torch.set_flush_denormal(not enable)
+    _set_worker_fp_mode()
+    return False
 
 
 def _set_worker_fp_mode() -> bool:
@@ -105,27 +112,28 @@ def _set_worker_fp_mode() -> bool:
             paths = {line.split(None, 5)[-1].strip() for line in maps if "libgomp" in line}
     except OSError:
         return False
-    # torch's own copy first (its wheels bundle libgomp), then any other one loaded.
-    torch_dir = os.path.dirname(torch.__file__)
-    for path in sorted(paths, key=lambda p: not p.startswith(torch_dir)):
+    try:
+        libm = ctypes.CDLL("libm.so.6")
+        getmode, setmode = libm.fegetmode, libm.fesetmode  # glibc 2.25 and later
+    except (OSError, AttributeError):
+        return False
+    mode = ctypes.create_string_buffer(64)  # a femode_t (8 bytes on x86-64), with room
+    if getmode(mode) != 0:
+        return False
+    done = False
+    for path in sorted(paths):  # every copy loaded (torch's wheels bundle their own)
         try:
-            gomp = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-            parallel = gomp.GOMP_parallel
-            libm = ctypes.CDLL("libm.so.6")
-            getmode, setmode = libm.fegetmode, libm.fesetmode  # glibc 2.25 and later
+            parallel = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY).GOMP_parallel
         except (OSError, AttributeError):
             continue
-        mode = ctypes.create_string_buffer(64)  # a femode_t (8 bytes on x86-64), with room
-        if getmode(mode) != 0:
-            return False
         # GOMP_parallel(fn, data, num_threads, flags) runs fn(data) on every thread of
         # the calling thread's team (num_threads 0: as many as torch set), this one
         # included: here fn is fesetmode and data this thread's modes.
         parallel.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
         parallel.restype = None
         parallel(ctypes.cast(setmode, ctypes.c_void_p), ctypes.cast(mode, ctypes.c_void_p), 0, 0)
-        return True
-    return False
+        done = True
+    return done
 
 
 def _denormals_kept() -> float:

@@ -110,3 +110,25 @@ def test_flush_denormals_reaches_every_worker_thread():
 def test_flush_denormals_refuses_a_non_bool():
     with pytest.raises(TypeError, match="enable must be True or False; got 1"):
         meprop_triton.flush_denormals(1)
+
+
+_UNREACHED_WORKERS = """
+import torch
+import meprop_triton.utils as u
+torch.set_num_threads(3)
+a = torch.randn(512, 512)
+for _ in range(3):
+    a @ a, a * 2
+u._set_worker_fp_mode = lambda: False  # as on an OpenMP runtime it cannot reach
+print(u.flush_denormals(), u._denormals_kept())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="as above")
+def test_flush_denormals_changes_nothing_when_it_cannot_reach_the_workers():
+    """False means as before: the calling thread is not left flushing on its own."""
+    if not _flush_supported():
+        pytest.skip("this CPU cannot flush denormals (torch.set_flush_denormal returns False)")
+    out = subprocess.run([sys.executable, "-c", _UNREACHED_WORKERS], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    assert out.split() == ["False", "1.0"]
