@@ -108,10 +108,16 @@ def fmt_x(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-def fmt_shape(shape, name) -> str:
-    if len(shape) == 3:
+def fmt_shape(shape, name, e: dict | None = None) -> str:
+    if shape and len(shape) == 3:
         return f"{shape[0]} x {shape[1]}->{shape[2]}"
-    return f"MLP {'-'.join(map(str, shape[1:]))}, batch {shape[0]}"
+    if shape and len(shape) > 3:
+        return f"MLP {'-'.join(map(str, shape[1:]))}, batch {shape[0]}"
+    e = e or {}
+    if "hidden" in e:  # the LSTM cases give their sizes as fields
+        return (f"LSTM {e.get('input_size')}->{e.get('hidden')}, batch {e.get('batch')}, "
+                f"{e.get('steps')} steps")
+    return name or "-"
 
 
 def fmt_k(e: dict) -> str:
@@ -170,8 +176,14 @@ def training_table(data: dict) -> list[str]:
     for b in data["benchmarks"]:
         e = b["extra_info"]
         if b["group"].startswith("train-step") and e.get("mode") != "dense" and e.get("speedup_vs_dense") is not None:
+            after = ""
+            if e.get("pretrain_steps") is not None:
+                kept = "flushed" if e.get("flush_denormals") else "kept"
+                after = (f", after {e['pretrain_steps']} steps, denormals {kept} (in Adam's state: "
+                         f"meProp {e.get('denormal_share_meprop', 0) * 100:.1f}%, dense "
+                         f"{e.get('denormal_share_dense', 0) * 100:.1f}%)")
             lines.append(
-                f"| {fmt_shape(e['shape'], None)} | {e.get('grad')} | {e.get('optimizer')} | k={e.get('k')} | "
+                f"| {fmt_shape(e['shape'], None)}{after} | {e.get('grad')} | {e.get('optimizer')} | k={e.get('k')} | "
                 f"{fmt_time(e.get('dense_median_s'))} | {fmt_time(case_time(b))} | {fmt_x(e['speedup_vs_dense'])} |"
             )
         if b["group"].startswith("forward-") and e.get("overhead_us") is not None:
@@ -249,7 +261,7 @@ def gpu_table(data: dict) -> list[str]:
             continue
         dense_host = e.get("dense_host_launch_us")
         lines.append(
-            f"| {fmt_shape(e.get('shape', []), None)} | {e.get('dtype')} | {e.get('backend')} | "
+            f"| {fmt_shape(e.get('shape', []), None, e)} | {e.get('dtype')} | {e.get('backend')} | "
             f"{e.get('mode')} | {fmt_k(e)} | {fmt_time(r['t'])} | {e['host_launch_us']:.1f} us | "
             f"{fmt_time(e.get('dense_median_s'))} | "
             f"{'-' if dense_host is None else f'{dense_host:.1f} us'} | {fmt_x(e.get('speedup_vs_dense'))} |"
@@ -274,7 +286,7 @@ def case_table(data: dict) -> list[str]:
         e = r["e"]
         lines.append(
             f"| {r['group']} | {e.get('backend')} | {e.get('mode')} | {e.get('grad')} | "
-            f"{fmt_shape(e.get('shape', []), e.get('shape_name'))} | {fmt_k(e)} | {e.get('dtype')} | "
+            f"{fmt_shape(e.get('shape', []), e.get('shape_name'), e)} | {fmt_k(e)} | {e.get('dtype')} | "
             f"{fmt_time(r['t'])} | {fmt_time(e.get('dense_median_s'))} | "
             f"{fmt_x(e.get('speedup_vs_dense'))} | {fmt_target(e)} | {notes(e)} |"
         )

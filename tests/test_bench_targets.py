@@ -122,6 +122,26 @@ def test_report_shows_met_and_not_met():
     assert report.fmt_target({}) == ""
 
 
+def test_report_names_every_kind_of_case():
+    """Layers, MLPs and LSTMs (which give their sizes as fields, not a shape) each get a
+    readable label; the after-training step cases say how many steps and whether
+    denormals were flushed, with the denormal shares."""
+    assert report.fmt_shape([50, 784, 500], None) == "50 x 784->500"
+    assert report.fmt_shape([50, 784, 500, 500, 10], None) == "MLP 784-500-500-10, batch 50"
+    lstm = {"input_size": 190, "hidden": 500, "batch": 32, "steps": 25}
+    assert report.fmt_shape([], None, lstm) == "LSTM 190->500, batch 32, 25 steps"
+    assert report.fmt_shape(None, "mlp-x") == "mlp-x"
+    step = {"name": "t", "group": "train-step-cpu-mlp-mnist-784-500-500-10-adam-fused-after-training",
+            "stats": {"median": 2e-3},
+            "extra_info": {"mode": "unified-topk", "speedup_vs_dense": 0.64, "shape": [50, 784, 500, 500, 10],
+                           "grad": "dense", "optimizer": "Adam (fused)", "k": 80, "dense_median_s": 1.9e-3,
+                           "pretrain_steps": 1000, "flush_denormals": False,
+                           "denormal_share_meprop": 0.154, "denormal_share_dense": 0.003}}
+    header, rule, line = report.training_table({"benchmarks": [step]})
+    assert "after 1000 steps, denormals kept (in Adam's state: meProp 15.4%, dense 0.3%)" in line
+    assert line.endswith("| 0.64x |")
+
+
 def test_report_merges_files_of_one_machine_and_refuses_two():
     def data(gpu, cmd, n):
         return {
