@@ -260,7 +260,9 @@ def _cpu_unified_topk(grad: Tensor, x: Tensor, weight: Tensor, k: int, needs):
     Python and torch operations as it takes: inside a training step each costs 5-25 us
     (code and data caches cold after the GEMMs), a tenth of a whole MNIST-sized layer's
     backward. What ``reference.select_topk`` and ``reference.unified_backward`` do,
-    written out; ``torch.mm`` for ``@`` (same kernel, one dispatch fewer)."""
+    written out: calling ``reference.unified_topk_indices`` instead made each MNIST
+    layer's backward 15-20 us slower inside training (interleaved A/B, 2 threads);
+    ``torch.mm`` for ``@`` (same kernel, one dispatch fewer)."""
     need_x, need_w, need_b = needs
     scores = reference._abs_column_sums(grad)
     values, top = torch.topk(scores, k + 1)

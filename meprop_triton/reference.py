@@ -117,7 +117,8 @@ def select_topk(scores: Tensor, k: int, *, sort: bool = True) -> Tensor:
         # NaN != NaN, so a NaN in the top k+1 would pass the tie test: the finiteness
         # test on the largest (NaN and inf rank first) sends those to the sort.
         if values[k - 1] != values[k] and math.isfinite(values[0]):
-            return idx[:k].sort().values if sort else idx[:k]
+            idx = idx.narrow(0, 0, k)
+            return idx.sort().values if sort else idx
     scores = torch.nan_to_num(scores, nan=math.inf, posinf=math.inf, neginf=-math.inf)
     order = torch.sort(scores, descending=True, stable=True).indices[:k]
     return order.sort().values if sort else order
