@@ -381,7 +381,7 @@ def _scatter_rows(vals: Tensor, idx: Tensor, x: Tensor, n_rows: int) -> Tensor:
     per row of the weight, as per-example meProp's grad_W)."""
     if reference._masked_gemm_pays(vals.shape[0], vals.shape[1], n_rows):
         return _masked(vals, idx, n_rows).t() @ x
-    units, rows, order = reference._pairs_by_unit(idx)
+    units, rows, order = reference._pairs_by_unit(idx, n_rows)
     offsets = torch.searchsorted(units, torch.arange(n_rows, device=units.device))
     return reference._bag_sums(rows, x, offsets, vals.reshape(-1)[order])
 
@@ -389,7 +389,7 @@ def _scatter_rows(vals: Tensor, idx: Tensor, x: Tensor, n_rows: int) -> Tensor:
 def _sparse_rows(vals: Tensor, idx: Tensor, xs, n_rows: int) -> tuple:
     """:func:`_scatter_rows` of each of ``xs`` as a row-sparse COO tensor holding only the
     rows some step kept (``sparse_grad=True``): no ``(n_rows, in)`` tensor is made."""
-    units, sums = reference.kept_row_sums(idx, vals, xs)
+    units, sums = reference.kept_row_sums(idx, vals, xs, n_rows)
     return tuple(reference.rows_to_sparse(units, s, n_rows) for s in sums)
 
 

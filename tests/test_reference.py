@@ -238,3 +238,56 @@ def test_select_topk_keeps_minus_inf_below_every_finite_score():
     s = torch.tensor([-math.inf, torch.finfo(torch.float32).min, 1.0, math.nan, -math.inf])
     assert reference.select_topk(s, 3).tolist() == [1, 2, 3]
     assert reference.select_topk(s, 4).tolist() == [0, 1, 2, 3]
+
+
+# --- the per-example products' helpers: same numbers as the plain torch calls ----------
+
+
+@pytest.mark.parametrize("n_units", [1, 2, 500, 1 << 15, (1 << 15) + 1, 70_000])
+@pytest.mark.parametrize("n", [0, 1, 4000, 32_767, 32_768, 52_480])
+@pytest.mark.parametrize("route", ["as-is", "torch-only"])
+def test_stable_order_is_a_stable_int64_sort(n, n_units, route, monkeypatch, gen):
+    # numpy's 16-bit radix sort below 32,768 elements, torch's int16 / int32 sort above
+    # (or everywhere, "torch-only"): the permutation of a stable sort of the int64 values
+    if route == "torch-only":
+        monkeypatch.setattr(reference, "_RADIX_SORT_MIN", 0)
+    units = torch.randint(0, n_units, (n,), generator=gen)
+    if n:
+        units[n // 2] = n_units - 1  # the widest value occurs, and equal keys
+        units[0] = n_units - 1
+    order = reference._stable_order(units, n_units)
+    assert order.dtype == torch.int64
+    assert torch.equal(order, torch.sort(units, stable=True).indices)
+
+
+def test_pairs_by_unit_groups_rows_in_order(gen):
+    M, out, k = 50, 500, 80
+    idx = torch.rand(M, out, generator=gen).topk(k, dim=1).indices  # any order within a row
+    units, rows, order = reference._pairs_by_unit(idx, out)
+    expected_units, expected_order = torch.sort(idx.reshape(-1), stable=True)
+    assert torch.equal(units, expected_units)
+    assert torch.equal(order, expected_order)
+    assert torch.equal(rows, expected_order // k)
+    assert torch.equal(idx.reshape(-1)[order], units)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_bag_sums_equal_embedding_bag(dtype, gen):
+    # the table's last row included: a padding_idx of -1 would drop it
+    import torch.nn.functional as F
+
+    table = torch.randn(9, 13, generator=gen).to(dtype)
+    rows2d = torch.randint(0, 9, (6, 4), generator=gen)
+    rows2d[:, 0] = 8
+    weights = torch.randn(6, 4, generator=gen)  # fp32: converted to the table's dtype
+    got = reference._bag_sums(rows2d, table, None, weights)
+    want = F.embedding_bag(rows2d, table, None, mode="sum", per_sample_weights=weights.to(dtype))
+    assert torch.equal(got, want)
+    flat, w = rows2d.reshape(-1), weights.reshape(-1).to(dtype)
+    offsets = torch.tensor([0, 0, 5, 5, 11, 24])  # empty bags, and one at the end
+    got = reference._bag_sums(flat, table, offsets, w)
+    want = F.embedding_bag(flat, table, offsets, mode="sum", per_sample_weights=w)
+    assert torch.equal(got, want)
+    assert torch.equal(got[[0, 2, 5]], torch.zeros(3, 13, dtype=dtype))
+    empty = reference._bag_sums(torch.zeros(0, 4, dtype=torch.long), table, None, torch.zeros(0, 4))
+    assert empty.shape == (0, 13)
