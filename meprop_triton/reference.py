@@ -240,16 +240,23 @@ def _stable_order(units: Tensor, n_units: int) -> Tensor:
     comparison sort (257 us for the 4,000 pairs of an MNIST layer on a 2-core VM), where
     numpy's stable argsort of 16-bit integers is a radix sort (42 us); from there on
     torch radix-sorts integers, in fewer passes for int16 than for int64 (486 against
-    1,663 us for 52,480 pairs). numpy only for plain CPU tensors outside any tracing.
+    1,663 us for 52,480 pairs). numpy only for plain CPU tensors outside any tracing or
+    dispatch mode (``make_fx`` would record its result as a constant, and a
+    ``FlopCounterMode`` would not see it).
     """
-    wide = n_units > 1 << 15
+    narrow = n_units <= 1 << 15
     if (
-        not wide and units.numel() < _RADIX_SORT_MIN and units.device.type == "cpu"
+        narrow and units.numel() < _RADIX_SORT_MIN and units.device.type == "cpu"
         and type(units) is torch.Tensor and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing() and not torch._C._are_functorch_transforms_active()
+        and torch._C._len_torch_dispatch_stack() == 0
     ):
         return torch.from_numpy(np.argsort(units.numpy().astype(np.int16), kind="stable"))
-    return torch.sort(units.to(torch.int32 if wide else torch.int16), stable=True).indices
+    if narrow:
+        units = units.to(torch.int16)
+    elif n_units <= 1 << 31:
+        units = units.to(torch.int32)
+    return torch.sort(units, stable=True).indices
 
 
 def _bag_sums(rows: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
@@ -257,13 +264,10 @@ def _bag_sums(rows: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> 
     (bags start at ``offsets``; an empty bag gives zeros; ``offsets`` None: ``rows`` is
     2-D, one bag per row): one ``embedding_bag`` call, summed in order, so the result is
     deterministic. The op itself, not ``F.embedding_bag``, whose checks cost about 20 us
-    a call."""
+    a call. (Detaching a table that requires grad would save the op's training variant
+    another 10-15 us under no_grad, but would also drop a forward-mode tangent.)"""
     if weights.dtype != table.dtype:
         weights = weights.to(table.dtype)
-    if not torch.is_grad_enabled():
-        # a table that requires grad (a weight, an activation) would take the op's
-        # training variant, which also fills the bag maps a backward would need
-        table = table.detach()
     if offsets is None:
         offsets = torch.arange(0, rows.numel(), rows.shape[1], device=rows.device)
         rows, weights = rows.reshape(-1), weights.reshape(-1)

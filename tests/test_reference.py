@@ -271,7 +271,7 @@ def test_pairs_by_unit_groups_rows_in_order(gen):
     assert torch.equal(idx.reshape(-1)[order], units)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_bag_sums_equal_embedding_bag(dtype, gen):
     # the table's last row included: a padding_idx of -1 would drop it
     import torch.nn.functional as F
@@ -291,3 +291,64 @@ def test_bag_sums_equal_embedding_bag(dtype, gen):
     assert torch.equal(got[[0, 2, 5]], torch.zeros(3, 13, dtype=dtype))
     empty = reference._bag_sums(torch.zeros(0, 4, dtype=torch.long), table, None, torch.zeros(0, 4))
     assert empty.shape == (0, 13)
+
+
+@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
+def test_bag_sums_with_a_table_that_requires_grad(grad_mode, gen):
+    # a weight or an activation as the table: the same numbers, and with grad enabled
+    # the same gradients (the create_graph=True backward records this op)
+    import torch.nn.functional as F
+
+    table = torch.randn(9, 13, generator=gen, requires_grad=True)
+    rows = torch.randint(0, 9, (6, 4), generator=gen)
+    weights = torch.randn(6, 4, generator=gen, requires_grad=True)
+    with torch.set_grad_enabled(grad_mode):
+        got = reference._bag_sums(rows, table, None, weights)
+        want = F.embedding_bag(rows, table, None, mode="sum", per_sample_weights=weights)
+    assert torch.equal(got, want)
+    assert got.requires_grad == grad_mode
+    if grad_mode:
+        up = torch.randn(6, 13, generator=gen)
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(torch.autograd.grad(got, (table, weights), up),
+                            torch.autograd.grad(want, (table, weights), up))
+        )
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_bag_sums_forward_ad_as_embedding_bag(gen):  # (torch's forward-AD code scripts)
+    # a dual table under no_grad: whatever F.embedding_bag does (an error or a tangent),
+    # never a silently dropped tangent
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+
+    table, tangent = torch.randn(9, 13, generator=gen), torch.randn(9, 13, generator=gen)
+    rows = torch.randint(0, 9, (6, 4), generator=gen)
+    weights = torch.randn(6, 4, generator=gen)
+
+    def outcome(fn):
+        with torch.no_grad(), fwAD.dual_level():
+            try:
+                out = fn(fwAD.make_dual(table, tangent))
+            except (NotImplementedError, RuntimeError) as e:
+                return type(e)
+            return fwAD.unpack_dual(out).tangent
+
+    got = outcome(lambda t: reference._bag_sums(rows, t, None, weights))
+    want = outcome(lambda t: F.embedding_bag(rows, t, None, mode="sum", per_sample_weights=weights))
+    if isinstance(want, type):
+        assert got is want
+    else:
+        assert want is not None and got is not None and torch.equal(got, want)
+
+
+def test_pairs_by_unit_traced_by_make_fx_is_not_a_constant(gen):
+    # make_fx in its default (real) mode sees plain CPU tensors: the grouping must be a
+    # recorded op, not numpy's result baked into the graph
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    a, b = (torch.rand(7, 50, generator=gen).topk(5, dim=1).indices for _ in range(2))
+    traced = make_fx(lambda i: reference._pairs_by_unit(i, 50))(a)
+    for got, want in zip(traced(b), reference._pairs_by_unit(b, 50)):
+        assert torch.equal(got, want)
