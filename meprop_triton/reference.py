@@ -381,10 +381,11 @@ def unified_sparse_backward(
 
 
 def kept_row_sums(idx: Tensor, vals: Tensor | None, tables, n_units: int) -> tuple:
-    """For an ``(M, k)`` selection ``idx`` (each row's units distinct, below ``n_units``) with values
-    ``vals``: ``(units, sums)``, the units some row kept (ascending) and, per table ``x``
-    of ``tables``, ``sums[i][u] = sum over (m, j) with idx[m, j] == units[u] of
-    vals[m, j] * x[m]``: the kept rows of a per-row meProp weight gradient, no others."""
+    """For an ``(M, k)`` selection ``idx`` (each row's units distinct, all below
+    ``n_units``) with values ``vals``: ``(units, sums)``, the units some row kept
+    (ascending) and, per table ``x`` of ``tables``, ``sums[i][u] = sum over (m, j) with
+    idx[m, j] == units[u] of vals[m, j] * x[m]``: the kept rows of a per-row meProp
+    weight gradient, no others."""
     pair_units, rows, order = _pairs_by_unit(idx, n_units)
     units = torch.unique_consecutive(pair_units)
     if not tables:
