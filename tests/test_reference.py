@@ -316,7 +316,7 @@ def test_bag_sums_with_a_table_that_requires_grad(grad_mode, gen):
         )
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # Deprecation- or FutureWarning
 def test_bag_sums_forward_ad_as_embedding_bag(gen):  # (torch's forward-AD code scripts)
     # a dual table under no_grad: whatever F.embedding_bag does (an error or a tangent),
     # never a silently dropped tangent
