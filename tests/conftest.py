@@ -9,12 +9,29 @@ reduction length: ``|got - exact| <= c * L * eps * (|A| @ |B|)`` (no absolute to
 from __future__ import annotations
 
 import math
+import os
 from fractions import Fraction
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+
+
+def auto_workers(cpus: int, cuda: bool) -> int:
+    """How many workers ``pytest -n auto`` starts (pytest-xdist): one per CPU, at most 8
+    (each worker's torch also runs a thread per CPU), and at most 4 when a CUDA GPU is
+    present, since every worker then holds a CUDA context on it."""
+    return max(1, min(cpus, 4 if cuda else 8))
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: without it, never called
+def pytest_xdist_auto_num_workers(config):
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return auto_workers(cpus, torch.cuda.is_available())
 
 
 def expected_k_units(k, out_features: int) -> int:
