@@ -197,15 +197,21 @@ EOF
 note environment "written to gpu-env.json / gpu-env.txt"
 
 # --- 3. the CUDA tests (tests/kernels runs on CUDA tensors when a GPU is present) -----------
+# With pytest-xdist installed, the files run in parallel workers (-n auto: at most 4 beside
+# a GPU, tests/conftest.py), so more kernels are compiled and checked within the cap.
+XDIST=()
+if "$PY" -c 'import xdist' 2>/dev/null; then
+    XDIST=(-n auto --dist loadfile)
+fi
 if [ "$DRY" = 1 ]; then
     run_step tests 20 "$TESTS_S" env TRITON_INTERPRET=1 "$PY" -m pytest -x -q -p no:cacheprovider \
-        -m "not aot" tests/kernels/test_cuda_graph.py tests/kernels/test_triton_ops.py \
+        ${XDIST[@]+"${XDIST[@]}"} -m "not aot" tests/kernels/test_cuda_graph.py tests/kernels/test_triton_ops.py \
         tests/kernels/test_eager_route.py
 else
     # the CUDA-graph, op and eager-route tests first, so that a cut-off run has checked
     # them; host_glue.py's test runs on CPU tensors whatever the machine: left out here
     run_step tests 30 "$TESTS_S" "$PY" -m pytest -x -q -p no:cacheprovider -m "not aot" \
-        --ignore=tests/kernels/test_host_glue.py \
+        ${XDIST[@]+"${XDIST[@]}"} --ignore=tests/kernels/test_host_glue.py \
         tests/kernels/test_cuda_graph.py tests/kernels/test_triton_ops.py \
         tests/kernels/test_eager_route.py tests/kernels/test_functional_triton.py tests/kernels
 fi
