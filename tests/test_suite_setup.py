@@ -28,7 +28,7 @@ def test_auto_workers(cpus, cuda, workers):
     assert _conftest().auto_workers(cpus, cuda) == workers
 
 
-def test_auto_worker_hook_counts_this_machine(monkeypatch):
+def test_auto_worker_hook_reads_the_cpu_affinity_and_the_gpu(monkeypatch):
     mod = _conftest()
     monkeypatch.setattr(mod.os, "sched_getaffinity", lambda pid: set(range(3)), raising=False)
     monkeypatch.setattr(mod.torch.cuda, "is_available", lambda: False)
