@@ -279,7 +279,7 @@ def convert(
             replacement[id(child)] = _swapped(child, kind, k, options)
             summary.converted[name] = type(child).__name__
     result = model
-    for name, parent, attr, child, _ in swaps:
+    for _, parent, attr, child, _ in swaps:
         if parent is None:
             result = replacement[id(child)]
         else:

@@ -89,8 +89,8 @@ def main(argv=None) -> None:
 
     base = rows[0][2]
     print()
-    print(f"| method | backward time (s) | speedup | test accuracy (%) | total (s) |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| method | backward time (s) | speedup | test accuracy (%) | total (s) |")
+    print("|---|---:|---:|---:|---:|")
     for name, acc, bwd, total in rows:
         print(f"| {name} | {bwd:.2f} | {base / bwd:.2f}x | {acc * 100:.2f} | {total:.1f} |")
 

@@ -5,7 +5,6 @@ The forward pass is always the ordinary ``F.linear``; only the backward changes.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 import os

@@ -443,7 +443,7 @@ class MePropLSTM(nn.LSTM):
             )
         unbatched = input.dim() == 2
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
-        T, B = x.shape[0], x.shape[1]
+        B = x.shape[1]
         dirs = 2 if self.bidirectional else 1
         L, H = self.num_layers, self.hidden_size
         if hx is None:

@@ -159,7 +159,7 @@ def _forward_keeping_gates(x, h0, c0, params, dirs: int, has_bias: bool):
     the activated gates ``(T, B, 4, H)``, the cell states and their tanh (in the
     direction's time order). ``x``: ``(T, B, in)``, or a PackedSequence's data whose
     sequences are all as long (then ``(T * B, in)``, and so is the output)."""
-    B, H = h0.shape[1], h0.shape[2]
+    B = h0.shape[1]
     packed = x.dim() == 2
     xs = x.view(-1, B, x.shape[1]) if packed else x
     per = len(params) // dirs

@@ -238,7 +238,7 @@ class Simplifier:
             for attr in ("weight", "bias"):
                 if getattr(module, attr, None) is not None:
                     plan.append((module, attr, getattr(module, attr), keep.to(getattr(module, attr).device), None))
-        for _, _, param, r, c in plan:
+        for _, _, param, _, _ in plan:
             self._check_state(param)
 
         before = self.dims()

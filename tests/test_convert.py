@@ -11,7 +11,7 @@ from torch import nn
 import json
 import warnings
 
-from meprop_triton import ConversionReport, MePropLinear, MePropLSTM, apply_settings, convert, meprop_settings
+from meprop_triton import ConversionReport, MePropLinear, apply_settings, convert, meprop_settings
 
 
 class Net(nn.Module):

@@ -112,7 +112,7 @@ def test_other_modes_on_triton_match_torch(mode, op, dtype, rng, device, monkeyp
     calls = []
     real = getattr(triton_ops, op)
     monkeypatch.setattr(triton_ops, op, lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    M, in_f, out_f = 9, 24, 70
+    in_f, out_f = 24, 70
     x = torch.randn(3, 3, in_f, generator=rng).to(device, dtype)
     w = (torch.randn(out_f, in_f, generator=rng) / in_f**0.5).to(device, dtype)
     b = torch.randn(out_f, generator=rng).to(device, dtype)
