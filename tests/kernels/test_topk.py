@@ -243,10 +243,24 @@ def _grad_with(kind: str, M: int, n: int, dtype, rng, device) -> torch.Tensor:
 
 
 # the interpreter runs the kernels in numpy, which warns on inf - inf (NaN, as on a GPU)
+FROM_PARTS_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FROM_PARTS_KINDS = ["random", "ties", "nonfinite", "zeros"]
+
+
+def _from_parts_cases():
+    """Every kind in every dtype up to 70 x 130; at 200 x 4096 (the wide selection's
+    several chunks, about 15 s a case in the interpreter) each kind once, the dtypes in
+    turn: G's dtype reaches the selection only through the fp32 scores, and its bias
+    bits are checked in every dtype at the smaller shapes."""
+    names = list(FROM_PARTS_DTYPES)
+    for M, n in [(1, 1), (5, 7), (70, 130), (200, 4096)]:
+        for j, kind in enumerate(FROM_PARTS_KINDS):
+            for name in names if n < 4096 else [names[j % len(names)]]:
+                yield pytest.param(M, n, kind, FROM_PARTS_DTYPES[name], id=f"{M}-{n}-{kind}-{name}")
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("kind", ["random", "ties", "nonfinite", "zeros"])
-@pytest.mark.parametrize("M,n", [(1, 1), (5, 7), (70, 130), (200, 4096)], ids=lambda v: str(v))
+@pytest.mark.parametrize("M,n,kind,dtype", list(_from_parts_cases()))
 def test_from_parts_equals_finish_then_topk(M, n, kind, dtype, rng, device):
     """``topk_from_parts`` over ``column_score_parts`` gives, bit for bit, the indices,
     complement and bias of ``column_scores_and_bias`` (its finish kernel) followed by
