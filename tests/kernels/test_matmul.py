@@ -24,7 +24,8 @@ pytestmark = pytest.mark.interpreter
 # (M, out, in): every combination of M in {1, 7, 37}, out in {1, 5, 130, 1000} and
 # in in {3, 64, 129}, plus one shape with several tiles in every direction of the test
 # config.
-SHAPES = [(m, o, i) for m in (1, 7, 37) for o in (1, 5, 130, 1000) for i in (3, 64, 129)] + [(70, 300, 130)]
+MS, OUTS, INS = (1, 7, 37), (1, 5, 130, 1000), (3, 64, 129)
+SHAPES = [(m, o, i) for m in MS for o in OUTS for i in INS] + [(70, 300, 130)]
 
 
 def _cases():
@@ -34,7 +35,7 @@ def _cases():
     interpreter skips: checked on a GPU): every shape runs on a CPU, and every dtype
     meets every M and every in."""
     for m, o, i in SHAPES:
-        j = (1, 7, 37).index(m) + (3, 64, 129).index(i) if o == 1000 else 0
+        j = MS.index(m) + INS.index(i) if o == 1000 else 0
         for d, dtype in enumerate(DTYPES):
             if o != 1000 or (dtype != torch.bfloat16 and j % 2 == d) or (dtype == torch.bfloat16 and j % 3 == 2):
                 yield pytest.param(m, o, i, dtype, id=f"M{m}_out{o}_in{i}-{DTYPE_IDS[d]}")

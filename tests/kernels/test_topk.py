@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernel_checks import poisoned
+from kernel_checks import DTYPE_IDS, DTYPES, poisoned
 from meprop_triton import reference
 
 pytestmark = pytest.mark.interpreter
@@ -242,8 +242,6 @@ def _grad_with(kind: str, M: int, n: int, dtype, rng, device) -> torch.Tensor:
     return G.to(dtype).to(device)
 
 
-# the interpreter runs the kernels in numpy, which warns on inf - inf (NaN, as on a GPU)
-FROM_PARTS_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FROM_PARTS_KINDS = ["random", "ties", "nonfinite", "zeros"]
 
 
@@ -252,13 +250,13 @@ def _from_parts_cases():
     several chunks, about 15 s a case in the interpreter) each kind once, the dtypes in
     turn: G's dtype reaches the selection only through the fp32 scores, and its bias
     bits are checked in every dtype at the smaller shapes."""
-    names = list(FROM_PARTS_DTYPES)
     for M, n in [(1, 1), (5, 7), (70, 130), (200, 4096)]:
         for j, kind in enumerate(FROM_PARTS_KINDS):
-            for name in names if n < 4096 else [names[j % len(names)]]:
-                yield pytest.param(M, n, kind, FROM_PARTS_DTYPES[name], id=f"{M}-{n}-{kind}-{name}")
+            for d in range(len(DTYPES)) if n < 4096 else [j % len(DTYPES)]:
+                yield pytest.param(M, n, kind, DTYPES[d], id=f"{M}-{n}-{kind}-{DTYPE_IDS[d]}")
 
 
+# the interpreter runs the kernels in numpy, which warns on inf - inf (NaN, as on a GPU)
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("M,n,kind,dtype", list(_from_parts_cases()))
 def test_from_parts_equals_finish_then_topk(M, n, kind, dtype, rng, device):
