@@ -112,3 +112,35 @@ def test_ci_removes_the_work_folders_of_killed_runs_only(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_distribution_named_kernels_is_not_shadowed_by_the_checkouts_folder(tmp_path):
+    """With the checkout's root first on sys.path (``python -m pytest`` there), ``import
+    kernels`` finds the checkout's kernels/ folder; conftest's helper puts an installed
+    distribution named ``kernels`` (transformers 5.25 installs one) in sys.modules instead."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("CUDAProperties = 'the installed kernels'\n")
+    info = site / "kernels-0.19.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
+    script = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        f"assert spec.origin == {str(HERE.parent / 'kernels' / '__init__.py')!r}, spec.origin  # the hazard\n"
+        f"spec = importlib.util.spec_from_file_location('_conftest', {str(HERE / 'conftest.py')!r})\n"
+        "conftest = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(conftest)\n"
+        "import kernels\n"
+        "from kernels import CUDAProperties\n"
+        "assert CUDAProperties == 'the installed kernels', kernels.__file__\n"
+        "assert importlib.util.find_spec('kernels').origin == kernels.__file__\n"
+        "print('ok', kernels.__file__)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(site))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok " + str(site))
