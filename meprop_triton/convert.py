@@ -11,6 +11,7 @@ and redo the conversion on a freshly loaded (dense) copy.
 from __future__ import annotations
 
 import fnmatch
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -124,6 +125,14 @@ def _swapped(module: nn.Module, kind: str, k, options: dict) -> nn.Module:
     if kind == "conv1d":
         return MePropConv1D.from_conv1d(module, k=k, **options)
     return MePropLinear.from_linear(module, k=k, **options)
+
+
+def _swapped_named(what: str, module: nn.Module, kind: str, k, options: dict) -> nn.Module:
+    """``_swapped``, with a refusal's message naming the layer (``what``)."""
+    try:
+        return _swapped(module, kind, k, options)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise type(e)(f"{what}: {e}") from None
 
 
 def _places(model: nn.Module):
@@ -276,7 +285,7 @@ def convert(
     replacement: dict[int, nn.Module] = {}
     for name, _, _, child, kind in swaps:
         if id(child) not in replacement:
-            replacement[id(child)] = _swapped(child, kind, k, options)
+            replacement[id(child)] = _swapped_named(f"cannot convert {name or 'the model'}", child, kind, k, options)
             summary.converted[name] = type(child).__name__
     result = model
     for _, parent, attr, child, _ in swaps:
@@ -303,6 +312,12 @@ def convert(
 _TYPES = {"MePropLinear": "linear", "MePropConv1D": "conv1d", "MePropLSTM": "lstm"}
 
 
+def _plain(k):
+    """k as a Python int or float, which ``json`` writes (a numpy int or a Fraction it
+    does not); the float is what the layer resolves a fractional k from anyway."""
+    return int(k) if isinstance(k, numbers.Integral) else float(k)
+
+
 def meprop_settings(model: nn.Module) -> dict[str, dict]:
     """The meProp layers of ``model`` and their settings, as a JSON-ready dict.
 
@@ -319,10 +334,14 @@ def meprop_settings(model: nn.Module) -> dict[str, dict]:
     for name, module in model.named_modules():
         t = type(module)
         if t in (MePropLinear, MePropConv1D):
-            out[name] = {"type": t.__name__, **{o: getattr(module, o) for o in ("k", *_OPTIONS)}}
+            out[name] = {"type": t.__name__, "k": _plain(module.k), **{o: getattr(module, o) for o in _OPTIONS}}
         elif t is MePropLSTM:
-            out[name] = {"type": t.__name__, "k": module.k, **{o: getattr(module, o) for o in _LSTM_OPTIONS}}
+            out[name] = {"type": t.__name__, "k": _plain(module.k), **{o: getattr(module, o) for o in _LSTM_OPTIONS}}
     return out
+
+
+def _typed(setting: Mapping) -> dict:
+    return {o: (isinstance(v, numbers.Integral), v) for o, v in setting.items()}
 
 
 def apply_settings(model: nn.Module, settings: Mapping[str, Mapping]) -> nn.Module:
@@ -343,7 +362,7 @@ def apply_settings(model: nn.Module, settings: Mapping[str, Mapping]) -> nn.Modu
     for name, entry in settings.items():
         if not isinstance(name, str) or not isinstance(entry, Mapping):
             raise TypeError(f"settings must map module names to dicts; got {name!r}: {entry!r}")
-        kind = _TYPES.get(entry.get("type"))
+        kind = _TYPES.get(entry.get("type")) if isinstance(entry.get("type"), str) else None
         if kind is None:
             raise ValueError(f"settings[{name!r}]['type'] must be one of {', '.join(_TYPES)}; got {entry.get('type')!r}")
         allowed = {"type", "k", *(_LSTM_OPTIONS if kind == "lstm" else _OPTIONS)}
@@ -367,15 +386,26 @@ def apply_settings(model: nn.Module, settings: Mapping[str, Mapping]) -> nn.Modu
                 f"settings[{name!r}] record a {entry['type']}, but this model's {name!r} is a "
                 f"{type(module).__name__}, which cannot become one"
             )
-        plan.append((name, module, kind, entry["k"], options))
+        setting = {"k": entry["k"], **options}
+        for other, other_module, _, other_setting in plan:
+            if other_module is module and _typed(other_setting) != _typed(setting):  # k=1 is not k=1.0
+                raise ValueError(
+                    f"settings[{other!r}] and settings[{name!r}] name one shared layer with different "
+                    f"settings ({other_setting} and {setting}); give it one entry"
+                )
+        plan.append((name, module, kind, setting))
+    # Build every new layer first (from_linear / from_lstm may still refuse a layer, e.g. a
+    # pruned weight or an LSTM with proj_size), then swap: a refused call changes nothing.
+    new_for: dict[int, nn.Module] = {}
+    for name, module, kind, setting in plan:
+        if id(module) not in new_for:
+            options = {o: v for o, v in setting.items() if o != "k"}
+            new_for[id(module)] = _swapped_named(f"settings[{name!r}]", module, kind, setting["k"], options)
     # Every place each layer sits in (a shared layer is swapped everywhere, and stays shared).
-    places = _places(model)
     result = model
-    for name, module, kind, k, options in plan:
-        new = _swapped(module, kind, k, options)
-        if name == "":
-            result = new
-        for _, parent, attr, child in places:
-            if child is module:
-                setattr(parent, attr, new)
+    for _, parent, attr, child in _places(model):
+        if id(child) in new_for:
+            setattr(parent, attr, new_for[id(child)])
+    if id(model) in new_for:
+        result = new_for[id(model)]
     return result

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
-
-import pytest
-import torch
-from torch import nn
-
+import fractions
 import json
 import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.utils.prune
+from torch import nn
 
 from meprop_triton import ConversionReport, MePropLinear, apply_settings, convert, meprop_settings
 
@@ -367,3 +369,56 @@ def test_apply_settings_refuses_bad_entries_and_changes_nothing(settings, error,
     with pytest.raises(error, match=match):
         apply_settings(model, bad)
     assert all(type(m) is not MePropLinear for m in model.modules())
+
+
+@pytest.mark.parametrize("late", ["pruned", "proj_size"])
+def test_apply_settings_refused_while_building_a_layer_changes_nothing(late):
+    """Entries that pass the checks but whose layer cannot be wrapped (a pruned weight is
+    computed, an LSTM with proj_size): the earlier entries must not be swapped in already."""
+    model = nn.ModuleDict({"a": nn.Linear(4, 6), "b": nn.Linear(6, 3), "rnn": nn.LSTM(4, 6, proj_size=2)})
+    torch.nn.utils.prune.l1_unstructured(model["b"], "weight", amount=0.5)
+    before = dict(model.named_children())
+    settings = {"a": {"type": "MePropLinear", "k": 2}}
+    if late == "pruned":
+        settings["b"] = {"type": "MePropLinear", "k": 1}
+        error, match = TypeError, r"settings\['b'\]: from_linear needs a layer whose weight is a Parameter"
+    else:
+        settings["rnn"] = {"type": "MePropLSTM", "k": 2}
+        error, match = NotImplementedError, r"settings\['rnn'\]: MePropLSTM does not support proj_size"
+    with pytest.raises(error, match=match):
+        apply_settings(model, settings)
+    assert dict(model.named_children()) == before
+
+
+def test_apply_settings_refuses_two_settings_for_one_shared_layer():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    with pytest.raises(ValueError, match=r"settings\['0'\] and settings\['2'\] name one shared layer"):
+        apply_settings(model, {"0": {"type": "MePropLinear", "k": 1}, "2": {"type": "MePropLinear", "k": 1.0}})
+    assert type(model[0]) is nn.Linear
+    # the same settings under both names are one conversion
+    apply_settings(model, {"0": {"type": "MePropLinear", "k": 2}, "2": {"type": "MePropLinear", "k": 2}})
+    assert type(model[0]) is MePropLinear and model[0] is model[2] and model[0].k == 2
+
+
+@pytest.mark.parametrize("bad_type", [["MePropLinear"], None, 3])
+def test_apply_settings_names_a_type_that_is_not_a_string(bad_type):
+    with pytest.raises(ValueError, match=r"settings\['0'\]\['type'\] must be one of MePropLinear"):
+        apply_settings(nn.Sequential(nn.Linear(4, 4)), {"0": {"type": bad_type, "k": 2}})
+
+
+@pytest.mark.parametrize("k", [np.int64(2), fractions.Fraction(1, 2), np.float32(0.5)], ids=["np.int64", "Fraction", "np.float32"])
+def test_settings_are_json_ready_whatever_number_type_k_was_given_as(k):
+    model = convert(nn.Sequential(nn.Linear(4, 6), nn.LSTM(6, 4)), k=k, lstm=True)
+    settings = json.loads(json.dumps(meprop_settings(model)))
+    assert settings["0"]["k"] == settings["1"]["k"] == (2 if isinstance(k, np.integer) else 0.5)
+    fresh = nn.Sequential(nn.Linear(4, 6), nn.LSTM(6, 4))
+    apply_settings(fresh, settings)
+    assert fresh[0].k == settings["0"]["k"] and fresh[1].k == settings["1"]["k"]
+
+
+def test_convert_names_the_layer_it_cannot_convert():
+    model = nn.ModuleDict({"a": nn.Linear(4, 6), "rnn": nn.LSTM(4, 6, proj_size=2)})
+    with pytest.raises(NotImplementedError, match=r"cannot convert rnn: MePropLSTM does not support proj_size"):
+        convert(model, k=2, lstm=True)
+    assert type(model["a"]) is nn.Linear
