@@ -111,3 +111,13 @@ def check_linear_args(input, weight, bias) -> None:
         raise ValueError(
             f"input, weight and bias must be on one device; got {sorted(map(str, devices))}"
         )
+
+
+def check_strided(input, weight, bias, what: str = "meProp's backward") -> None:
+    """Refuse sparse (or other non-strided) tensors where ``what`` needs dense ones."""
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is not None and t.layout != torch.strided:
+            raise TypeError(
+                f"{what} needs dense (strided) tensors; {name} has layout {t.layout}: pass "
+                f"{name}.to_dense()" + (", or run the forward under torch.no_grad()" if what == "meProp's backward" else "")
+            )

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
-from ._validation import check_k, check_options, resolve_k
+from ._validation import check_k, check_options, check_strided, resolve_k
 from .functional import _any_autocast, resolve_backend
 from .nn import _HOOK_DICTS, _MePropSettings
 
@@ -101,6 +101,7 @@ def _check_args(x, weight, bias) -> None:
     for name, t in (("input", x), ("weight", weight), ("bias", bias)):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"meProp needs floating-point tensors; {name} has dtype {t.dtype}")
+    check_strided(x, weight, bias, "MePropConv1D")  # as Conv1D, whose x.view cannot take them
     if weight.dim() != 2:
         raise ValueError(f"a Conv1D weight must be 2-D (in, out); got shape {tuple(weight.shape)}")
     n_in, n_out = weight.shape

@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - a torch build without torch.distribute
     _DDP = None
 
 from . import reference
-from ._validation import check_linear_args, check_options, resolve_k
+from ._validation import check_linear_args, check_options, check_strided, resolve_k
 
 __all__ = ["meprop_linear", "MePropFunction", "apply_meprop", "resolve_backend", "triton_interpreter_enabled"]
 
@@ -631,6 +631,7 @@ def meprop_linear(
         t is not None and t.requires_grad for t in (input, weight, bias)
     ):
         return F.linear(input, weight, bias)
+    check_strided(input, weight, bias)  # F.linear takes a sparse input; the backward could not
     args = (input, weight, bias, k_units, resolved, unified, selection, sparse_grad, generator, counts)
     if dtype is None:
         return apply_meprop(*args)

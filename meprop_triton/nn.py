@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from ._validation import check_k, check_linear_args, check_options, resolve_k
 from .functional import _DDP, _any_autocast, _refuse_sparse_under_ddp, apply_meprop, meprop_linear, resolve_backend
 
+_STRIDED = torch.strided
+
 __all__ = ["MePropLinear", "MePropLSTM", "SelectionStats"]
 
 
@@ -276,6 +278,8 @@ class MePropLinear(_MePropSettings, nn.Linear):
                 out_features = weight.shape[0]
                 if bias is not None and bias.shape[0] != out_features:
                     return self._checked_forward(input)  # a broadcastable bias F.linear would take
+                if input.layout is not _STRIDED:
+                    return self._checked_forward(input)  # a sparse input: refused there, with the reason
                 k_for = self._k_for
                 if k_for[0] != out_features:
                     k_for = self.__dict__["_k_for"] = (out_features, resolve_k(self._k, out_features))

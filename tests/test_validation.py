@@ -368,3 +368,47 @@ def test_checks_hold_without_grad_too():
 def test_meta_device_layer_runs():
     layer = MePropLinear(4, 3, k=1, device="meta")
     assert layer(torch.ones(2, 4, device="meta")).shape == (2, 3)
+
+
+# ------------------------------------------------------------- sparse inputs
+
+_SPARSE_INPUTS = [
+    pytest.param(lambda x: x.to_sparse(), "torch.sparse_coo", id="coo"),
+    pytest.param(lambda x: x.to_sparse_csr(), "torch.sparse_csr", id="csr"),
+]
+
+
+_CSR_BETA = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state:UserWarning")
+
+
+@_CSR_BETA
+@pytest.mark.parametrize("opts", [{}, {"unified": False}, {"unified": False, "sparse_grad": True},
+                                  {"selection": "random"}], ids=["unified", "per-example", "sparse_grad", "random"])
+@pytest.mark.parametrize("make,layout", _SPARSE_INPUTS)
+def test_sparse_input_is_refused_at_call_time_when_a_backward_would_follow(make, layout, opts):
+    """F.linear takes a sparse input, so the forward would pass and the backward crash,
+    after the layers behind it had written their gradients. It is refused at the call;
+    under no_grad (no backward) the layer still computes what nn.Linear does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MePropLinear(4, 5, k=2, **opts), nn.ReLU(), nn.Linear(5, 3))
+    x = make(torch.randn(6, 4))
+    before = snapshot(model)
+    msg = rf"meProp's backward needs dense \(strided\) tensors; input has layout {layout}: pass input\.to_dense\(\)"
+    with pytest.raises(TypeError, match=msg):
+        model(x)
+    with pytest.raises(TypeError, match=msg):
+        meprop_linear(x, model[0].weight, model[0].bias, k=2, **opts)
+    assert_unchanged(model, before)
+    with torch.no_grad():
+        assert torch.equal(model[0](x), nn.functional.linear(x, model[0].weight, model[0].bias))
+
+
+@_CSR_BETA
+@pytest.mark.parametrize("make,layout", _SPARSE_INPUTS)
+def test_sparse_input_to_conv1d_is_refused_with_its_layout(make, layout):
+    from meprop_triton import MePropConv1D
+
+    layer = MePropConv1D(5, 4, k=2)
+    for ctx in (torch.enable_grad(), torch.no_grad()):  # Conv1D's own x.view takes neither
+        with ctx, pytest.raises(TypeError, match=rf"MePropConv1D needs dense \(strided\) tensors; input has layout {layout}"):
+            layer(make(torch.randn(6, 4)))
