@@ -15,12 +15,13 @@ SELECTIONS = ("topk", "random")
 BACKENDS = ("auto", "torch", "triton")
 
 
-def check_k(k) -> None:
-    """Check that ``k`` is an int >= 1 or a float in (0, 1]; raise otherwise."""
+def check_k(k, of: str = "out_features") -> None:
+    """Check that ``k`` is an int >= 1 or a float in (0, 1] (a fraction of ``of``, the
+    layer's units: out_features, nf, hidden_size); raise otherwise."""
     if isinstance(k, bool) or not isinstance(k, numbers.Real):
         raise TypeError(
             f"k must be an int >= 1 (a number of output units) or a float in (0, 1] "
-            f"(a fraction of out_features); got {k!r} of type {type(k).__name__}"
+            f"(a fraction of {of}); got {k!r} of type {type(k).__name__}"
         )
     if isinstance(k, numbers.Integral):
         if k < 1:
@@ -31,7 +32,7 @@ def check_k(k) -> None:
     k = float(k)
     if not math.isfinite(k) or not 0.0 < k <= 1.0:
         raise ValueError(
-            f"a float k is a fraction of out_features and must lie in (0, 1]; got {k!r} "
+            f"a float k is a fraction of {of} and must lie in (0, 1]; got {k!r} "
             f"(pass an int for a number of units)"
         )
 

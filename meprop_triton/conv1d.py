@@ -335,7 +335,7 @@ def meprop_conv1d(
     check_options(unified=unified, selection=selection, backend=backend)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
-    check_k(k)
+    check_k(k, "nf")
     _check_args(input, weight, bias)
     dtype = _any_autocast_dtype(input.device.type)
     if dtype is not None:  # autocast's cast, done here, differentiably (fp64 left alone)
@@ -404,7 +404,7 @@ class MePropConv1D(_MePropSettings, nn.Module):
         for name, v in (("nf", nf), ("nx", nx)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {v!r}")
-        check_k(k)
+        check_k(k, "nf")
         check_options(unified=unified, selection=selection, sparse_grad=sparse_grad, backend=backend,
                       track_selection=track_selection)
         _refuse_sparse(sparse_grad)
@@ -422,6 +422,8 @@ class MePropConv1D(_MePropSettings, nn.Module):
 
     # Settings, checked when set (a refused value keeps the old one): k, unified,
     # selection, backend, track_selection and its counters come from _MePropSettings.
+    _units_name = "nf"
+
     def _n_units(self) -> int:
         return self.nf
 

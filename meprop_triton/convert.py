@@ -373,7 +373,7 @@ def apply_settings(model: nn.Module, settings: Mapping[str, Mapping]) -> nn.Modu
                 + (f"got unexpected {', '.join(sorted(extra))}" if extra else "'k' is missing")
             )
         options = {o: v for o, v in entry.items() if o not in ("type", "k")}
-        check_k(entry["k"])
+        check_k(entry["k"], {"linear": "out_features", "conv1d": "nf", "lstm": "hidden_size"}[kind])
         check_options(**options)
         if kind == "conv1d" and options.get("sparse_grad"):
             raise ValueError(f"settings[{name!r}]: sparse_grad=True is not supported for Conv1D layers")

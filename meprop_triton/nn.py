@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -9,8 +10,8 @@ from torch import Tensor, nn
 
 import torch.nn.functional as F
 
-from ._validation import check_k, check_linear_args, check_options, resolve_k
-from .functional import _DDP, _any_autocast, _refuse_sparse_under_ddp, apply_meprop, meprop_linear, resolve_backend
+from ._validation import check_k, check_linear_args, check_options, check_strided, resolve_k
+from .functional import _DDP, _any_autocast, _autocast_dtype, _refuse_sparse_under_ddp, apply_meprop, meprop_linear, resolve_backend
 
 _STRIDED = torch.strided
 
@@ -72,6 +73,8 @@ class _MePropSettings:
     them before ``nn.Module.__getattr__`` is tried and ``nn.Module.__setattr__`` hands an
     assignment (not a Parameter, Module or buffer) on to their setters."""
 
+    _units_name = "out_features"  # what a fractional k is a fraction of, for messages
+
     def _n_units(self) -> int:  # pragma: no cover - every subclass gives its own
         raise NotImplementedError
 
@@ -82,7 +85,7 @@ class _MePropSettings:
 
     @k.setter
     def k(self, value) -> None:
-        check_k(value)
+        check_k(value, self._units_name)
         self.__dict__["_k"] = value
         self.__dict__["_k_for"] = (-1, -1)  # (output units, units kept): resolved at forward
 
@@ -349,6 +352,34 @@ class MePropLinear(_MePropSettings, nn.Linear):
         return s
 
 
+def _state_pair(hx) -> tuple[Tensor, Tensor]:
+    if not (isinstance(hx, (tuple, list)) and len(hx) == 2 and all(isinstance(t, Tensor) for t in hx)):
+        got = f"a tensor of shape {tuple(hx.shape)}" if isinstance(hx, Tensor) else repr(hx)[:80]
+        raise TypeError(f"hx must be a tuple (h0, c0) of two tensors, as for nn.LSTM; got {got}")
+    return hx[0], hx[1]
+
+
+def _check_lstm_tensors(x: Tensor, h0: Tensor, c0: Tensor, weights) -> None:
+    """The dtype, device and layout checks ``nn.LSTM`` makes, naming the bad value."""
+    check_strided(x, None, None, "MePropLSTM")
+    if not x.is_floating_point():
+        raise TypeError(f"MePropLSTM needs a floating-point input; got dtype {x.dtype}")
+    w = weights[0]
+    if x.dtype != w.dtype:
+        raise TypeError(
+            f"input has dtype {x.dtype} but this MePropLSTM's parameters are {w.dtype}: cast the input "
+            f"or the layer (.to({x.dtype})), as nn.LSTM needs"
+        )
+    if h0.dtype != x.dtype or c0.dtype != x.dtype:
+        raise TypeError(f"h0 and c0 must have the input's dtype {x.dtype}; got {h0.dtype} and {c0.dtype}")
+    devices = {t.device for t in (x, h0, c0, w)}
+    if len(devices) > 1:
+        raise ValueError(
+            f"input, (h0, c0) and the parameters must be on one device; got input on '{x.device}', "
+            f"h0 on '{h0.device}', c0 on '{c0.device}', parameters on '{w.device}'"
+        )
+
+
 class MePropLSTM(nn.LSTM):
     """``nn.LSTM`` with a meProp backward (DESIGN section 1, "LSTM").
 
@@ -378,9 +409,10 @@ class MePropLSTM(nn.LSTM):
 
     def __init__(self, *args, k, unified: bool = True, selection: str = "topk", sparse_grad: bool = False,
                  **kwargs) -> None:
-        if kwargs.get("proj_size", 0):
-            raise NotImplementedError("MePropLSTM does not support proj_size > 0 yet; use proj_size=0")
-        check_k(k)
+        proj_size = kwargs.get("proj_size", args[7] if len(args) > 7 else 0)
+        if isinstance(proj_size, int) and proj_size > 0:  # nn.LSTM itself refuses a negative one
+            raise NotImplementedError(f"MePropLSTM does not support proj_size > 0 yet; got proj_size={proj_size}, use 0")
+        check_k(k, "hidden_size")
         check_options(unified=unified, selection=selection, sparse_grad=sparse_grad)
         super().__init__(*args, **kwargs)
         self.k = k
@@ -395,7 +427,7 @@ class MePropLSTM(nn.LSTM):
 
     @k.setter
     def k(self, value) -> None:
-        check_k(value)
+        check_k(value, "hidden_size")
         self.__dict__["_k"] = value
 
     unified = _checked_setting("unified", "True: one set per gate and step for the batch; False: per sequence")
@@ -431,8 +463,6 @@ class MePropLSTM(nn.LSTM):
         return new
 
     def forward(self, input, hx=None):
-        from .recurrent import lstm_layer
-
         if self._sparse_grad:
             self._refuse_sparse_under_ddp()
         if isinstance(input, nn.utils.rnn.PackedSequence):
@@ -447,6 +477,8 @@ class MePropLSTM(nn.LSTM):
             )
         unbatched = input.dim() == 2
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+        if x.shape[0] == 0:  # nn.LSTM refuses it too; the step-by-step path would fail in backward
+            raise ValueError(f"MePropLSTM needs a sequence of at least one step; got input of shape {tuple(input.shape)}")
         B = x.shape[1]
         dirs = 2 if self.bidirectional else 1
         L, H = self.num_layers, self.hidden_size
@@ -454,7 +486,7 @@ class MePropLSTM(nn.LSTM):
             h0 = x.new_zeros(L * dirs, B, H)
             c0 = x.new_zeros(L * dirs, B, H)
         else:
-            h0, c0 = hx
+            h0, c0 = _state_pair(hx)
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
             if tuple(h0.shape) != (L * dirs, B, H) or tuple(c0.shape) != (L * dirs, B, H):
@@ -463,36 +495,52 @@ class MePropLSTM(nn.LSTM):
                     f"{' (unbatched: ' + str((L * dirs, H)) + ')' if unbatched else ''}; got "
                     f"{tuple(hx[0].shape)} and {tuple(hx[1].shape)}"
                 )
-        k = resolve_k(self._k, H)
-        h_n, c_n = [], []
-        layer_in = x
-        weights = self._flat_weights
-        per = len(weights) // (L * dirs)
-        for layer in range(L):
-            s = slice(layer * dirs, (layer + 1) * dirs)
-            out, h, c = lstm_layer(
-                layer_in, h0[s], c0[s], weights[layer * dirs * per:(layer + 1) * dirs * per],
-                k=k, bidirectional=dirs == 2, unified=self._unified, selection=self._selection,
-                sparse_grad=self._sparse_grad,
-            )
-            h_n.append(h)
-            c_n.append(c)
-            layer_in = out
-            if self.dropout and self.training and layer < L - 1:
-                layer_in = F.dropout(layer_in, self.dropout, training=True)
-        output = layer_in
-        h_n, c_n = torch.cat(h_n), torch.cat(c_n)
+        output, h_n, c_n = self._layers(x, h0, c0)
         if unbatched:
             return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         if self.batch_first:
             output = output.transpose(0, 1)
         return output, (h_n, c_n)
 
+    def _layers(self, x, h0, c0, batch_sizes=None):
+        """Every layer over ``x`` (``(T, B, in)``, or a PackedSequence's data with its
+        ``batch_sizes``): ``(output, h_n, c_n)``. Under autocast the tensors are cast as
+        autocast casts ``nn.LSTM``'s (to its dtype; float64 left alone), and the layers
+        run in that dtype."""
+        from .recurrent import lstm_layer
+
+        weights = self._flat_weights
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
+            def cast(t):
+                return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+            x, h0, c0, weights = cast(x), cast(h0), cast(c0), [cast(w) for w in weights]
+        _check_lstm_tensors(x, h0, c0, weights)
+        dirs = 2 if self.bidirectional else 1
+        L, H = self.num_layers, self.hidden_size
+        k = resolve_k(self._k, H)
+        per = len(weights) // (L * dirs)
+        h_n, c_n = [], []
+        layer_in = x
+        with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+            for layer in range(L):
+                s = slice(layer * dirs, (layer + 1) * dirs)
+                out, h, c = lstm_layer(
+                    layer_in, h0[s], c0[s], weights[layer * dirs * per:(layer + 1) * dirs * per],
+                    k=k, bidirectional=dirs == 2, unified=self._unified, selection=self._selection,
+                    batch_sizes=batch_sizes, sparse_grad=self._sparse_grad,
+                )
+                h_n.append(h)
+                c_n.append(c)
+                layer_in = out
+                if self.dropout and self.training and layer < L - 1:
+                    layer_in = F.dropout(layer_in, self.dropout, training=True)
+        return layer_in, torch.cat(h_n), torch.cat(c_n)
+
     def _forward_packed(self, packed, hx):
         """A PackedSequence (sequences of different lengths): the same layers on its
         data, each sequence's steps only, states permuted as ``nn.LSTM`` does."""
-        from .recurrent import lstm_layer
-
         data, batch_sizes, sorted_idx, unsorted_idx = packed
         if data.dim() != 2 or data.shape[1] != self.input_size:
             raise ValueError(
@@ -505,31 +553,15 @@ class MePropLSTM(nn.LSTM):
             h0 = data.new_zeros(L * dirs, B, H)
             c0 = data.new_zeros(L * dirs, B, H)
         else:
-            h0, c0 = hx
+            h0, c0 = _state_pair(hx)
             if tuple(h0.shape) != (L * dirs, B, H) or tuple(c0.shape) != (L * dirs, B, H):
                 raise ValueError(
                     f"(h0, c0) must each have shape {(L * dirs, B, H)}; got {tuple(h0.shape)} and {tuple(c0.shape)}"
                 )
             if sorted_idx is not None:
+                _check_lstm_tensors(data, h0, c0, self._flat_weights)  # before index_select moves them
                 h0, c0 = h0.index_select(1, sorted_idx), c0.index_select(1, sorted_idx)
-        k = resolve_k(self._k, H)
-        weights = self._flat_weights
-        per = len(weights) // (L * dirs)
-        h_n, c_n = [], []
-        layer_in = data
-        for layer in range(L):
-            s = slice(layer * dirs, (layer + 1) * dirs)
-            out, h, c = lstm_layer(
-                layer_in, h0[s], c0[s], weights[layer * dirs * per:(layer + 1) * dirs * per],
-                k=k, bidirectional=dirs == 2, unified=self._unified, selection=self._selection,
-                batch_sizes=batch_sizes, sparse_grad=self._sparse_grad,
-            )
-            h_n.append(h)
-            c_n.append(c)
-            layer_in = out
-            if self.dropout and self.training and layer < L - 1:
-                layer_in = F.dropout(layer_in, self.dropout, training=True)
-        h_n, c_n = torch.cat(h_n), torch.cat(c_n)
+        layer_in, h_n, c_n = self._layers(data, h0, c0, batch_sizes)
         if unsorted_idx is not None:
             h_n, c_n = h_n.index_select(1, unsorted_idx), c_n.index_select(1, unsorted_idx)
         output = nn.utils.rnn.PackedSequence(layer_in, batch_sizes, sorted_idx, unsorted_idx)

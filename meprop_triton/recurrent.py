@@ -225,7 +225,7 @@ def _select(da: Tensor, k: int, ctx, rev: Tensor) -> Tensor:
         s = da.abs().sum(0, keepdim=True) if ctx.unified else da.abs()
         s.nan_to_num_(nan=math.inf, posinf=math.inf)
         return torch.sort(s, dim=2, descending=True, stable=True).indices[..., :k]
-    if ctx.unified and B > 1:
+    if ctx.unified and B != 1:  # B = 0 too (an empty batch): all-zero scores, one set
         s = da.abs().sum(0, keepdim=True, dtype=torch.float32)
         bits = s.nan_to_num_(nan=math.inf, posinf=math.inf).view(torch.int32)
     else:  # |da| as bits: the sign bit cleared, every NaN pattern clamped to inf's

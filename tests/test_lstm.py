@@ -371,3 +371,80 @@ def test_convert_swaps_lstms_only_when_asked():
     with pytest.raises(TypeError, match="lstm must be True or False"):
         convert(Tagger(), k=2, lstm="yes")
     assert isinstance(convert(nn.LSTM(3, 4), k=1, lstm=True), MePropLSTM)
+
+
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
+@pytest.mark.parametrize("k", [2, 7], ids=["k2", "dense-k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_batch_trains_as_nn_lstm_does(k, unified, dtype):
+    ref, mp = _lstm_pair(k=k, unified=unified)
+    ref.to(dtype)
+    x = torch.randn(4, 0, 5, dtype=dtype, requires_grad=True)
+    for model in (ref, mp):
+        out, (h, c) = model(x)
+        assert out.shape == (4, 0, 7) and h.shape == c.shape == (1, 0, 7)
+        (out.sum() + h.sum() + c.sum()).backward()
+    for p_ref, p_mp in zip(ref.parameters(), mp.parameters()):  # shared: the two backwards add up
+        assert p_mp.grad is p_ref.grad and torch.equal(p_ref.grad, torch.zeros_like(p_ref.grad))
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_a_sequence_of_no_steps_is_refused_at_the_call(grad):
+    lstm = MePropLSTM(5, 7, k=2)
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"at least one step; got input of shape \(0, 3, 5\)"):
+        lstm(torch.randn(0, 3, 5))
+
+
+def test_bad_dtypes_and_states_are_named():
+    lstm = MePropLSTM(5, 7, k=2)
+    x = torch.randn(3, 2, 5)
+    zeros = torch.zeros(1, 2, 7)
+    with pytest.raises(TypeError, match=r"input has dtype torch.float64 but this MePropLSTM's parameters are torch.float32"):
+        lstm(x.double())
+    with pytest.raises(TypeError, match=r"needs a floating-point input; got dtype torch.int64"):
+        lstm(x.long())
+    with pytest.raises(TypeError, match=r"h0 and c0 must have the input's dtype torch.float32; got torch.float32 and torch.float64"):
+        lstm(x, (zeros, zeros.double()))
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h0, c0\) of two tensors, as for nn.LSTM; got a tensor of shape \(2, 1, 2, 7\)"):
+        lstm(x, torch.stack([zeros, zeros]))
+    with pytest.raises(TypeError, match=r"MePropLSTM needs dense \(strided\) tensors; input has layout torch.sparse_coo"):
+        lstm(x.to_sparse())
+    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 5), torch.randn(2, 5)])
+    with pytest.raises(TypeError, match=r"h0 and c0 must have the input's dtype"):
+        lstm(packed, (zeros, zeros.half()))
+    assert all(p.grad is None for p in lstm.parameters())
+
+
+def test_k_messages_speak_of_hidden_size_and_proj_size_is_named():
+    with pytest.raises(ValueError, match=r"a float k is a fraction of hidden_size"):
+        MePropLSTM(5, 7, k=1.5)
+    with pytest.raises(NotImplementedError, match=r"proj_size > 0 yet; got proj_size=3"):
+        MePropLSTM(5, 7, k=2, proj_size=3)
+    with pytest.raises(ValueError, match=r"proj_size should be a positive integer or zero"):  # nn.LSTM's own
+        MePropLSTM(5, 7, k=2, proj_size=-1)
+
+
+@pytest.mark.parametrize("k", [2, 7], ids=["k2", "dense-k"])
+def test_runs_under_cpu_autocast_as_nn_lstm_does(k):
+    """Autocast runs nn.LSTM in bfloat16 on the CPU; MePropLSTM casts as it does."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(5, 7, 2)
+    mp = MePropLSTM(5, 7, 2, k=k)
+    mp.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ref, (h_ref, _) = ref(x)
+        out, (h, c) = mp(x)
+    assert out.dtype == h.dtype == c.dtype == out_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, out_ref, atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and mp.weight_ih_l0.grad.dtype == torch.float32
+    if k == 7:  # dense k: nn.LSTM's gradient, up to bfloat16 rounding
+        grads = [p.grad.clone() for p in mp.parameters()]
+        mp.zero_grad()
+        ref.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref(x)[0].float().sum().backward()
+        for g, p in zip(grads, ref.parameters()):
+            torch.testing.assert_close(g, p.grad, atol=5e-2, rtol=5e-2)
