@@ -19,6 +19,7 @@ removed units' outputs set to zero.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -55,7 +56,7 @@ class _Pair:
 
 
 def _check_prune(prune) -> float:
-    if isinstance(prune, bool) or not isinstance(prune, (int, float)) or not 0.0 <= float(prune) <= 1.0:
+    if isinstance(prune, bool) or not isinstance(prune, numbers.Real) or not 0.0 <= float(prune) <= 1.0:
         raise ValueError(f"prune must be a number in [0, 1] (the paper's 0.1); got {prune!r}")
     return float(prune)
 
@@ -89,9 +90,9 @@ class Simplifier:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Simplifier expects an nn.Module; got {type(model).__name__}")
         self.prune = _check_prune(prune)
-        if isinstance(min_units, bool) or not isinstance(min_units, int) or min_units < 1:
+        if isinstance(min_units, bool) or not isinstance(min_units, numbers.Integral) or min_units < 1:
             raise ValueError(f"min_units must be an int >= 1; got {min_units!r}")
-        self.min_units = min_units
+        self.min_units = int(min_units)
         optimizers = _checked_optimizers(optimizers)
         self.model = model
         self._optimizers = optimizers
@@ -178,6 +179,18 @@ class Simplifier:
                 if not isinstance(self._modules[n], nn.BatchNorm1d):
                     raise TypeError(f"only BatchNorm1d can sit between a pair; {n!r} is {type(self._modules[n]).__name__}")
             p, c = self._modules[producer], self._modules[consumer]
+            if p is c:
+                raise ValueError(
+                    f"producer {producer!r} and consumer {consumer!r} are one layer; a pair is a layer and "
+                    f"the next layer that reads its output"
+                )
+            for earlier in out:
+                if self._modules[earlier.producer] is p:
+                    raise ValueError(
+                        f"producer {producer!r} is in two pairs ({earlier.producer!r} -> {earlier.consumer!r} and "
+                        f"{producer!r} -> {consumer!r}); the layer that reads a producer's output must be its "
+                        f"consumer alone"
+                    )
             if c.in_features != p.out_features:
                 raise ValueError(
                     f"consumer {consumer!r} takes {c.in_features} inputs but producer {producer!r} "

@@ -5,6 +5,8 @@ flushing denormal floats to zero)."""
 from __future__ import annotations
 
 import ctypes
+import math
+import numbers
 import os
 import sys
 from collections.abc import Iterable
@@ -164,17 +166,25 @@ def clip_grad_norm_(
     summed) and its stored values count towards the norm and are scaled. Returns the
     total norm, as torch's does.
     """
+    if isinstance(max_norm, Tensor) and max_norm.numel() == 1:  # as float() took it before
+        max_norm = max_norm.item()
+    for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            raise ValueError(f"{name} must be a real number; got {value!r}")
+    if max_norm < 0:
+        raise ValueError(f"max_norm must be >= 0 (a negative one would flip every gradient's sign); got {max_norm!r}")
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     max_norm, norm_type = float(max_norm), float(norm_type)
-    values = []
+    values, coalesced = [], []
     for p in parameters:
         if p.grad is None:
             continue
         if p.grad.is_sparse:
-            if not p.grad.is_coalesced():
-                p.grad = p.grad.coalesce()
-            values.append(p.grad._values())
+            g = p.grad if p.grad.is_coalesced() else p.grad.coalesce()
+            if g is not p.grad:
+                coalesced.append((p, g))  # put in place only once the call cannot fail
+            values.append(g._values())
         else:
             values.append(p.grad)
     if not values:
@@ -187,6 +197,8 @@ def clip_grad_norm_(
             f"the total norm of order {norm_type} of the gradients is non-finite, so it "
             f"cannot be clipped; pass error_if_nonfinite=False to clip anyway"
         )
+    for p, g in coalesced:
+        p.grad = g
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for v in values:
         v.mul_(coef.to(v.device, v.dtype))

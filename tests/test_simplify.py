@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -337,3 +338,24 @@ def test_unsliceable_state_refused_before_any_change():
         simp.step()
     assert simp.dims() == sizes and [p for p in model.parameters()] == params
     assert model[0].selection_stats().rows > 0  # counters not reset
+
+
+def test_pairs_of_one_layer_or_a_producer_twice_are_refused_before_anything_changes():
+    """A square layer named as its own consumer passed every check and step() cut its
+    rows and its columns: the next forward failed, with the weights and Adam's state
+    already cut."""
+    model = _mlp(dims=(20, 30, 30, 5))
+    opt = torch.optim.Adam(model.parameters())
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"producer '3' and consumer '3' are one layer"):
+        Simplifier(model, opt, pairs=[("3", "3")])
+    with pytest.raises(ValueError, match=r"producer '0' is in two pairs \('0' -> '3' and '0' -> '6'\)"):
+        Simplifier(model, opt, pairs=[("0", "3"), ("0", "6")])
+    assert not any(m.track_selection for m in model.modules() if isinstance(m, MePropLinear))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_numpy_numbers_are_taken_for_prune_and_min_units():
+    simp = Simplifier(_mlp(), [], prune=np.float32(0.25), min_units=np.int64(3))
+    assert simp.prune == 0.25 and simp.min_units == 3 and type(simp.min_units) is int

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import re
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -176,3 +180,37 @@ def test_sparse_grad_under_autocast_is_refused_clearly():
         with pytest.raises(ValueError, match="sparse_grad=True cannot run under torch.autocast"):
             layer(torch.randn(3, 4))
     assert layer.weight.grad is None
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, "1", True, None], ids=["negative", "nan", "str", "bool", "None"])
+def test_clip_grad_norm_refuses_a_bad_max_norm_and_changes_nothing(bad):
+    """A negative max_norm would flip every gradient's sign and NaN would make them all
+    NaN, silently (torch's own function does both)."""
+    _, layer = twins(dict())
+    x, g = torch.randn(4, 12), torch.randn(4, 30)
+    run(layer, x, g)
+    run(layer, x, g)  # uncoalesced: a refused call must not replace it either
+    before = [(p.grad, p.grad.to_dense().clone()) for p in layer.parameters()]
+    with pytest.raises(ValueError, match=rf"max_norm must be (a real number|>= 0).*got {re.escape(repr(bad))}"):
+        meprop_triton.clip_grad_norm_(layer.parameters(), max_norm=bad)
+    for p, (grad, dense) in zip(layer.parameters(), before):
+        assert p.grad is grad and torch.equal(p.grad.to_dense(), dense)
+
+
+def test_clip_grad_norm_refused_as_non_finite_leaves_the_sparse_grad_object_alone():
+    q = nn.Parameter(torch.zeros(3, 2))
+    q.grad = torch.sparse_coo_tensor([[0, 0]], [[1.0, 1.0], [math.inf, 1.0]], (3, 2))
+    grad = q.grad
+    with pytest.raises(RuntimeError, match="non-finite"):
+        meprop_triton.clip_grad_norm_([q], max_norm=1.0, error_if_nonfinite=True)
+    assert q.grad is grad and not q.grad.is_coalesced()
+    total = meprop_triton.clip_grad_norm_([q], max_norm=1.0)  # allowed: coalesced and scaled
+    assert q.grad.is_coalesced() and math.isinf(total)
+
+
+def test_clip_grad_norm_takes_numpy_and_tensor_max_norms():
+    for max_norm in (np.float32(0.5), torch.tensor(0.5), 0):
+        p = nn.Parameter(torch.zeros(3))
+        p.grad = torch.tensor([3.0, -4.0, 0.0])
+        meprop_triton.clip_grad_norm_([p], max_norm=max_norm)
+        torch.testing.assert_close(p.grad.norm(), torch.tensor(float(max_norm)), atol=1e-5, rtol=1e-5)
