@@ -122,3 +122,10 @@ def check_strided(input, weight, bias, what: str = "meProp's backward") -> None:
                 f"{what} needs dense (strided) tensors; {name} has layout {t.layout}: pass "
                 f"{name}.to_dense()" + (", or run the forward under torch.no_grad()" if what == "meProp's backward" else "")
             )
+
+
+def check_dtype_arg(dtype) -> None:
+    """A layer's ``dtype=`` argument: None or a floating-point dtype (meProp's forward
+    refuses every other, so a layer built with one could never run)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype (or None for the default); got {dtype!r}")

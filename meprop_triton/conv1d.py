@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
-from ._validation import check_k, check_options, check_strided, resolve_k
+from ._validation import check_dtype_arg, check_k, check_options, check_strided, resolve_k
 from .functional import _any_autocast, resolve_backend
 from .nn import _HOOK_DICTS, _MePropSettings
 
@@ -405,6 +405,7 @@ class MePropConv1D(_MePropSettings, nn.Module):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {v!r}")
         check_k(k, "nf")
+        check_dtype_arg(dtype)
         check_options(unified=unified, selection=selection, sparse_grad=sparse_grad, backend=backend,
                       track_selection=track_selection)
         _refuse_sparse(sparse_grad)

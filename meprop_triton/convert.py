@@ -95,10 +95,10 @@ def _exclusion(exclude, names: list[str]) -> Callable[[str, nn.Module], bool]:
         return exclude
     if isinstance(exclude, str):
         exclude = [exclude]
-    if not isinstance(exclude, Iterable):
+    if not isinstance(exclude, Iterable) or isinstance(exclude, (bytes, bytearray)):
         raise TypeError(
             "exclude must be a module name or pattern, a list of them, or a predicate "
-            f"(name, module) -> bool; got {type(exclude).__name__}"
+            f"(name, module) -> bool; got {type(exclude).__name__} {exclude!r:.80}"
         )
     patterns = list(exclude)
     for p in patterns:

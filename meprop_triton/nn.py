@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 import torch.nn.functional as F
 
-from ._validation import check_k, check_linear_args, check_options, check_strided, resolve_k
+from ._validation import check_dtype_arg, check_k, check_linear_args, check_options, check_strided, resolve_k
 from .functional import _DDP, _any_autocast, _autocast_dtype, _refuse_sparse_under_ddp, apply_meprop, meprop_linear, resolve_backend
 
 _STRIDED = torch.strided
@@ -174,6 +174,7 @@ class MePropLinear(_MePropSettings, nn.Linear):
         dtype=None,
     ) -> None:
         resolve_k(k, out_features)  # refuse a bad k before allocating anything
+        check_dtype_arg(dtype)
         check_options(
             unified=unified, selection=selection, sparse_grad=sparse_grad, backend=backend,
             track_selection=track_selection,
@@ -220,6 +221,11 @@ class MePropLinear(_MePropSettings, nn.Linear):
                 "from_linear needs a layer whose weight is a Parameter; this one's is computed "
                 "(e.g. by torch.nn.utils.prune or a parametrization): make it permanent first "
                 "(prune.remove(layer, 'weight'))"
+            )
+        if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+            raise TypeError(
+                f"from_linear needs a layer with initialised parameters; this {type(linear).__name__}'s "
+                f"are not materialised yet: run one forward through it first"
             )
         weight = linear.weight
         # Built on the meta device: no throwaway allocation or init of the real size.

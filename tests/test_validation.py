@@ -412,3 +412,28 @@ def test_sparse_input_to_conv1d_is_refused_with_its_layout(make, layout):
     for ctx in (torch.enable_grad(), torch.no_grad()):  # Conv1D's own x.view takes neither
         with ctx, pytest.raises(TypeError, match=rf"MePropConv1D needs dense \(strided\) tensors; input has layout {layout}"):
             layer(make(torch.randn(6, 4)))
+
+
+def test_exclude_as_bytes_is_named_as_bytes():
+    model = small_model()
+    with pytest.raises(TypeError, match=r"exclude must be a module name or pattern.*got bytes b'0'"):
+        convert(model, k=2, exclude=b"0")
+    assert all(type(m) is not MePropLinear for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32, "float32"])
+def test_a_layer_of_a_dtype_it_could_never_run_in_is_refused_when_built(dtype):
+    from meprop_triton import MePropConv1D
+
+    for build in (lambda: MePropLinear(3, 4, k=2, dtype=dtype), lambda: MePropConv1D(4, 3, k=2, dtype=dtype)):
+        with pytest.raises(TypeError, match=rf"dtype must be a floating-point torch.dtype.*got {re.escape(repr(dtype))}"):
+            build()
+
+
+def test_from_linear_refuses_a_lazy_layer_until_it_is_materialised():
+    lazy = nn.LazyLinear(3)
+    with pytest.raises(TypeError, match=r"initialised parameters; this LazyLinear's are not materialised yet"):
+        MePropLinear.from_linear(lazy, k=2)
+    lazy(torch.randn(2, 5))
+    layer = MePropLinear.from_linear(lazy, k=2)
+    assert layer.weight is lazy.weight and layer.in_features == 5
