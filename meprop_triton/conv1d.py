@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from . import reference
 from ._validation import check_dtype_arg, check_k, check_options, check_strided, resolve_k
 from .functional import _any_autocast, resolve_backend
-from .nn import _HOOK_DICTS, _MePropSettings
+from .nn import _MePropSettings, _share_hooks
 
 __all__ = ["MePropConv1D", "meprop_conv1d", "is_conv1d"]
 
@@ -460,9 +460,7 @@ class MePropConv1D(_MePropSettings, nn.Module):
         if counts is not None:
             new._buffers["selection_counts"] = torch.zeros_like(counts, device=weight.device)
         new.train(layer.training)
-        for name in _HOOK_DICTS:
-            if name in layer.__dict__:
-                new.__dict__[name] = layer.__dict__[name]
+        _share_hooks(layer, new)
         return new
 
     def forward(self, input: Tensor) -> Tensor:

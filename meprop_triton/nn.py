@@ -31,6 +31,18 @@ class SelectionStats(NamedTuple):
     hit_rate: Tensor
 
 
+def _share_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Share ``old``'s hook registries with ``new`` (the objects, not copies), so a handle
+    from the old layer still removes its hook and hooks registered before a swap keep
+    running; and torch's flag that says which kind of backward hooks it holds (without
+    it, ``_call_impl`` runs none of them)."""
+    for name in _HOOK_DICTS:
+        if name in old.__dict__:
+            new.__dict__[name] = old.__dict__[name]
+    if "_is_full_backward_hook" in old.__dict__:
+        new.__dict__["_is_full_backward_hook"] = old.__dict__["_is_full_backward_hook"]
+
+
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
@@ -245,11 +257,7 @@ class MePropLinear(_MePropSettings, nn.Linear):
         if counts is not None:  # made on the meta device with the layer: move it to the weight's
             new._buffers["selection_counts"] = torch.zeros_like(counts, device=weight.device)
         new.train(linear.training)
-        # Share the hook registries (not copies), so a handle from the old layer still
-        # removes its hook, and hooks registered before the swap keep running.
-        for name in _HOOK_DICTS:
-            if name in linear.__dict__:
-                new.__dict__[name] = linear.__dict__[name]
+        _share_hooks(linear, new)
         return new
 
     def forward(self, input: Tensor) -> Tensor:
@@ -466,6 +474,7 @@ class MePropLSTM(nn.LSTM):
         for name in lstm._flat_weights_names:
             setattr(new, name, getattr(lstm, name))
         new.train(lstm.training)
+        _share_hooks(lstm, new)
         return new
 
     def forward(self, input, hx=None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -259,3 +260,27 @@ def test_autocast_with_low_precision_input_and_fp32_layer():
     y.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32
     assert int((layer.weight.grad != 0).any(1).sum()) == 2
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-full backward hook:FutureWarning")
+@pytest.mark.parametrize("kind", ["full", "legacy"])
+def test_backward_hooks_registered_before_the_swap_keep_running(kind):
+    """torch runs a module's backward hooks only when its per-instance flag says which
+    kind it holds; the swapped-in layer shares the hook registry, so it needs the flag."""
+    from meprop_triton import MePropLSTM, convert
+
+    calls = []
+    model = nn.ModuleDict({"lin": nn.Linear(5, 4), "rnn": nn.LSTM(5, 4)})
+    for name, layer in model.items():
+        hook = (lambda n: lambda mod, gin, gout: calls.append(n))(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # register_backward_hook is deprecated
+            (layer.register_full_backward_hook if kind == "full" else layer.register_backward_hook)(hook)
+    convert(model, k=2, lstm=True)
+    assert type(model["lin"]) is MePropLinear and type(model["rnn"]) is MePropLSTM
+    x = torch.randn(3, 5, requires_grad=True)
+    model["lin"](x).sum().backward()
+    assert calls == ["lin"]
+    if kind == "full":  # nn.Module refuses a legacy hook on a module with several outputs
+        model["rnn"](x.unsqueeze(1))[0].sum().backward()
+        assert calls == ["lin", "rnn"]
