@@ -175,6 +175,10 @@ def _count(counts: Tensor, idx: Tensor | None, rows: int) -> None:
 
 def _backward(ctx, grad: Tensor):
     x, weight = ctx.saved_tensors  # x (M, in), weight (in, out)
+    if reference.is_legacy_batched(grad):
+        from .functional import _unbatchable
+
+        reference.refuse_legacy_batched("MePropConv1D", _unbatchable(ctx.selection, False, ctx.counts))
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     n_out = weight.shape[1]
     k = ctx.k

@@ -224,6 +224,17 @@ def _count(counts: Tensor, idx: Tensor | None, rows: int) -> None:
     counts[-1:].add_(rows)
 
 
+def _unbatchable(selection: str, sparse: bool, counts) -> str | None:
+    """The setting that torch's older vmap cannot batch, if any."""
+    if selection == "random":
+        return "selection='random'"  # its random draws
+    if sparse:
+        return "sparse_grad=True"  # sparse tensors
+    if counts is not None:
+        return "track_selection=True"  # the in-place counters
+    return None
+
+
 def _backward(ctx, grad_output: Tensor):
     """``(grad_x, grad_W, grad_b)`` of a meProp Function's backward (None where not
     needed); ``ctx.settings`` is ``(k, backend, unified, selection, sparse_grad,
@@ -236,6 +247,9 @@ def _backward(ctx, grad_output: Tensor):
     x, weight = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
     k, backend, unified, selection, sparse, generator, counts = ctx.settings
+    batched = reference.is_legacy_batched(grad_output)
+    if batched:  # each batched grad_output its own backward, as under torch.func.vmap
+        reference.refuse_legacy_batched("MePropLinear", _unbatchable(selection, sparse, counts))
     if torch._C._are_functorch_transforms_active():
         # Under torch.func the gradients come from a Function of their own, which has a
         # vmap rule (vmap over a backward: each vmapped entry its own backward call) and
@@ -246,7 +260,7 @@ def _backward(ctx, grad_output: Tensor):
         backend == "torch" and unified and selection == "topk" and not sparse
         and k < weight.shape[0] and grad_output.dim() == 2 and x.dim() == 2
         and grad_output.is_cpu and counts is None and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_compiling() and not batched
     ):  # a backward with create_graph=True records the general route's ops (no out= there)
         return _cpu_unified_topk(grad_output, x, weight, k, needs)
     gx, gw, gb, _ = _gradients(grad_output, x, weight, k, backend, unified, selection, sparse, generator, counts, needs)

@@ -101,6 +101,8 @@ class _LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
+        if any(d is not None and reference.is_legacy_batched(d) for d in (d_out, d_hn, d_cn)):
+            reference.refuse_legacy_batched("MePropLSTM", "")  # its out= operations
         x, h0, c0, out, *rest = ctx.saved_tensors
         params, kept = rest[:ctx.n_params], rest[ctx.n_params:]
         per = 4 if ctx.has_bias else 2

@@ -73,6 +73,28 @@ def column_scores(grad: Tensor) -> Tensor:
     return _abs_column_sums(grad).nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
+_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", None)
+
+
+def is_legacy_batched(t: Tensor) -> bool:
+    """Whether ``t`` is a batched tensor of torch's older vmap, which runs the backward of
+    ``autograd.grad(..., is_grads_batched=True)`` and of ``jacobian`` / ``hessian``
+    with ``vectorize=True``: it has no storage to read on the host, and
+    ``_are_functorch_transforms_active()`` does not report it."""
+    return _legacy_batched is not None and _legacy_batched(t)
+
+
+def refuse_legacy_batched(layer: str, what: str | None) -> None:
+    """Raise for a setting that cannot run under torch's older vmap (``what``: it; ``""``:
+    the layer cannot at all; None: it can)."""
+    if what is not None:
+        raise NotImplementedError(
+            f"{layer}{' with ' + what if what else ''} cannot run a batched backward (autograd.grad(..., "
+            f"is_grads_batched=True), or jacobian / hessian with vectorize=True); use "
+            f"vectorize=False, a loop over the grad_outputs, or torch.func.vmap"
+        )
+
+
 _LAZY_ZEROS_BYTES = 32 << 20  # glibc serves blocks this large from fresh mmap'd pages
 
 
@@ -110,7 +132,7 @@ def select_topk(scores: Tensor, k: int, *, sort: bool = True) -> Tensor:
     order); the stable sort decides otherwise. ``scores`` is not modified.
     """
     n = scores.shape[0]
-    if scores.device.type == "cpu" and k < n and not torch.compiler.is_compiling():
+    if scores.device.type == "cpu" and k < n and not torch.compiler.is_compiling() and not is_legacy_batched(scores):
         values, idx = torch.topk(scores, k + 1)  # descending
         values = values.tolist()
         # NaN != NaN, so a NaN in the top k+1 would pass the tie test: the finiteness
@@ -246,7 +268,7 @@ def _stable_order(units: Tensor, n_units: int) -> Tensor:
     narrow = n_units <= 1 << 15
     if (
         narrow and units.numel() < _RADIX_SORT_MIN and units.device.type == "cpu"
-        and type(units) is torch.Tensor and not torch.compiler.is_compiling()
+        and type(units) is torch.Tensor and not torch.compiler.is_compiling() and not is_legacy_batched(units)
         and not torch.jit.is_tracing() and not torch._C._are_functorch_transforms_active()
         and torch._C._len_torch_dispatch_stack() == 0
     ):

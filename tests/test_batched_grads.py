@@ -1,0 +1,69 @@
+"""``autograd.grad(..., is_grads_batched=True)`` and ``jacobian`` / ``hessian`` with
+``vectorize=True``: torch runs the backward once over a batch of grad_outputs under its
+older vmap, whose batched tensors have no storage to read on the host. Each batched
+grad_output is its own backward, as under ``torch.func.vmap``: the same numbers as a loop
+of single backwards; settings that cannot be batched are refused with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meprop_triton import MePropConv1D, MePropLinear, MePropLSTM
+
+
+def _batched_equals_a_loop(layer, x, params, n=4):
+    out = layer(x)
+    torch.manual_seed(1)
+    V = torch.randn(n, *out.shape, dtype=out.dtype)
+    batched = torch.autograd.grad(out, params, V, is_grads_batched=True, retain_graph=True)
+    for i in range(n):
+        single = torch.autograd.grad(out, params, V[i], retain_graph=True)
+        for b, s in zip(batched, single):
+            torch.testing.assert_close(b[i], s, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 3, 5)], ids=["2-D", "3-D"])
+@pytest.mark.parametrize("opts", [{}, {"unified": False}, {"k": 7}], ids=["unified", "per-example", "dense-k"])
+def test_linear_batched_backward_is_a_loop_of_backwards(opts, shape):
+    torch.manual_seed(0)
+    layer = MePropLinear(5, 7, **{"k": 2, **opts}, dtype=torch.float64)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    _batched_equals_a_loop(layer, x, [x, layer.weight, layer.bias])
+
+
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
+def test_conv1d_batched_backward_is_a_loop_of_backwards(unified):
+    torch.manual_seed(0)
+    layer = MePropConv1D(7, 5, k=2, unified=unified, dtype=torch.float64)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    _batched_equals_a_loop(layer, x, [x, layer.weight, layer.bias])
+
+
+def test_jacobian_vectorized_equals_the_loop():
+    torch.manual_seed(0)
+    layer = MePropLinear(5, 7, k=2, dtype=torch.float64)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    fast = torch.autograd.functional.jacobian(layer, x, vectorize=True)
+    slow = torch.autograd.functional.jacobian(layer, x)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "make,what",
+    [
+        (lambda: MePropLinear(5, 7, k=2, selection="random"), r"MePropLinear with selection='random'"),
+        (lambda: MePropLinear(5, 7, k=2, sparse_grad=True), r"MePropLinear with sparse_grad=True"),
+        (lambda: MePropLinear(5, 7, k=2, track_selection=True), r"MePropLinear with track_selection=True"),
+        (lambda: MePropConv1D(7, 5, k=2, selection="random"), r"MePropConv1D with selection='random'"),
+        (lambda: MePropLSTM(5, 7, k=2), r"MePropLSTM cannot"),
+    ],
+    ids=["random", "sparse_grad", "track_selection", "conv1d-random", "lstm"],
+)
+def test_settings_that_cannot_be_batched_are_refused_with_the_way_out(make, what):
+    layer = make()
+    x = torch.randn(3, 5, requires_grad=True)
+    out = layer(x)
+    out = out[0] if isinstance(out, tuple) else out
+    with pytest.raises(NotImplementedError, match=what + r".*batched backward.*vectorize=False"):
+        torch.autograd.grad(out, [x], torch.randn(2, *out.shape), is_grads_batched=True)
