@@ -81,7 +81,8 @@ def is_legacy_batched(t: Tensor) -> bool:
     ``autograd.grad(..., is_grads_batched=True)`` and of ``jacobian`` / ``hessian``
     with ``vectorize=True``: it has no storage to read on the host, and
     ``_are_functorch_transforms_active()`` does not report it."""
-    return _legacy_batched is not None and _legacy_batched(t)
+    # (dynamo cannot trace the check, and what it compiles is never such a tensor)
+    return _legacy_batched is not None and not torch.compiler.is_compiling() and _legacy_batched(t)
 
 
 def refuse_legacy_batched(layer: str, what: str | None) -> None:
