@@ -41,6 +41,7 @@ row-sparse COO gradient (what SGD, Adagrad and SparseAdam take) cannot hold.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -128,6 +129,21 @@ def _save(ctx, x2d, weight, k, backend, unified, selection, generator, counts) -
     ctx.k, ctx.backend, ctx.unified, ctx.selection = k, backend, unified, selection
     ctx.generator, ctx.counts = generator, counts
     ctx.save_for_backward(x2d, weight)
+    if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): jvp may follow
+        ctx.save_for_forward(x2d, weight)
+
+
+def _jvp(ctx, x_t, w_t, b_t):
+    """Forward-mode derivative of the unchanged forward ``x W + b`` (W stored (in, out))."""
+    x, weight = ctx.saved_tensors
+    out = None
+    if x_t is not None:
+        out = x_t @ weight
+    if w_t is not None:
+        out = x @ w_t if out is None else out + x @ w_t
+    if b_t is not None:
+        out = b_t.expand(x.shape[0], b_t.shape[-1]).clone() if out is None else out + b_t
+    return out
 
 
 class MePropConv1DFunction(torch.autograd.Function):
@@ -160,6 +176,10 @@ class _EagerConv1DFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _backward(ctx, grad)
+
+    @staticmethod
+    def jvp(ctx, x_t, w_t, b_t, *_):
+        return _jvp(ctx, x_t, w_t, b_t)
 
 
 def _count(counts: Tensor, idx: Tensor | None, rows: int) -> None:

@@ -1,4 +1,4 @@
-"""A one-minute meProp demo: the same MLP trained densely and with meProp.
+"""A short meProp demo (about 10 s on 2 CPU cores): the same MLP trained densely and with meProp.
 
     python -m meprop_triton.demo [--k 0.1] [--epochs 3] [--device cpu]
 

@@ -10,6 +10,7 @@ import math
 import os
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -147,6 +148,21 @@ class MePropFunction(torch.autograd.Function):
         return torch.vmap(F.linear, in_dims=dims)(x, weight, bias), 0
 
 
+class _MePropFunctionWithJvp(MePropFunction):
+    """``MePropFunction`` with a forward-mode rule (``torch.func.jvp`` / ``jacfwd``), used
+    under torch.func transforms; not under ``torch.compile``, whose dynamo refuses to trace
+    a Function with a custom ``jvp`` (a graph break)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        MePropFunction.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], inputs[1])
+
+    @staticmethod
+    def jvp(ctx, x_t, w_t, b_t, *_):
+        return _linear_jvp(ctx, x_t, w_t, b_t)
+
+
 class _EagerMePropFunction(torch.autograd.Function):
     """The same Function in the combined ``forward(ctx, ...)`` form, which torch applies
     without any signature binding on every supported release (torch.func transforms
@@ -158,11 +174,31 @@ class _EagerMePropFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, settings):
         ctx.settings = settings
         ctx.save_for_backward(x, weight)
+        if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): jvp may follow
+            ctx.save_for_forward(x, weight)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         return (*_backward(ctx, grad_output), None)
+
+    @staticmethod
+    def jvp(ctx, x_t, w_t, b_t, _):
+        return _linear_jvp(ctx, x_t, w_t, b_t)
+
+
+def _linear_jvp(ctx, x_t, w_t, b_t):
+    """Forward-mode derivative of the unchanged forward ``F.linear(x, W, b)``:
+    ``x_t Wᵀ + x w_tᵀ + b_t`` (meProp changes only the backward)."""
+    x, weight = ctx.saved_tensors
+    out = None
+    if x_t is not None:
+        out = F.linear(x_t, weight)
+    if w_t is not None:
+        out = F.linear(x, w_t) if out is None else out + F.linear(x, w_t)
+    if b_t is not None:
+        out = b_t.expand(*x.shape[:-1], b_t.shape[-1]).clone() if out is None else out + b_t
+    return out
 
 
 try:
@@ -184,8 +220,10 @@ def apply_meprop(x, weight, bias, k, backend, unified, selection, sparse_grad, g
     if sparse_grad and getattr(_DDP, "_active_ddp_module", None) is not None:
         # Inside a DistributedDataParallel forward (the class attribute DDP sets there).
         _refuse_sparse_under_ddp(_DDP._active_ddp_module, weight, bias)
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return MePropFunction.apply(x, weight, bias, k, backend, unified, selection, sparse_grad, generator, counts)
+    if torch._C._are_functorch_transforms_active():
+        return _MePropFunctionWithJvp.apply(x, weight, bias, k, backend, unified, selection, sparse_grad, generator, counts)
     settings = (k, backend, unified, selection, sparse_grad, generator, counts)
     if _eager_apply is None or _is_wrapped(x) or _is_wrapped(weight) or (bias is not None and _is_wrapped(bias)):
         return _EagerMePropFunction.apply(x, weight, bias, settings)

@@ -524,6 +524,12 @@ class MePropLSTM(nn.LSTM):
         run in that dtype."""
         from .recurrent import lstm_layer
 
+        if torch._C._are_functorch_transforms_active():
+            raise NotImplementedError(
+                "MePropLSTM does not run under torch.func transforms (grad, vmap, jacrev, "
+                "functional_call inside them) yet; MePropLinear and MePropConv1D do. Use "
+                "torch.autograd (loss.backward()), or nn.LSTM inside the transform"
+            )
         weights = self._flat_weights
         dtype = _autocast_dtype(x)
         if dtype is not None:

@@ -101,6 +101,11 @@ class _LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
+        if torch.is_grad_enabled():  # create_graph=True: its out= operations cannot be recorded
+            raise NotImplementedError(
+                "MePropLSTM's backward cannot be differentiated (create_graph=True, e.g. for a "
+                "gradient penalty) yet; MePropLinear's can"
+            )
         if any(d is not None and reference.is_legacy_batched(d) for d in (d_out, d_hn, d_cn)):
             reference.refuse_legacy_batched("MePropLSTM", "")  # its out= operations
         x, h0, c0, out, *rest = ctx.saved_tensors

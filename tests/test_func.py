@@ -367,3 +367,69 @@ def test_triton_backend_under_grad_and_vmap_matches_the_torch_path():
     if last.startswith("SKIP"):
         pytest.skip(last[5:])
     assert last == "OK", proc.stdout[-2000:]
+
+
+def _jvp_cases():
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    w = torch.randn(7, 5, dtype=torch.float64)
+    b = torch.randn(7, dtype=torch.float64)
+    tangents = (torch.randn_like(x), torch.randn_like(w), torch.randn_like(b))
+    return (x, w, b), tangents
+
+
+# torch 2.15's forward-AD machinery reaches a torch.jit.script of its own, which warns
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("which", [(0,), (1,), (2,), (0, 1, 2)], ids=["x", "weight", "bias", "all"])
+def test_jvp_is_the_derivative_of_the_unchanged_forward(which):
+    """meProp changes only the backward: forward-mode AD (torch.func.jvp, jacfwd, eager
+    dual tensors) gives F.linear's derivative, on layers whose parameters train."""
+    import torch.autograd.forward_ad as fwAD
+    from meprop_triton import MePropConv1D
+
+    primals, tangents = _jvp_cases()
+    layer = MePropLinear(5, 7, k=2, dtype=torch.float64)
+    conv = MePropConv1D(7, 5, k=2, dtype=torch.float64)
+
+    def mine(x, w, b):
+        return torch.func.functional_call(layer, {"weight": w, "bias": b}, (x,))
+
+    def mine_conv(x, w, b):
+        return torch.func.functional_call(conv, {"weight": w.t(), "bias": b}, (x,))
+
+    def dense(x, w, b):
+        return F.linear(x, w, b)
+
+    def only(f):  # the tangent of the chosen inputs, the others held fixed
+        def g(*moving):
+            args = list(primals)
+            for i, t in zip(which, moving):
+                args[i] = t
+            return f(*args)
+        return g, tuple(primals[i] for i in which), tuple(tangents[i] for i in which)
+
+    _, want = torch.func.jvp(*only(dense))
+    for f in (mine, mine_conv):
+        _, got = torch.func.jvp(*only(f))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # eager dual tensors, through the layers' own parameters (which require grad, so the
+    # meProp Function runs)
+    x, x_t = primals[0], tangents[0]
+    with fwAD.dual_level():
+        for f, w in ((layer, layer.weight), (conv, conv.weight.t())):
+            out = f(fwAD.make_dual(x, x_t))
+            assert out.requires_grad
+            torch.testing.assert_close(fwAD.unpack_dual(out).tangent, F.linear(x_t, w), rtol=1e-12, atol=1e-12)
+
+
+def test_jacfwd_equals_jacrev_for_one_sample():
+    """For one row, unified top-k with k < out keeps only k units in backward, so jacrev
+    (one backward per one-hot cotangent, each keeping its own unit) is the exact Jacobian,
+    and jacfwd must agree with it."""
+    torch.manual_seed(0)
+    layer = MePropLinear(5, 7, k=2, dtype=torch.float64)
+    x = torch.randn(5, dtype=torch.float64)
+    fwd = torch.func.jacfwd(layer)(x)
+    rev = torch.func.jacrev(layer)(x)
+    torch.testing.assert_close(fwd, rev, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fwd, layer.weight.detach(), rtol=0, atol=0)

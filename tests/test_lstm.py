@@ -448,3 +448,32 @@ def test_runs_under_cpu_autocast_as_nn_lstm_does(k):
             ref(x)[0].float().sum().backward()
         for g, p in zip(grads, ref.parameters()):
             torch.testing.assert_close(g, p.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_torch_func_transforms_are_refused_by_name():
+    from torch.func import functional_call, grad, vmap
+
+    lstm = MePropLSTM(5, 7, k=2)
+    params = {n: p.detach() for n, p in lstm.named_parameters()}
+
+    def loss(p, x):
+        return functional_call(lstm, p, (x,))[0].pow(2).sum()
+
+    for run in (lambda: grad(loss)(params, torch.randn(3, 5)),
+                lambda: vmap(grad(loss), in_dims=(None, 0))(params, torch.randn(2, 3, 5))):
+        with pytest.raises(NotImplementedError, match=r"MePropLSTM does not run under torch.func transforms"):
+            run()
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+@pytest.mark.parametrize("k", [2, 7], ids=["k2", "dense-k"])
+def test_a_backward_to_be_differentiated_is_refused_by_name(k):
+    """create_graph=True (a gradient penalty) crashed inside the backward on its out=
+    operations; it is refused, and no gradient is written."""
+    lstm = MePropLSTM(5, 7, k=k)
+    x = torch.randn(3, 2, 5, requires_grad=True)
+    with pytest.raises(NotImplementedError, match=r"MePropLSTM's backward cannot be differentiated \(create_graph=True"):
+        torch.autograd.grad(lstm(x)[0].sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="create_graph=True"):
+        lstm(x)[0].sum().backward(create_graph=True)
+    assert x.grad is None and all(p.grad is None for p in lstm.parameters())
