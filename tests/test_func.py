@@ -378,8 +378,6 @@ def _jvp_cases():
     return (x, w, b), tangents
 
 
-# torch 2.15's forward-AD machinery reaches a torch.jit.script of its own, which warns
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("which", [(0,), (1,), (2,), (0, 1, 2)], ids=["x", "weight", "bias", "all"])
 def test_jvp_is_the_derivative_of_the_unchanged_forward(which):
     """meProp changes only the backward: forward-mode AD (torch.func.jvp, jacfwd, eager
