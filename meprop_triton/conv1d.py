@@ -128,7 +128,13 @@ def _forward(x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def _save(ctx, x2d, weight, k, backend, unified, selection, generator, counts) -> None:
     ctx.k, ctx.backend, ctx.unified, ctx.selection = k, backend, unified, selection
     ctx.generator, ctx.counts = generator, counts
-    ctx.save_for_backward(x2d, weight)
+    need_x, need_w = ctx.needs_input_grad[:2]
+    if (need_x and need_w) or backend != "torch":
+        ctx.save_for_backward(x2d, weight)
+    else:  # as MePropLinear: only what the backward reads (see functional._shape_of)
+        from .functional import _shape_of
+
+        ctx.save_for_backward(x2d if need_w else _shape_of(x2d), weight if need_x else _shape_of(weight))
     if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): jvp may follow
         ctx.save_for_forward(x2d, weight)
 

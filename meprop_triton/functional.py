@@ -173,7 +173,11 @@ class _EagerMePropFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, settings):
         ctx.settings = settings
-        ctx.save_for_backward(x, weight)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if (need_x and need_w) or settings[1] != "torch":
+            ctx.save_for_backward(x, weight)
+        else:  # as nn.Linear: a frozen layer does not keep its input alive, nor ...
+            ctx.save_for_backward(x if need_w else _shape_of(x), weight if need_x else _shape_of(weight))
         if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): jvp may follow
             ctx.save_for_forward(x, weight)
         return F.linear(x, weight, bias)
@@ -185,6 +189,15 @@ class _EagerMePropFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, x_t, w_t, b_t, _):
         return _linear_jvp(ctx, x_t, w_t, b_t)
+
+
+def _shape_of(t: Tensor) -> Tensor:
+    """A stand-in, saved for a backward that needs only ``t``'s shape and dtype: a tensor
+    on the meta device (no memory; any arithmetic with it fails loudly). Keeping ``t``
+    itself would hold a frozen layer's input until the backward, and make an in-place
+    change of it an error there, where ``nn.Linear`` keeps neither (the torch path only:
+    the Triton ops take real tensors)."""
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
 def _linear_jvp(ctx, x_t, w_t, b_t):
