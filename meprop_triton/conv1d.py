@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from . import reference
 from ._validation import check_dtype_arg, check_k, check_options, check_strided, resolve_k
 from .functional import _any_autocast, resolve_backend
-from .nn import _MePropSettings, _share_hooks
+from .nn import _lost_in_swap, _MePropSettings, _share_hooks
 
 __all__ = ["MePropConv1D", "meprop_conv1d", "is_conv1d"]
 
@@ -480,6 +480,9 @@ class MePropConv1D(_MePropSettings, nn.Module):
         unknown = set(options) - set(_SETTINGS[1:])
         if unknown:
             raise TypeError(f"from_conv1d got unexpected option(s): {', '.join(sorted(unknown))}")
+        lost = _lost_in_swap(layer, ("weight", "bias"))
+        if lost is not None:
+            raise TypeError(f"from_conv1d cannot wrap this {type(layer).__name__}: {lost}")
         weight = layer.weight
         nx, nf = weight.shape
         new = cls(nf, nx, k=k, bias=layer.bias is not None, device="meta", dtype=weight.dtype, **options)

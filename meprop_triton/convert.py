@@ -20,7 +20,7 @@ from torch import nn
 
 from ._validation import check_k, check_options
 from .conv1d import MePropConv1D, is_conv1d
-from .nn import MePropLinear, MePropLSTM
+from .nn import MePropLinear, MePropLSTM, _lost_in_swap
 
 __all__ = ["convert", "ConversionReport", "meprop_settings", "apply_settings"]
 
@@ -125,6 +125,10 @@ def _swapped(module: nn.Module, kind: str, k, options: dict) -> nn.Module:
     if kind == "conv1d":
         return MePropConv1D.from_conv1d(module, k=k, **options)
     return MePropLinear.from_linear(module, k=k, **options)
+
+
+def _own_params(module: nn.Module, kind: str) -> tuple:
+    return tuple(module._flat_weights_names) if kind == "lstm" else ("weight", "bias")
 
 
 def _swapped_named(what: str, module: nn.Module, kind: str, k, options: dict) -> nn.Module:
@@ -264,8 +268,11 @@ def convert(
                 kept.setdefault(id(child), why)
         else:
             candidates.append((name, parent, attr, child, kind))
+            lost = _lost_in_swap(child, _own_params(child, kind))
             if excluded(name, child):
                 kept[id(child)] = f"excluded (as {name or 'the model'})"
+            elif lost is not None:
+                kept.setdefault(id(child), f"{lost}; not swapped")
             elif id(child) not in kept and id(child) not in seen and tied == "skip":
                 others = _tied_with(child, owners, first)
                 if others:
@@ -386,6 +393,9 @@ def apply_settings(model: nn.Module, settings: Mapping[str, Mapping]) -> nn.Modu
                 f"settings[{name!r}] record a {entry['type']}, but this model's {name!r} is a "
                 f"{type(module).__name__}, which cannot become one"
             )
+        lost = _lost_in_swap(module, _own_params(module, kind))
+        if lost is not None:
+            raise ValueError(f"settings[{name!r}]: this model's {name!r} cannot be swapped: {lost}")
         setting = {"k": entry["k"], **options}
         for other, other_module, _, other_setting in plan:
             if other_module is module and _typed(other_setting) != _typed(setting):  # k=1 is not k=1.0

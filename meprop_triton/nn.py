@@ -31,6 +31,22 @@ class SelectionStats(NamedTuple):
     hit_rate: Tensor
 
 
+def _lost_in_swap(module: nn.Module, own: tuple) -> str | None:
+    """What swapping ``module`` for a meProp layer would lose (None: nothing): a forward
+    set on the instance (as accelerate's hooks set one), or parameters, buffers or
+    submodules besides its own (``own``: its parameters' names)."""
+    if "forward" in module.__dict__:
+        return "its forward is replaced on the instance (as accelerate's hooks do), which a meProp layer would lose"
+    if not isinstance(module._parameters.get(own[0]), nn.Parameter):
+        return None  # computed (pruned, parametrized): from_* refuses it, saying how to fix it
+    extra = [n for n, p in module._parameters.items() if p is not None and n not in own]
+    extra += [n for n, b in module._buffers.items() if b is not None and n != "selection_counts"]
+    extra += [n for n, m in module._modules.items() if m is not None]
+    if extra:
+        return f"it holds {', '.join(extra)} besides its own parameters, which a meProp layer would lose"
+    return None
+
+
 def _share_hooks(old: nn.Module, new: nn.Module) -> None:
     """Share ``old``'s hook registries with ``new`` (the objects, not copies), so a handle
     from the old layer still removes its hook and hooks registered before a swap keep
@@ -41,6 +57,9 @@ def _share_hooks(old: nn.Module, new: nn.Module) -> None:
             new.__dict__[name] = old.__dict__[name]
     if "_is_full_backward_hook" in old.__dict__:
         new.__dict__["_is_full_backward_hook"] = old.__dict__["_is_full_backward_hook"]
+    for name, value in old.__dict__.items():  # plain attributes a user set (tags, flags)
+        if not name.startswith("_") and name not in new.__dict__:
+            new.__dict__[name] = value
 
 
 _HOOK_DICTS = (
@@ -228,6 +247,9 @@ class MePropLinear(_MePropSettings, nn.Linear):
         unknown = set(options) - {"unified", "selection", "sparse_grad", "backend", "track_selection"}
         if unknown:
             raise TypeError(f"from_linear got unexpected option(s): {', '.join(sorted(unknown))}")
+        lost = _lost_in_swap(linear, ("weight", "bias"))
+        if lost is not None:
+            raise TypeError(f"from_linear cannot wrap this {type(linear).__name__}: {lost}")
         if not isinstance(linear._parameters.get("weight"), nn.Parameter):
             raise TypeError(
                 "from_linear needs a layer whose weight is a Parameter; this one's is computed "
@@ -465,6 +487,9 @@ class MePropLSTM(nn.LSTM):
         """A ``MePropLSTM`` sharing ``lstm``'s Parameter objects (no copy)."""
         if not isinstance(lstm, nn.LSTM):
             raise TypeError(f"from_lstm expects an nn.LSTM; got {type(lstm).__name__}")
+        lost = _lost_in_swap(lstm, tuple(lstm._flat_weights_names))
+        if lost is not None:
+            raise TypeError(f"from_lstm cannot wrap this {type(lstm).__name__}: {lost}")
         new = cls(
             lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias, batch_first=lstm.batch_first,
             dropout=lstm.dropout, bidirectional=lstm.bidirectional, proj_size=lstm.proj_size,

@@ -422,3 +422,38 @@ def test_convert_names_the_layer_it_cannot_convert():
     with pytest.raises(NotImplementedError, match=r"cannot convert rnn: MePropLSTM does not support proj_size"):
         convert(model, k=2, lstm=True)
     assert type(model["a"]) is nn.Linear
+
+
+def _with_instance_forward(lin: nn.Linear) -> nn.Linear:
+    """What accelerate's add_hook_to_module does: a forward set on the instance."""
+    import types
+
+    lin.register_buffer("scale", torch.full((lin.out_features,), 2.0))
+    inner = lin.forward
+    lin.forward = types.MethodType(lambda self, x: inner(x) * self.scale, lin)
+    return lin
+
+
+def test_a_layer_whose_instance_carries_more_stays_dense_and_says_why():
+    """A swap would lose a forward set on the instance, or parameters / buffers /
+    submodules besides weight and bias: such a layer stays dense (report) and from_linear
+    / apply_settings refuse it; plain attributes set on it are carried over."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_with_instance_forward(nn.Linear(4, 6)), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    model[2].register_buffer("stats", torch.zeros(5))
+    model[4].tag = "head"
+    x = torch.randn(3, 4)
+    before, keys = model(x), list(model.state_dict())
+    _, report = convert(model, k=2, report=True)
+    assert report.converted == {"4": "Linear"}
+    assert "forward is replaced on the instance" in report.left_dense["0"]
+    assert "it holds stats besides its own parameters" in report.left_dense["2"]
+    assert type(model[4]) is MePropLinear and model[4].tag == "head"
+    assert torch.equal(model(x), before) and list(model.state_dict()) == keys
+    with pytest.raises(TypeError, match=r"from_linear cannot wrap this Linear: its forward is replaced"):
+        MePropLinear.from_linear(model[0], k=2)
+    fresh = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5))
+    fresh[2].register_buffer("stats", torch.zeros(5))
+    with pytest.raises(ValueError, match=r"settings\['2'\]: this model's '2' cannot be swapped: it holds stats"):
+        apply_settings(fresh, {"0": {"type": "MePropLinear", "k": 2}, "2": {"type": "MePropLinear", "k": 2}})
+    assert type(fresh[0]) is nn.Linear
