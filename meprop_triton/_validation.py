@@ -114,14 +114,30 @@ def check_linear_args(input, weight, bias) -> None:
         )
 
 
-def check_strided(input, weight, bias, what: str = "meProp's backward") -> None:
-    """Refuse sparse (or other non-strided) tensors where ``what`` needs dense ones."""
+_SPARSE = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+
+def check_strided(input, weight, bias, what: str = "meProp's backward", sparse_input: bool = False) -> None:
+    """Refuse tensors other than dense (strided) ones where ``what`` needs dense ones;
+    ``sparse_input``: a sparse input that needs no gradient is taken (MePropLinear's
+    backward reads it densified, for the weight gradient)."""
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
-        if t is not None and t.layout != torch.strided:
-            raise TypeError(
-                f"{what} needs dense (strided) tensors; {name} has layout {t.layout}: pass "
-                f"{name}.to_dense()" + (", or run the forward under torch.no_grad()" if what == "meProp's backward" else "")
-            )
+        if t is None or t.layout == torch.strided:
+            continue
+        if t.layout in _SPARSE:
+            if sparse_input and name == "input":
+                if not t.requires_grad:
+                    continue
+                raise TypeError(
+                    f"{what} takes a sparse input only when the input needs no gradient; this one has "
+                    f"layout {t.layout} and requires grad: pass input.to_dense()"
+                )
+            raise TypeError(f"{what} needs dense (strided) tensors; {name} has layout {t.layout}: pass {name}.to_dense()")
+        raise TypeError(  # a nested tensor (torch.jagged), or a layout this code does not know
+            f"{what} needs dense (strided) tensors; {name} has layout {t.layout}"
+            + (": apply the layer to its packed rows (input.values()) and nest the result again"
+               if name == "input" and str(t.layout) == "torch.jagged" else "")
+        )
 
 
 def check_dtype_arg(dtype) -> None:

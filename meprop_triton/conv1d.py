@@ -128,13 +128,11 @@ def _forward(x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def _save(ctx, x2d, weight, k, backend, unified, selection, generator, counts) -> None:
     ctx.k, ctx.backend, ctx.unified, ctx.selection = k, backend, unified, selection
     ctx.generator, ctx.counts = generator, counts
-    need_x, need_w = ctx.needs_input_grad[:2]
-    if (need_x and need_w) or backend != "torch":
+    if ctx.needs_input_grad[1] or backend != "torch":
         ctx.save_for_backward(x2d, weight)
-    else:  # as MePropLinear: only what the backward reads (see functional._shape_of)
-        from .functional import _shape_of
-
-        ctx.save_for_backward(x2d if need_w else _shape_of(x2d), weight if need_x else _shape_of(weight))
+    else:  # a frozen weight: the input is not kept (see functional._stand_in)
+        ctx.save_for_backward(None, weight)
+        ctx.x_spec = (x2d.shape, x2d.dtype)
     if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): jvp may follow
         ctx.save_for_forward(x2d, weight)
 
@@ -201,10 +199,16 @@ def _count(counts: Tensor, idx: Tensor | None, rows: int) -> None:
 
 def _backward(ctx, grad: Tensor):
     x, weight = ctx.saved_tensors  # x (M, in), weight (in, out)
-    if reference.is_legacy_batched(grad):
+    if x is None:
+        from .functional import _stand_in
+
+        x = _stand_in(ctx.x_spec)
+    backend = ctx.backend
+    if reference.is_legacy_batched(grad):  # the torch path, as under torch.func.vmap
         from .functional import _unbatchable
 
         reference.refuse_legacy_batched("MePropConv1D", _unbatchable(ctx.selection, False, ctx.counts))
+        backend = "torch"
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     n_out = weight.shape[1]
     k = ctx.k
@@ -214,12 +218,12 @@ def _backward(ctx, grad: Tensor):
         gx = F.linear(grad, weight) if need_x else None  # grad @ weight.t()
         gw = x.t() @ grad if need_w else None
         gb = grad.sum(0) if need_b else None
-    elif ctx.backend == "triton" and ctx.unified and ctx.selection == "topk":
+    elif backend == "triton" and ctx.unified and ctx.selection == "topk":
         if need_x or need_w:
             gx, gw, gb, idx = _triton_unified_topk(grad, x, weight, k, need_x, need_w, need_b)
         else:
             gb = grad.sum(0) if need_b else None
-    elif ctx.backend == "triton" and not ctx.unified:
+    elif backend == "triton" and not ctx.unified:
         gx, gw_t, gb, idx = _triton_backward(ctx, grad, x, weight.t(), k, (need_x, need_w, need_b))
         gw = gw_t.t() if gw_t is not None else None
     elif ctx.unified:

@@ -173,11 +173,11 @@ class _EagerMePropFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, settings):
         ctx.settings = settings
-        need_x, need_w = ctx.needs_input_grad[:2]
-        if (need_x and need_w) or settings[1] != "torch":
+        if ctx.needs_input_grad[1] or settings[1] != "torch":
             ctx.save_for_backward(x, weight)
-        else:  # as nn.Linear: a frozen layer does not keep its input alive, nor ...
-            ctx.save_for_backward(x if need_w else _shape_of(x), weight if need_x else _shape_of(weight))
+        else:  # a frozen weight: as nn.Linear, the input is not kept (see _stand_in)
+            ctx.save_for_backward(None, weight)
+            ctx.x_spec = (x.shape, x.dtype)
         if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): jvp may follow
             ctx.save_for_forward(x, weight)
         return F.linear(x, weight, bias)
@@ -191,13 +191,15 @@ class _EagerMePropFunction(torch.autograd.Function):
         return _linear_jvp(ctx, x_t, w_t, b_t)
 
 
-def _shape_of(t: Tensor) -> Tensor:
-    """A stand-in, saved for a backward that needs only ``t``'s shape and dtype: a tensor
-    on the meta device (no memory; any arithmetic with it fails loudly). Keeping ``t``
-    itself would hold a frozen layer's input until the backward, and make an in-place
-    change of it an error there, where ``nn.Linear`` keeps neither (the torch path only:
-    the Triton ops take real tensors)."""
-    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+def _stand_in(spec) -> Tensor:
+    """The input of a layer whose weight is frozen, as its backward sees it: its shape and
+    dtype on the meta device (no memory; any arithmetic with it fails loudly). Keeping the
+    input itself would hold it until the backward, for nothing, and make an in-place
+    change of it an error there, where ``nn.Linear`` keeps neither. Recorded as a shape
+    rather than saved as a tensor, so that saved-tensor hooks (``save_on_cpu``,
+    activation offloading) never see it (the torch path only: the Triton ops take real
+    tensors)."""
+    return torch.empty(spec[0], dtype=spec[1], device="meta")
 
 
 def _linear_jvp(ctx, x_t, w_t, b_t):
@@ -296,11 +298,18 @@ def _backward(ctx, grad_output: Tensor):
         with torch.autocast(grad_output.device.type, enabled=False):
             return _backward(ctx, grad_output)
     x, weight = ctx.saved_tensors
+    if x is None:
+        x = _stand_in(ctx.x_spec)
+    elif not torch.compiler.is_compiling() and x.layout != torch.strided:
+        # a sparse input (needing no gradient): grad_W reads its rows. (Dynamo traces this
+        # backward in a strict mode that refuses reading .layout; it never sees sparse.)
+        x = x.to_dense()
     needs = ctx.needs_input_grad[:3]
     k, backend, unified, selection, sparse, generator, counts = ctx.settings
     batched = reference.is_legacy_batched(grad_output)
-    if batched:  # each batched grad_output its own backward, as under torch.func.vmap
+    if batched:  # each batched grad_output its own backward, by the torch path, as under torch.func.vmap
         reference.refuse_legacy_batched("MePropLinear", _unbatchable(selection, sparse, counts))
+        backend = "torch"
     if torch._C._are_functorch_transforms_active():
         # Under torch.func the gradients come from a Function of their own, which has a
         # vmap rule (vmap over a backward: each vmapped entry its own backward call) and
@@ -696,7 +705,7 @@ def meprop_linear(
         t is not None and t.requires_grad for t in (input, weight, bias)
     ):
         return F.linear(input, weight, bias)
-    check_strided(input, weight, bias)  # F.linear takes a sparse input; the backward could not
+    check_strided(input, weight, bias, sparse_input=True)  # F.linear takes more than the backward
     args = (input, weight, bias, k_units, resolved, unified, selection, sparse_grad, generator, counts)
     if dtype is None:
         return apply_meprop(*args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -318,7 +319,7 @@ class MePropLinear(_MePropSettings, nn.Linear):
                 if bias is not None and bias.shape[0] != out_features:
                     return self._checked_forward(input)  # a broadcastable bias F.linear would take
                 if input.layout is not _STRIDED:
-                    return self._checked_forward(input)  # a sparse input: refused there, with the reason
+                    return self._checked_forward(input)  # a sparse or nested input: checked there
                 k_for = self._k_for
                 if k_for[0] != out_features:
                     k_for = self.__dict__["_k_for"] = (out_features, resolve_k(self._k, out_features))
@@ -446,7 +447,8 @@ class MePropLSTM(nn.LSTM):
     def __init__(self, *args, k, unified: bool = True, selection: str = "topk", sparse_grad: bool = False,
                  **kwargs) -> None:
         proj_size = kwargs.get("proj_size", args[7] if len(args) > 7 else 0)
-        if isinstance(proj_size, int) and proj_size > 0:  # nn.LSTM itself refuses a negative one
+        if isinstance(proj_size, numbers.Integral) and not isinstance(proj_size, bool) and proj_size > 0:
+            # (nn.LSTM itself refuses a negative one)
             raise NotImplementedError(f"MePropLSTM does not support proj_size > 0 yet; got proj_size={proj_size}, use 0")
         check_k(k, "hidden_size")
         check_options(unified=unified, selection=selection, sparse_grad=sparse_grad)
@@ -557,6 +559,12 @@ class MePropLSTM(nn.LSTM):
             )
         weights = self._flat_weights
         dtype = _autocast_dtype(x)
+        if dtype is not None and self._sparse_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"sparse_grad=True cannot run under torch.autocast: autocast's cast of the weights "
+                f"to {dtype} cannot pass sparse gradients back to them; keep the parameters in "
+                f"{dtype} instead of autocasting, or use sparse_grad=False"
+            )
         if dtype is not None:
             def cast(t):
                 return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t

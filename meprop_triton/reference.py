@@ -89,10 +89,13 @@ def refuse_legacy_batched(layer: str, what: str | None) -> None:
     """Raise for a setting that cannot run under torch's older vmap (``what``: it; ``""``:
     the layer cannot at all; None: it can)."""
     if what is not None:
+        # torch.func.vmap runs random selection (with its randomness argument) and the
+        # selection counters; not sparse gradients, nor MePropLSTM
+        func_ok = what in ("selection='random'", "track_selection=True")
         raise NotImplementedError(
             f"{layer}{' with ' + what if what else ''} cannot run a batched backward (autograd.grad(..., "
             f"is_grads_batched=True), or jacobian / hessian with vectorize=True); use "
-            f"vectorize=False, a loop over the grad_outputs, or torch.func.vmap"
+            f"vectorize=False or a loop over the grad_outputs" + (", or torch.func.vmap" if func_ok else "")
         )
 
 
@@ -208,7 +211,7 @@ def per_example_topk_indices(grad: Tensor, k: int, *, sort: bool = True) -> Tens
     key, so ``topk`` has no ties to break; fp64 uses a stable sort.
     """
     M, out = grad.shape
-    if grad.dtype == torch.float64:
+    if grad.dtype == torch.float64 or is_legacy_batched(grad):  # (torch's older vmap cannot view bits)
         a = grad.abs().nan_to_num_(nan=math.inf, posinf=math.inf)
         idx = torch.sort(a, dim=1, descending=True, stable=True).indices[:, :k]
         return idx.sort(dim=1).values if sort else idx

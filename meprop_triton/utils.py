@@ -166,8 +166,16 @@ def clip_grad_norm_(
     summed) and its stored values count towards the norm and are scaled. Returns the
     total norm, as torch's does.
     """
-    if isinstance(max_norm, Tensor) and max_norm.numel() == 1:  # as float() took it before
+    # As torch's: a number, a one-element tensor, or a string such as 'inf' for norm_type.
+    if isinstance(max_norm, Tensor) and max_norm.numel() == 1:
         max_norm = max_norm.item()
+    if isinstance(norm_type, Tensor) and norm_type.numel() == 1:
+        norm_type = norm_type.item()
+    if isinstance(norm_type, str):
+        try:
+            norm_type = float(norm_type)
+        except ValueError:
+            raise ValueError(f"norm_type must be a real number or 'inf'; got {norm_type!r}") from None
     for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
             raise ValueError(f"{name} must be a real number; got {value!r}")

@@ -6,6 +6,8 @@ of single backwards; settings that cannot be batched are refused with the reason
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -30,6 +32,46 @@ def test_linear_batched_backward_is_a_loop_of_backwards(opts, shape):
     layer = MePropLinear(5, 7, **{"k": 2, **opts}, dtype=torch.float64)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     _batched_equals_a_loop(layer, x, [x, layer.weight, layer.bias])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
+def test_16_and_32_bit_batched_backward_is_a_loop_of_backwards(unified, dtype):
+    """fp32 / bf16 per-example selection packs each |g|'s bits into a key: a dtype view
+    torch's older vmap cannot batch, so the batched backward takes the stable sort."""
+    torch.manual_seed(0)
+    layer = MePropLinear(5, 7, k=2, unified=unified, dtype=dtype)
+    x = torch.randn(3, 5, dtype=dtype, requires_grad=True)
+    out = layer(x)
+    V = torch.randn(4, *out.shape, dtype=dtype)
+    batched = torch.autograd.grad(out, [x, layer.weight], V, is_grads_batched=True, retain_graph=True)
+    for i in range(4):
+        single = torch.autograd.grad(out, [x, layer.weight], V[i], retain_graph=True)
+        for b, s in zip(batched, single):
+            torch.testing.assert_close(b[i], s)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_triton_backend_batched_backward_takes_the_torch_path(kind, monkeypatch):
+    """backend='triton' (what CUDA tensors get by default; here through the interpreter):
+    the batched backward runs the torch path, as under torch.func.vmap."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = MePropLinear(5, 7, k=2, backend="triton")
+    else:
+        layer = MePropConv1D(7, 5, k=2, backend="triton")
+    x = torch.randn(3, 5, requires_grad=True)
+    out = layer(x)
+    V = torch.randn(4, *out.shape)
+    batched = torch.autograd.grad(out, [x, layer.weight], V, is_grads_batched=True, retain_graph=True)
+    torch_layer = copy.deepcopy(layer)
+    torch_layer.backend = "torch"
+    out_t = torch_layer(x)
+    for i in range(4):
+        single = torch.autograd.grad(out_t, [x, torch_layer.weight], V[i], retain_graph=True)
+        for b, s in zip(batched, single):
+            torch.testing.assert_close(b[i], s)
 
 
 @pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
@@ -65,5 +107,7 @@ def test_settings_that_cannot_be_batched_are_refused_with_the_way_out(make, what
     x = torch.randn(3, 5, requires_grad=True)
     out = layer(x)
     out = out[0] if isinstance(out, tuple) else out
-    with pytest.raises(NotImplementedError, match=what + r".*batched backward.*vectorize=False"):
+    with pytest.raises(NotImplementedError, match=what + r".*batched backward.*vectorize=False") as caught:
         torch.autograd.grad(out, [x], torch.randn(2, *out.shape), is_grads_batched=True)
+    # torch.func.vmap is offered only where it runs the setting
+    assert ("torch.func.vmap" in str(caught.value)) == ("random" in what or "track_selection" in what)

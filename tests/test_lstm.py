@@ -477,3 +477,21 @@ def test_a_backward_to_be_differentiated_is_refused_by_name(k):
     with pytest.raises(NotImplementedError, match="create_graph=True"):
         lstm(x)[0].sum().backward(create_graph=True)
     assert x.grad is None and all(p.grad is None for p in lstm.parameters())
+
+
+def test_sparse_grad_under_autocast_is_refused_before_any_work():
+    torch.manual_seed(0)
+    lstm = MePropLSTM(5, 7, k=2, sparse_grad=True)
+    head = nn.Linear(7, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="sparse_grad=True cannot run under torch.autocast"):
+        head(lstm(torch.randn(4, 3, 5))[0]).float().sum().backward()
+    assert all(p.grad is None for p in [*lstm.parameters(), *head.parameters()])
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert lstm(torch.randn(4, 3, 5))[0].dtype == torch.bfloat16  # no backward: runs
+
+
+def test_proj_size_as_a_numpy_int_is_refused_too():
+    import numpy as np
+
+    with pytest.raises(NotImplementedError, match=r"proj_size > 0 yet; got proj_size=2"):
+        MePropLSTM(5, 7, k=2, proj_size=np.int64(2))

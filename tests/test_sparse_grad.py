@@ -214,3 +214,17 @@ def test_clip_grad_norm_takes_numpy_and_tensor_max_norms():
         p.grad = torch.tensor([3.0, -4.0, 0.0])
         meprop_triton.clip_grad_norm_([p], max_norm=max_norm)
         torch.testing.assert_close(p.grad.norm(), torch.tensor(float(max_norm)), atol=1e-5, rtol=1e-5)
+
+
+def test_clip_grad_norm_takes_norm_type_as_torch_does():
+    for norm_type in ("inf", float("inf"), torch.tensor(2.0), 1):
+        p = nn.Parameter(torch.zeros(3))
+        p.grad = torch.tensor([3.0, -4.0, 0.0])
+        q = nn.Parameter(torch.zeros(3))
+        q.grad = p.grad.clone()
+        total = meprop_triton.clip_grad_norm_([p], max_norm=1.0, norm_type=norm_type)
+        want = torch.nn.utils.clip_grad_norm_([q], max_norm=1.0, norm_type=norm_type)
+        torch.testing.assert_close(total, want)
+        torch.testing.assert_close(p.grad, q.grad)
+    with pytest.raises(ValueError, match=r"norm_type must be a real number or 'inf'; got 'two'"):
+        meprop_triton.clip_grad_norm_([p], max_norm=1.0, norm_type="two")

@@ -382,25 +382,50 @@ _CSR_BETA = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in b
 
 
 @_CSR_BETA
+@pytest.mark.parametrize("k", [2, 5], ids=["k2", "dense-k"])
 @pytest.mark.parametrize("opts", [{}, {"unified": False}, {"unified": False, "sparse_grad": True},
-                                  {"selection": "random"}], ids=["unified", "per-example", "sparse_grad", "random"])
+                                  {"sparse_grad": True}, {"selection": "random"}],
+                         ids=["unified", "per-example", "per-example-sparse_grad", "sparse_grad", "random"])
 @pytest.mark.parametrize("make,layout", _SPARSE_INPUTS)
-def test_sparse_input_is_refused_at_call_time_when_a_backward_would_follow(make, layout, opts):
-    """F.linear takes a sparse input, so the forward would pass and the backward crash,
-    after the layers behind it had written their gradients. It is refused at the call;
-    under no_grad (no backward) the layer still computes what nn.Linear does."""
+def test_a_sparse_input_trains_as_the_dense_one(make, layout, opts, k):
+    """As with nn.Linear, a sparse input (data: it needs no gradient) trains the layer:
+    the gradients are those of the same input dense (the backward reads it densified)."""
     torch.manual_seed(0)
-    model = nn.Sequential(MePropLinear(4, 5, k=2, **opts), nn.ReLU(), nn.Linear(5, 3))
-    x = make(torch.randn(6, 4))
+    x = torch.randn(6, 4) * (torch.rand(6, 4) < 0.5)
+
+    def grads(inp):
+        torch.manual_seed(0)
+        model = nn.Sequential(MePropLinear(4, 5, k=k, **opts), nn.ReLU(), nn.Linear(5, 3))
+        torch.manual_seed(1)  # the random draws
+        model(inp).sum().backward()
+        return [p.grad.to_dense() for p in model.parameters()]
+
+    for got, want in zip(grads(make(x)), grads(x)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@_CSR_BETA
+@pytest.mark.parametrize("make,layout", _SPARSE_INPUTS)
+def test_a_sparse_input_that_requires_grad_is_refused_at_the_call(make, layout):
+    torch.manual_seed(0)
+    model = nn.Sequential(MePropLinear(4, 5, k=2), nn.ReLU(), nn.Linear(5, 3))
+    x = make(torch.randn(6, 4)).requires_grad_()
     before = snapshot(model)
-    msg = rf"meProp's backward needs dense \(strided\) tensors; input has layout {layout}: pass input\.to_dense\(\)"
+    msg = rf"takes a sparse input only when the input needs no gradient; this one has layout {layout} and requires grad"
     with pytest.raises(TypeError, match=msg):
         model(x)
     with pytest.raises(TypeError, match=msg):
-        meprop_linear(x, model[0].weight, model[0].bias, k=2, **opts)
+        meprop_linear(x, model[0].weight, model[0].bias, k=2)
     assert_unchanged(model, before)
-    with torch.no_grad():
+    with torch.no_grad():  # no backward to come: what nn.Linear computes
         assert torch.equal(model[0](x), nn.functional.linear(x, model[0].weight, model[0].bias))
+
+
+def test_a_nested_input_is_refused_with_the_way_to_run_it():
+    layer = MePropLinear(4, 5, k=2)
+    nt = torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(3, 4)], layout=torch.jagged)
+    with pytest.raises(TypeError, match=r"layout torch.jagged: apply the layer to its packed rows \(input.values\(\)\)"):
+        layer(nt)
 
 
 @_CSR_BETA
