@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._validation import check_dtype_arg, check_k, check_options, check_strided, resolve_k
-from .functional import _any_autocast, resolve_backend
+from .functional import _any_autocast, _linear_jvp, resolve_backend
 from .nn import _lost_in_swap, _MePropSettings, _share_hooks
 
 __all__ = ["MePropConv1D", "meprop_conv1d", "is_conv1d"]
@@ -137,19 +137,6 @@ def _save(ctx, x2d, weight, k, backend, unified, selection, generator, counts) -
         ctx.save_for_forward(x2d, weight)
 
 
-def _jvp(ctx, x_t, w_t, b_t):
-    """Forward-mode derivative of the unchanged forward ``x W + b`` (W stored (in, out))."""
-    x, weight = ctx.saved_tensors
-    out = None
-    if x_t is not None:
-        out = x_t @ weight
-    if w_t is not None:
-        out = x @ w_t if out is None else out + x @ w_t
-    if b_t is not None:
-        out = b_t.expand(x.shape[0], b_t.shape[-1]).clone() if out is None else out + b_t
-    return out
-
-
 class MePropConv1DFunction(torch.autograd.Function):
     """``x @ weight + bias`` (weight ``(in, out)``) forward, meProp backward: the form
     ``torch.func`` transforms and ``torch.compile`` need (a separate ``setup_context``)."""
@@ -183,7 +170,7 @@ class _EagerConv1DFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_t, w_t, b_t, *_):
-        return _jvp(ctx, x_t, w_t, b_t)
+        return _linear_jvp(ctx, x_t, w_t, b_t, transposed=True)
 
 
 def _count(counts: Tensor, idx: Tensor | None, rows: int) -> None:

@@ -82,6 +82,15 @@ except AttributeError:  # pragma: no cover - older torch
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
+def sparse_under_autocast(dtype: torch.dtype) -> ValueError:
+    """The refusal of ``sparse_grad=True`` under autocast (MePropLinear's and MePropLSTM's)."""
+    return ValueError(
+        f"sparse_grad=True cannot run under torch.autocast: autocast's cast of the weights "
+        f"to {dtype} cannot pass sparse gradients back to them; keep the parameters in "
+        f"{dtype} instead of autocasting, or use sparse_grad=False"
+    )
+
+
 def _autocast_dtype(input) -> torch.dtype | None:
     """The dtype autocast would run ``F.linear`` in for ``input``, None when it is off."""
     if not isinstance(input, Tensor):
@@ -202,10 +211,13 @@ def _stand_in(spec) -> Tensor:
     return torch.empty(spec[0], dtype=spec[1], device="meta")
 
 
-def _linear_jvp(ctx, x_t, w_t, b_t):
+def _linear_jvp(ctx, x_t, w_t, b_t, transposed: bool = False):
     """Forward-mode derivative of the unchanged forward ``F.linear(x, W, b)``:
-    ``x_t Wᵀ + x w_tᵀ + b_t`` (meProp changes only the backward)."""
+    ``x_t Wᵀ + x w_tᵀ + b_t`` (meProp changes only the backward). ``transposed``: the
+    weight is stored ``(in, out)`` (MePropConv1D's ``x W + b``)."""
     x, weight = ctx.saved_tensors
+    if transposed:
+        weight, w_t = weight.t(), None if w_t is None else w_t.t()
     out = None
     if x_t is not None:
         out = F.linear(x_t, weight)
@@ -298,15 +310,16 @@ def _backward(ctx, grad_output: Tensor):
         with torch.autocast(grad_output.device.type, enabled=False):
             return _backward(ctx, grad_output)
     x, weight = ctx.saved_tensors
+    # (Dynamo traces this backward in a strict mode that refuses reading .layout; what it
+    # compiles is never sparse, nor a batched tensor of torch's older vmap.)
+    eager = not torch.compiler.is_compiling()
     if x is None:
         x = _stand_in(ctx.x_spec)
-    elif not torch.compiler.is_compiling() and x.layout != torch.strided:
-        # a sparse input (needing no gradient): grad_W reads its rows. (Dynamo traces this
-        # backward in a strict mode that refuses reading .layout; it never sees sparse.)
+    elif eager and x.layout != torch.strided:  # a sparse input (needing no gradient): grad_W reads its rows
         x = x.to_dense()
     needs = ctx.needs_input_grad[:3]
     k, backend, unified, selection, sparse, generator, counts = ctx.settings
-    batched = reference.is_legacy_batched(grad_output)
+    batched = eager and reference.is_legacy_batched(grad_output)
     if batched:  # each batched grad_output its own backward, by the torch path, as under torch.func.vmap
         reference.refuse_legacy_batched("MePropLinear", _unbatchable(selection, sparse, counts))
         backend = "torch"
@@ -320,7 +333,7 @@ def _backward(ctx, grad_output: Tensor):
         backend == "torch" and unified and selection == "topk" and not sparse
         and k < weight.shape[0] and grad_output.dim() == 2 and x.dim() == 2
         and grad_output.is_cpu and counts is None and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling() and not batched
+        and eager and not batched
     ):  # a backward with create_graph=True records the general route's ops (no out= there)
         return _cpu_unified_topk(grad_output, x, weight, k, needs)
     gx, gw, gb, _ = _gradients(grad_output, x, weight, k, backend, unified, selection, sparse, generator, counts, needs)
@@ -672,11 +685,7 @@ def meprop_linear(
 
     dtype = _autocast_dtype(input)
     if dtype is not None and sparse_grad:
-        raise ValueError(
-            f"sparse_grad=True cannot run under torch.autocast: autocast's cast of the weight "
-            f"to {dtype} cannot pass a sparse gradient back to it; keep the parameters in "
-            f"{dtype} instead of autocasting, or use sparse_grad=False"
-        )
+        raise sparse_under_autocast(dtype)
     if dtype is not None and isinstance(weight, Tensor):
         # Do autocast's cast here, differentiably, and save the low-precision copies.
         def cast(t):

@@ -12,7 +12,10 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from ._validation import check_dtype_arg, check_k, check_linear_args, check_options, check_strided, resolve_k
-from .functional import _DDP, _any_autocast, _autocast_dtype, _refuse_sparse_under_ddp, apply_meprop, meprop_linear, resolve_backend
+from .functional import (
+    _DDP, _any_autocast, _autocast_dtype, _refuse_sparse_under_ddp, apply_meprop, meprop_linear, resolve_backend,
+    sparse_under_autocast,
+)
 
 _STRIDED = torch.strided
 
@@ -560,11 +563,7 @@ class MePropLSTM(nn.LSTM):
         weights = self._flat_weights
         dtype = _autocast_dtype(x)
         if dtype is not None and self._sparse_grad and torch.is_grad_enabled():
-            raise ValueError(
-                f"sparse_grad=True cannot run under torch.autocast: autocast's cast of the weights "
-                f"to {dtype} cannot pass sparse gradients back to them; keep the parameters in "
-                f"{dtype} instead of autocasting, or use sparse_grad=False"
-            )
+            raise sparse_under_autocast(dtype)
         if dtype is not None:
             def cast(t):
                 return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
