@@ -285,24 +285,14 @@ def _fake_conv1d_unified_topk_backward(grad, x, weight, k, need_x, need_w, need_
     )
 
 
-_conv1d_op = None
-
-
 def _triton_unified_topk(grad, x, weight, k, need_x, need_w, need_b):
-    """``torch.ops.meprop_triton.conv1d_unified_topk_backward``, registered on first use
-    (importing triton then, never at package import) as the other Triton ops are: a
-    ``triton_op`` that ``torch.compile`` traces into, or under the interpreter an opaque
-    custom op with a fake."""
-    global _conv1d_op
+    """``torch.ops.meprop_triton.conv1d_unified_topk_backward``: registered with the other
+    Triton ops when ``triton_ops`` is first imported (importing triton then, never at
+    package import), so that registering it is never part of what ``torch.compile``
+    traces. A ``triton_op`` that ``torch.compile`` traces into, or under the interpreter
+    an opaque custom op with a fake."""
     from . import triton_ops
 
-    if _conv1d_op is None:
-        if triton_ops.INTERPRETED:
-            op = torch.library.custom_op(CONV1D_OP_NAME, mutates_args=())(_conv1d_unified_topk_backward)
-            op.register_fake(_fake_conv1d_unified_topk_backward)
-        else:
-            op = torch.library.triton_op(CONV1D_OP_NAME, mutates_args=())(_conv1d_unified_topk_backward)
-        _conv1d_op = op
     gx, gw, gb, idx = triton_ops.call_op(
         "conv1d_unified_topk_backward", _conv1d_unified_topk_backward,
         (grad, x, weight, int(k), bool(need_x), bool(need_w), bool(need_b)), (grad, x, weight),

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
+from . import conv1d as _conv1d
 from .kernels import _launch
 from .kernels import scores as _scores
 from .kernels.matmul import gather_columns, gathered_grad_input, scattered_grad_weight
@@ -374,6 +375,12 @@ def _register(name, fn, fake):
 _per_example_op = _register(PER_EXAMPLE_OP_NAME, _per_example_topk_backward, _fake_with_k)
 _per_example_idx_op = _register(PER_EXAMPLE_IDX_OP_NAME, _per_example_backward_from_indices, _fake_with_idx)
 _unified_idx_op = _register(UNIFIED_IDX_OP_NAME, _unified_backward_from_indices, _fake_with_idx)
+# MePropConv1D's unified top-k (its body and fake live with the layer). Registered here,
+# at import, never on a layer's first backward: that may run inside torch.compile's
+# trace, which refuses to trace torch.library.triton_op and would break the graph.
+_conv1d_op = _register(
+    _conv1d.CONV1D_OP_NAME, _conv1d._conv1d_unified_topk_backward, _conv1d._fake_conv1d_unified_topk_backward
+)
 
 
 def _check_linear(grad: Tensor, x: Tensor, weight: Tensor) -> None:

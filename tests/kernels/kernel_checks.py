@@ -16,6 +16,20 @@ _env = os.environ.get("TRITON_INTERPRET")
 INTERPRET = _env.strip().lower() in ("1", "true", "yes", "on") if _env is not None else not CUDA
 DEVICE = "cpu" if INTERPRET else "cuda"
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def compiled_env(*paths: str) -> dict:
+    """The environment for a subprocess that builds the kernels for real (AOT builds, the
+    code-generation report, compile traces, host timing) beside interpreter tests: this
+    one's without ``TRITON_INTERPRET``, the checkout's root and ``paths`` first on
+    ``PYTHONPATH``, and Triton's FP-fusion default stated (silencing its warning)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, *map(str, paths), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
 #: the dtypes every kernel takes, and their test ids
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]

@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("triton")
 
 import aot_build  # noqa: E402
+import kernel_checks  # noqa: E402
 
 pytestmark = pytest.mark.aot
 
@@ -29,9 +30,7 @@ BUILDS = [(b, cc) for b in aot_build.builds() for cc in aot_build.ARCHS]
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = kernel_checks.compiled_env()
     proc = subprocess.run(
         [sys.executable, str(HERE / "aot_build.py"), "--jobs", str(min(4, os.cpu_count() or 1))],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,

@@ -17,7 +17,6 @@ under the interpreter, whose kernels cannot be compiled).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+
+import kernel_checks  # noqa: E402
 
 pytestmark = pytest.mark.aot
 
@@ -37,9 +38,7 @@ GEMMS = ("matmul.grad_input_kernel", "matmul.grad_weight_kernel")
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("codegen") / "sm90.json"
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env = kernel_checks.compiled_env()
     cmd = [
         sys.executable, str(ROOT / "bench" / "codegen.py"), "--arch", "90", "--shape", "8192", "4096", "4096",
         "--k", "1", *map(str, KS), "--dtype", *DTYPES, "--json", str(out),
@@ -112,9 +111,7 @@ def test_every_launch_is_reported(records):
 def test_per_example_mode_reports_its_kernels(tmp_path):
     """``--mode per-example`` records the per-example launches (gather route at k = 1%)."""
     out = tmp_path / "pe.json"
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env = kernel_checks.compiled_env()
     cmd = [
         sys.executable, str(ROOT / "bench" / "codegen.py"), "--arch", "90", "--shape", "1024", "512", "512",
         "--k", "5", "--mode", "per-example", "--json", str(out),
@@ -142,9 +139,7 @@ def test_wide_layers_select_with_several_programs(tmp_path, arch, n_out, k):
     write launch, one program per 1024 scores, no spills (``--only topk.``: the GEMMs
     are checked above)."""
     out = tmp_path / "wide.json"
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env = kernel_checks.compiled_env()
     cmd = [
         sys.executable, str(ROOT / "bench" / "codegen.py"), "--arch", str(arch), "--shape", "8192", "8192",
         str(n_out), "--k", str(k), "--dtype", "bfloat16", "--only", "topk.", "--json", str(out),

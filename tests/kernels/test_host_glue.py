@@ -7,7 +7,6 @@ launches a GPU backward makes, and that its errors are clear."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +15,13 @@ import pytest
 
 pytest.importorskip("triton")
 
+import kernel_checks  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*args, tmp_path=None):
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
+    env = kernel_checks.compiled_env()
     cmd = [sys.executable, str(ROOT / "bench" / "host_glue.py"), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import kernel_checks
 from kernel_checks import DEVICE, assert_reduction_close, randn, skip_unsupported
 from meprop_triton import reference
 
@@ -130,7 +131,7 @@ def test_rejects_bad_arguments(rng, device):
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env = kernel_checks.compiled_env()
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -1,0 +1,244 @@
+"""What ``torch.compile`` makes of the layers on a CUDA GPU, traced on a machine without one.
+
+``python tests/kernels/compile_trace.py [--arch 90] [--case NAME ...]`` prints one JSON
+object per case. test_compile_trace.py runs it in a subprocess without
+``TRITON_INTERPRET``: there the Triton ops are ``torch.library.triton_op``s whose kernel
+launches ``torch.compile`` traces into (under the interpreter they are opaque custom ops,
+so nothing else on a CPU machine exercises that route).
+
+The device is simulated: the tensors are fake (``FakeTensorMode``) CUDA tensors, Triton's
+active driver is a stand-in that only names the compile target (sm_90 by default), and
+torch's device queries answer for an H200 (132 SMs, 227 KiB of shared memory a block).
+Nothing is run or compiled to machine code. For each case:
+
+1. Dynamo captures the layer's forward (``fullgraph=True``: a graph break fails the case)
+   and, inside it, the autograd Function's backward; the backward must call the expected
+   ``torch.ops.meprop_triton`` op (the Triton route, not the torch path);
+2. that backward is compiled again through AOTAutograd (functionalization), where each
+   op is traced into its kernel launches (``triton_kernel_wrapper_functional`` nodes;
+   Triton builds each kernel's TTIR for the target to see what it writes). The record
+   lists the kernels and their program counts (one per config the autotuner may pick),
+   the ops left over, the gradients' shapes and dtypes, and the shapes of the tensors
+   the graph allocates (views and the inputs not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+import types
+
+#: (name, builder arguments): see :func:`_module` and :func:`_input` for the fields.
+CASES = {
+    # unified top-k: k not a multiple of 16 (5% of 2304 = 116), 3-D input, bf16
+    "linear-unified-bf16": dict(kind="linear", shape=(8, 128, 768), out=2304, k=0.05, dtype="bfloat16"),
+    "linear-unified-fp16-odd": dict(kind="linear", shape=(1000, 300), out=500, k=41, dtype="float16"),
+    "linear-unified-fp32-k1": dict(kind="linear", shape=(256, 512), out=1024, k=1, dtype="float32"),
+    "linear-unified-out-minus-1": dict(kind="linear", shape=(64, 256), out=384, k=383, dtype="bfloat16"),
+    "linear-unified-no-bias": dict(kind="linear", shape=(512, 1024), out=3072, k=0.05, dtype="bfloat16", bias=False),
+    "linear-unified-frozen-weight": dict(
+        kind="linear", shape=(512, 1024), out=3072, k=0.05, dtype="bfloat16", frozen=True
+    ),
+    "linear-unified-tracked": dict(
+        kind="linear", shape=(512, 1024), out=3072, k=0.05, dtype="bfloat16", track=True
+    ),
+    "linear-unified-random": dict(
+        kind="linear", shape=(512, 1024), out=3072, k=0.05, dtype="bfloat16", selection="random"
+    ),
+    "linear-per-example-bf16": dict(kind="linear", shape=(64, 768), out=2304, k=8, dtype="bfloat16", unified=False),
+    "linear-per-example-fp16-large-k": dict(
+        kind="linear", shape=(256, 512), out=1024, k=0.25, dtype="float16", unified=False
+    ),
+    "linear-per-example-random": dict(
+        kind="linear", shape=(64, 768), out=2304, k=8, dtype="bfloat16", unified=False, selection="random"
+    ),
+    "conv1d-unified-bf16": dict(kind="conv1d", shape=(4, 128, 768), out=2304, k=0.05, dtype="bfloat16"),
+    "conv1d-per-example-fp16": dict(
+        kind="conv1d", shape=(4, 16, 768), out=2304, k=8, dtype="float16", unified=False
+    ),
+}
+
+#: the op each case's backward must call
+EXPECTED_OP = {
+    ("linear", True, "topk"): "unified_topk_backward",
+    ("linear", True, "random"): "unified_backward_from_indices",
+    ("linear", False, "topk"): "per_example_topk_backward",
+    ("linear", False, "random"): "per_example_backward_from_indices",
+    ("conv1d", True, "topk"): "conv1d_unified_topk_backward",
+    ("conv1d", False, "topk"): "per_example_topk_backward",
+}
+
+H200 = types.SimpleNamespace(
+    name="NVIDIA H200 (simulated)", major=9, minor=0, multi_processor_count=132,
+    shared_memory_per_block_optin=232448, total_memory=141 * 2**30, warp_size=32,
+)
+
+
+def simulate_cuda(arch: int) -> None:
+    """Point Triton and torch's device queries at a simulated GPU of compute capability
+    ``arch`` (e.g. 90). Tensors are made fake by the caller."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class TargetOnly:
+        """Triton's active driver, reduced to what tracing asks of it: the target."""
+
+        def __init__(self):
+            self.target = GPUTarget("cuda", arch, 32)
+
+        def get_current_target(self):
+            return self.target
+
+        def get_current_device(self):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cuda", 0)
+
+        def __getattr__(self, name):  # anything else would need a real GPU: say so
+            raise AttributeError(f"the simulated driver has no {name!r} (it would need a GPU)")
+
+    driver.set_active(TargetOnly())
+    props = types.SimpleNamespace(**{**vars(H200), "major": arch // 10, "minor": arch % 10})
+    torch.cuda.get_device_properties = lambda *a, **k: props
+    torch.cuda.get_device_capability = lambda *a, **k: (arch // 10, arch % 10)
+    torch.cuda.current_device = lambda: 0
+
+
+def _module(case, torch):
+    from meprop_triton import MePropConv1D, MePropLinear
+
+    dtype = getattr(torch, case["dtype"])
+    in_f, out_f = case["shape"][-1], case["out"]
+    opts = dict(
+        k=case["k"], unified=case.get("unified", True), selection=case.get("selection", "topk"),
+        device="cuda", dtype=dtype,
+    )
+    if case.get("track"):
+        opts["track_selection"] = True
+    if case["kind"] == "linear":
+        layer = MePropLinear(in_f, out_f, bias=case.get("bias", True), **opts)
+    else:
+        layer = MePropConv1D(out_f, in_f, **opts)
+    if case.get("frozen"):
+        layer.weight.requires_grad_(False)
+    return layer
+
+
+def _allocates(target) -> bool:
+    """Whether an op node makes a new tensor (an aten op whose outputs alias no input);
+    views, and the graph's own item accesses, do not."""
+    schema = getattr(target, "_schema", None)
+    return schema is not None and all(r.alias_info is None for r in schema.returns)
+
+
+def _kernel_name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)  # an Autotuner / Heuristics wraps the JITFunction
+    fn = getattr(fn, "fn", fn)
+    return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+
+
+def trace_case(name: str, case: dict) -> dict:
+    import torch
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    rec = {"case": name, "error": None}
+    torch._dynamo.reset()
+    dynamo_graphs, aot_graphs = [], []
+
+    def capture_dynamo(gm, example_inputs):
+        dynamo_graphs.append(gm)
+        return gm.forward
+
+    def capture_aot(gm, example_inputs):
+        def compiler(g, _inputs):
+            aot_graphs.append(g)
+            return g.forward
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=compiler)
+
+    with FakeTensorMode():
+        layer = _module(case, torch)
+        dtype = getattr(torch, case["dtype"])
+        x = torch.randn(*case["shape"], device="cuda", dtype=dtype, requires_grad=True)
+        y = torch.compile(layer, backend=capture_dynamo, fullgraph=True)(x)
+        rec["output_shape"] = list(y.shape)
+
+        # 1. the backward dynamo captured inside the autograd Function
+        applies = [
+            n for gm in dynamo_graphs for n in gm.graph.nodes
+            if n.op == "call_function" and "autograd_function_apply" in str(n.target)
+        ]
+        rec["functions"] = len(applies)
+        if len(applies) != 1:
+            return rec
+        bwd = getattr(dynamo_graphs[0], applies[0].args[1].target)
+        rec["backward_ops"] = sorted({
+            str(n.target).split(".")[-2] if str(n.target).count(".") >= 2 else str(n.target)
+            for n in bwd.graph.nodes
+            if n.op == "call_function" and "meprop_triton" in str(n.target)
+        })
+
+        # 2. that backward through AOTAutograd: the ops traced into their kernel launches
+        args = []
+        for n in bwd.graph.nodes:
+            if n.op == "placeholder":
+                v = n.meta["example_value"]
+                t = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+                args.append(t.normal_() if t.is_floating_point() else t.zero_())
+        compiled = capture_aot(bwd, args)  # what a torch.compile backend does with the graph
+        grads = compiled(*args)
+        rec["grad_shapes"] = [None if g is None else list(g.shape) for g in grads]
+        rec["grad_dtypes"] = [None if g is None else str(g.dtype).replace("torch.", "") for g in grads]
+        kernels, other_ops, allocated = [], set(), set()
+        for g in aot_graphs:
+            for n in g.graph.nodes:
+                if n.op != "call_function":
+                    continue
+                if "triton_kernel_wrapper" in str(n.target):
+                    kernel = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+                    grids = n.kwargs["grid"]
+                    kernels.append({
+                        "name": _kernel_name(kernel),
+                        "programs": sorted({int(g0) * int(g1) * int(g2) for g0, g1, g2 in grids}),
+                    })
+                else:
+                    other_ops.add(str(n.target))
+                    val = n.meta.get("val")
+                    if _allocates(n.target):
+                        for t in val if isinstance(val, (tuple, list)) else (val,):
+                            if isinstance(t, torch.Tensor):
+                                allocated.add(tuple(t.shape))
+        rec["kernels"] = kernels
+        rec["other_ops"] = sorted(other_ops)
+        rec["allocated_shapes"] = sorted(list(a) for a in allocated)
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability to trace for (default 90)")
+    ap.add_argument("--case", action="append", choices=sorted(CASES), help="only these cases")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the traced route is the compiled kernels'", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the current default, stated
+    simulate_cuda(args.arch)
+    for name in args.case or CASES:
+        try:
+            rec = trace_case(name, CASES[name])
+        except Exception as e:  # one case's failure is its record, not the end of the run
+            rec = {"case": name, "error": f"{type(e).__name__}: {e}"[:3000], "trace": traceback.format_exc()[-4000:]}
+        print(json.dumps(rec), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
