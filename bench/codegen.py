@@ -136,7 +136,15 @@ def record_backward(M: int, n_in: int, n_out: int, k: int, dtype: torch.dtype, m
         if mode == "unified":
             triton_ops._unified_topk_backward(grad, x, weight, k, True, True, True)
         elif mode == "per-example":
-            triton_ops._per_example_topk_backward(grad, x, weight, k, True, True, True)
+            # The Triton kernels' code whatever route "auto" would take (per_example_route):
+            # the masked route's products are cuBLAS GEMMs, and they would run here, as
+            # torch ops, on the indices of a top-k launch that was only recorded.
+            saved = triton_ops.PER_EXAMPLE_ROUTE
+            triton_ops.PER_EXAMPLE_ROUTE = "gather"
+            try:
+                triton_ops._per_example_topk_backward(grad, x, weight, k, True, True, True)
+            finally:
+                triton_ops.PER_EXAMPLE_ROUTE = saved
         else:
             raise ValueError(f"mode must be 'unified' or 'per-example'; got {mode!r}")
     del gen
@@ -353,6 +361,11 @@ def report(shape, k: int, dtype: str = "bfloat16", mode: str = "unified", arch: 
     dt = DTYPES[dtype]
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     records = []
+    route = None
+    if mode == "per-example":  # the route a backward of this shape takes on a GPU
+        from meprop_triton import triton_ops
+
+        route = triton_ops.per_example_route(M, n_out, int(k), dt)
     for i, launch in enumerate(record_backward(M, n_in, n_out, int(k), dt, mode, arch)):
         if only and not launch.name.startswith(tuple(only)):
             continue
@@ -362,6 +375,8 @@ def report(shape, k: int, dtype: str = "bfloat16", mode: str = "unified", arch: 
                 "launch": i, "name": launch.name, "config": tag or None,
                 "arch": f"sm_{arch}", "shape": [M, n_in, n_out], "k": int(k), "dtype": dtype, "mode": mode,
             }
+            if route is not None:
+                rec["route"] = route
             try:
                 compiled = compile_launch(launch, kwargs, arch)
             except Exception as e:  # reported, not raised: the report shows every launch
@@ -425,6 +440,9 @@ def main(argv=None) -> int:
             recs = report(args.shape, k, dtype, args.mode, args.arch, only=args.only)
             records += recs
             print(f"sm_{args.arch}  M={M} in={n_in} out={n_out} k={k} {dtype} {args.mode}")
+            if recs and recs[0].get("route") == "masked":
+                print("(the products at this shape take the masked route on a GPU: a masked copy of G and "
+                      "cuBLAS GEMMs; below, the selection and the gather kernels that other shapes use)")
             print(table(recs))
             print()
     if args.json:

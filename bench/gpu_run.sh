@@ -22,8 +22,11 @@
 #   --tests-s N    time cap of the CUDA test step (default 120)
 #   --wheels DIR   a folder of wheels (pytest, pytest-benchmark, hypothesis and their
 #                  dependencies) to install offline when they are missing
-#   --mnist-dir DIR  the four MNIST IDX files, for the Table 8 run (default: the cache;
-#                  without data, and with no network, that step is skipped)
+#   --mnist-dir DIR  the four MNIST IDX files, raw or gzipped, for the Table 8 run
+#                  (default: .mnist/ in the checkout when it exists, else the cache;
+#                  without data, and with no network, that step is skipped). To bring
+#                  them to a machine without network, gzip them into .mnist/ (ignored
+#                  by git, 11 MB) and copy that folder with the checkout.
 #
 # Exits non-zero when a step failed (a step cut off by its time cap is reported, not failed,
 # except in a dry run); the summary lists every step as ok / FAILED / cut off / skipped.
@@ -203,17 +206,32 @@ XDIST=()
 if "$PY" -c 'import xdist' 2>/dev/null; then
     XDIST=(-n auto --dist loadfile)
 fi
+# The CUDA-graph, op and eager-route tests first, so that a cut-off run has checked them.
+# Files only, in this order: given a folder too, pytest collects its files in name order
+# (the duplicates dropped). host_glue.py's test runs on CPU tensors whatever the machine.
+PRIORITY=(tests/kernels/test_cuda_graph.py tests/kernels/test_triton_ops.py
+          tests/kernels/test_eager_route.py tests/kernels/test_functional_triton.py)
+KERNEL_TESTS=("${PRIORITY[@]}")
+for f in tests/kernels/test_*.py; do
+    case " ${PRIORITY[*]} tests/kernels/test_host_glue.py " in *" $f "*) continue ;; esac
+    KERNEL_TESTS+=("$f")
+done
+if [ "$DRY" = 1 ]; then  # the order pytest will collect them in on a GPU
+    got=$("$PY" -m pytest --co -q -p no:cacheprovider -m "not aot" "${KERNEL_TESTS[@]}" 2>/dev/null \
+        | grep -E '^tests/kernels/[^:]+::' | cut -d: -f1 | uniq | head -n "${#PRIORITY[@]}" | tr '\n' ' ' || true)
+    if [ "$got" = "${PRIORITY[*]} " ]; then
+        note test-order "ok: ${#KERNEL_TESTS[@]} files, $(basename "${PRIORITY[0]}") first"
+    else
+        note test-order "FAILED: the CUDA tests would start with: ${got:-nothing collected}"; FAILED=1
+    fi
+fi
 if [ "$DRY" = 1 ]; then
     run_step tests 20 "$TESTS_S" env TRITON_INTERPRET=1 "$PY" -m pytest -x -q -p no:cacheprovider \
         ${XDIST[@]+"${XDIST[@]}"} -m "not aot" tests/kernels/test_cuda_graph.py tests/kernels/test_triton_ops.py \
         tests/kernels/test_eager_route.py
 else
-    # the CUDA-graph, op and eager-route tests first, so that a cut-off run has checked
-    # them; host_glue.py's test runs on CPU tensors whatever the machine: left out here
     run_step tests 30 "$TESTS_S" "$PY" -m pytest -x -q -p no:cacheprovider -m "not aot" \
-        ${XDIST[@]+"${XDIST[@]}"} --ignore=tests/kernels/test_host_glue.py \
-        tests/kernels/test_cuda_graph.py tests/kernels/test_triton_ops.py \
-        tests/kernels/test_eager_route.py tests/kernels/test_functional_triton.py tests/kernels
+        ${XDIST[@]+"${XDIST[@]}"} "${KERNEL_TESTS[@]}"
 fi
 
 # --- 4. GPU benchmark groups, in order of importance -------------------------------------
@@ -262,6 +280,9 @@ fi
 
 # --- 5. the paper's Table 8 (MNIST, h = 8192) if time is left ------------------------------
 mnist_args=()
+if [ -z "$MNIST_DIR" ] && [ -d "$ROOT/.mnist" ]; then
+    MNIST_DIR=$ROOT/.mnist
+fi
 if [ -n "$MNIST_DIR" ]; then
     MNIST_DIR=$(cd "$MNIST_DIR" && pwd)
     mnist_args=(--data-dir "$MNIST_DIR")

@@ -108,13 +108,17 @@ def test_every_launch_is_reported(records):
         assert r["roofline_us"]["H200"] <= r["roofline_us"]["H100"]
 
 
-def test_per_example_mode_reports_its_kernels(tmp_path):
-    """``--mode per-example`` records the per-example launches (gather route at k = 1%)."""
+@pytest.mark.parametrize("k,route", [(5, "gather"), (40, "masked")])
+def test_per_example_mode_reports_its_kernels(tmp_path, k, route):
+    """``--mode per-example`` records the per-example launches, and which route the
+    products take on a GPU at the shape: the gather kernels at k = 1%; at 8% (bf16) the
+    masked copy and cuBLAS, where the report still shows the gather kernels' code (and
+    runs no torch op on the indices of a launch it only recorded)."""
     out = tmp_path / "pe.json"
     env = kernel_checks.compiled_env()
     cmd = [
         sys.executable, str(ROOT / "bench" / "codegen.py"), "--arch", "90", "--shape", "1024", "512", "512",
-        "--k", "5", "--mode", "per-example", "--json", str(out),
+        "--k", str(k), "--mode", "per-example", "--json", str(out),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -125,8 +129,10 @@ def test_per_example_mode_reports_its_kernels(tmp_path):
         # at most the few bytes ptxas of some releases keeps across an outer loop (the AOT
         # tests' rule: 8 B in the per-example grad_W under triton 3.8)
         assert r["error"] is None and (r["spill_bytes"] or 0) <= 32, r
+        assert r["route"] == route
         if r["name"] == "per_example.grad_input_kernel":
-            assert r["flops"] == 2 * 1024 * 5 * 512
+            assert r["flops"] == 2 * 1024 * k * 512
+    assert ("masked route" in proc.stdout) == (route == "masked")
 
 
 WIDE = [(90, 8192, 410), (80, 65536, 3277)]
