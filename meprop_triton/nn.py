@@ -122,7 +122,20 @@ class _MePropSettings:
     def k(self, value) -> None:
         check_k(value, self._units_name)
         self.__dict__["_k"] = value
-        self.__dict__["_k_for"] = (-1, -1)  # (output units, units kept): resolved at forward
+        self._resolve_k_now()
+
+    def _resolve_k_now(self) -> None:
+        """Fill ``_k_for``, the ``(output units, units kept)`` pair the forward reads, for
+        the layer's units, here rather than in its first forward: under
+        ``torch.compile(dynamic=True)`` a float k read in the forward is a symbolic float,
+        which the resolution cannot take. (The forward still resolves k again when its
+        weight's units differ, e.g. after meSimp shrank the layer.)"""
+        try:
+            units = self._n_units()
+        except AttributeError:  # not built yet (unpickling): resolved at forward
+            units = None
+        pair = (-1, -1) if units is None else (units, resolve_k(self._k, units))
+        self.__dict__["_k_for"] = pair
 
     unified = _checked_setting("unified", "True: one set of units per call; False: one per row")
     selection = _checked_setting("selection", '"topk" or "random"')
@@ -235,8 +248,8 @@ class MePropLinear(_MePropSettings, nn.Linear):
         for name in ("k", "unified", "selection", "sparse_grad", "backend"):
             if name in state:
                 state["_" + name] = state.pop(name)
-        state["_k_for"] = (-1, -1)
         super().__setstate__(state)
+        self._resolve_k_now()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, k, **options) -> "MePropLinear":

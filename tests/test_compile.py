@@ -84,3 +84,32 @@ def test_compiled_fullgraph_without_graph_breaks(fresh_dynamo):
     compiled(x).pow(2).sum().backward()
     assert len(nonzero_rows(layer.weight.grad)) == 4
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_compiled_dynamic_shapes_with_a_fractional_k(kind, fresh_dynamo):
+    """``torch.compile(dynamic=True)`` of a layer with a float k, never run eagerly
+    before: its k is resolved when set (in the forward it would be a symbolic float,
+    which the resolution cannot take), and the compiled layer serves every sequence
+    length with eager's gradients."""
+    from meprop_triton import MePropConv1D
+
+    torch.manual_seed(0)
+    make = (lambda: MePropLinear(16, 40, k=0.1)) if kind == "linear" else (lambda: MePropConv1D(40, 16, k=0.1))
+    eager = make()
+    layer = copy.deepcopy(eager)
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+    gen = torch.Generator().manual_seed(1)
+    scale = torch.randn(40, generator=gen)  # distinct unit scores: no ties
+    for n in (3, 5, 8):
+        x = torch.randn(n, 7, 16, generator=gen)
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (eager(xe) * scale).sum().backward()
+        (compiled(xc) * scale).sum().backward()
+        torch.testing.assert_close(xc.grad, xe.grad)
+        ge, gc = eager.weight.grad, layer.weight.grad
+        rows = (lambda g: nonzero_rows(g)) if kind == "linear" else (lambda g: nonzero_rows(g.t()))
+        assert rows(gc) == rows(ge) and len(rows(ge)) == 4
+        torch.testing.assert_close(gc, ge)
+        eager.zero_grad(set_to_none=True)
+        layer.zero_grad(set_to_none=True)
