@@ -23,7 +23,7 @@
 #   --wheels DIR   a folder of wheels (pytest, pytest-benchmark, hypothesis and their
 #                  dependencies) to install offline when they are missing
 #   --mnist-dir DIR  the four MNIST IDX files, raw or gzipped, for the Table 8 run
-#                  (default: .mnist/ in the checkout when it exists, else the cache;
+#                  (default: .mnist/ in the checkout when it holds them, else the cache;
 #                  without data, and with no network, that step is skipped). To bring
 #                  them to a machine without network, gzip them into .mnist/ (ignored
 #                  by git, 11 MB) and copy that folder with the checkout.
@@ -206,7 +206,8 @@ XDIST=()
 if "$PY" -c 'import xdist' 2>/dev/null; then
     XDIST=(-n auto --dist loadfile)
 fi
-# The CUDA-graph, op and eager-route tests first, so that a cut-off run has checked them.
+# The CUDA-graph, op, eager-route and functional tests first, so that a cut-off run has
+# checked them.
 # Files only, in this order: given a folder too, pytest collects its files in name order
 # (the duplicates dropped). host_glue.py's test runs on CPU tensors whatever the machine.
 PRIORITY=(tests/kernels/test_cuda_graph.py tests/kernels/test_triton_ops.py
@@ -217,9 +218,13 @@ for f in tests/kernels/test_*.py; do
     KERNEL_TESTS+=("$f")
 done
 if [ "$DRY" = 1 ]; then  # the order pytest will collect them in on a GPU
-    got=$("$PY" -m pytest --co -q -p no:cacheprovider -m "not aot" "${KERNEL_TESTS[@]}" 2>/dev/null \
-        | grep -E '^tests/kernels/[^:]+::' | cut -d: -f1 | uniq | head -n "${#PRIORITY[@]}" | tr '\n' ' ' || true)
-    if [ "$got" = "${PRIORITY[*]} " ]; then
+    co_rc=0
+    co=$("$PY" -m pytest --co -q -p no:cacheprovider -m "not aot" "${KERNEL_TESTS[@]}" 2>&1) || co_rc=$?
+    got=$(grep -E '^tests/kernels/[^:]+::' <<<"$co" | cut -d: -f1 | uniq | head -n "${#PRIORITY[@]}" | tr '\n' ' ' || true)
+    if [ "$co_rc" != 0 ]; then
+        tail -n 15 <<<"$co"
+        note test-order "FAILED: collecting the CUDA tests failed (pytest exit $co_rc; its output above)"; FAILED=1
+    elif [ "$got" = "${PRIORITY[*]} " ]; then
         note test-order "ok: ${#KERNEL_TESTS[@]} files, $(basename "${PRIORITY[0]}") first"
     else
         note test-order "FAILED: the CUDA tests would start with: ${got:-nothing collected}"; FAILED=1
@@ -227,8 +232,7 @@ if [ "$DRY" = 1 ]; then  # the order pytest will collect them in on a GPU
 fi
 if [ "$DRY" = 1 ]; then
     run_step tests 20 "$TESTS_S" env TRITON_INTERPRET=1 "$PY" -m pytest -x -q -p no:cacheprovider \
-        ${XDIST[@]+"${XDIST[@]}"} -m "not aot" tests/kernels/test_cuda_graph.py tests/kernels/test_triton_ops.py \
-        tests/kernels/test_eager_route.py
+        ${XDIST[@]+"${XDIST[@]}"} -m "not aot" "${PRIORITY[@]:0:3}"  # the interpreter runs the 4th for minutes
 else
     run_step tests 30 "$TESTS_S" "$PY" -m pytest -x -q -p no:cacheprovider -m "not aot" \
         ${XDIST[@]+"${XDIST[@]}"} "${KERNEL_TESTS[@]}"
@@ -279,26 +283,29 @@ if [ "$DRY" = 1 ]; then  # one quick CPU case timed for real, so that the report
 fi
 
 # --- 5. the paper's Table 8 (MNIST, h = 8192) if time is left ------------------------------
-mnist_args=()
-if [ -z "$MNIST_DIR" ] && [ -d "$ROOT/.mnist" ]; then
-    MNIST_DIR=$ROOT/.mnist
+mnist_found() {  # the four files in folder $1 ("" for the cache), offline
+    (cd / && "$PY" -c "import sys; from meprop_triton.data import load_mnist; load_mnist(sys.argv[1] or None, download=False, log=lambda s: None)" "$1") >/dev/null 2>&1
+}
+if [ -z "$MNIST_DIR" ] && [ -d "$ROOT/.mnist" ] && mnist_found "$ROOT/.mnist"; then
+    MNIST_DIR=$ROOT/.mnist  # taken along with the checkout (an incomplete one: the cache)
 fi
+mnist_args=()
 if [ -n "$MNIST_DIR" ]; then
     MNIST_DIR=$(cd "$MNIST_DIR" && pwd)
     mnist_args=(--data-dir "$MNIST_DIR")
 fi
-if (cd / && "$PY" -c "import sys; from meprop_triton.data import load_mnist; load_mnist(sys.argv[1] or None, download=False, log=lambda s: None)" "$MNIST_DIR") >/dev/null 2>&1; then
+if mnist_found "$MNIST_DIR"; then
     if [ "$DRY" = 1 ]; then
         run_step mnist-table8 20 120 "$PY" -m meprop_triton.mnist --device cpu --d_hidden 32 --k 8 \
-            --n_epoch 1 --compare --warmup-steps 5 "${mnist_args[@]}" \
+            --n_epoch 1 --compare --warmup-steps 5 ${mnist_args[@]+"${mnist_args[@]}"} \
             --json "$OUTDIR/mnist-table8-dry.json"
     else
         run_step mnist-table8 60 150 "$PY" -m meprop_triton.mnist --device cuda --d_hidden 8192 --k 8 \
-            --n_epoch 1 --compare "${mnist_args[@]}" \
+            --n_epoch 1 --compare ${mnist_args[@]+"${mnist_args[@]}"} \
             --json "$OUTDIR/mnist-table8-$STAMP.json" --plot "$OUTDIR/mnist-table8-$STAMP.png"
     fi
 else
-    note mnist-table8 "skipped: no MNIST files offline (cache or --mnist-dir)"
+    note mnist-table8 "skipped: no MNIST files offline (--mnist-dir, .mnist/ in the checkout, or the cache)"
 fi
 
 # --- 6. code generation for sm_90 (bench/codegen.py, when the checkout has it) --------------

@@ -8,7 +8,8 @@ so nothing else on a CPU machine exercises that route).
 
 The device is simulated: the tensors are fake (``FakeTensorMode``) CUDA tensors, Triton's
 active driver is a stand-in that only names the compile target (sm_90 by default), and
-torch's device queries answer for an H200 (132 SMs, 227 KiB of shared memory a block).
+torch's device queries answer for an H200 (132 SMs, 227 KiB of shared memory a block;
+an A100 with ``--arch 80``).
 Nothing is run or compiled to machine code. For each case:
 
 1. Dynamo captures the layer's forward (``fullgraph=True``: a graph break fails the case)
@@ -25,13 +26,15 @@ Nothing is run or compiled to machine code. For each case:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import traceback
-import types
 
-#: (name, builder arguments): see :func:`_module` and :func:`_input` for the fields.
+#: name -> the layer (see :func:`_module`) and its input: ``kind`` (linear / conv1d),
+#: ``shape`` (the input's), ``out`` (output units), ``k``, ``dtype`` and the options
 CASES = {
     # unified top-k: k not a multiple of 16 (5% of 2304 = 116), 3-D input, bf16
     "linear-unified-bf16": dict(kind="linear", shape=(8, 128, 768), out=2304, k=0.05, dtype="bfloat16"),
@@ -55,6 +58,8 @@ CASES = {
     "linear-per-example-random": dict(
         kind="linear", shape=(64, 768), out=2304, k=8, dtype="bfloat16", unified=False, selection="random"
     ),
+    # out > 4096: the top-k over several programs
+    "linear-unified-wide": dict(kind="linear", shape=(256, 512), out=11008, k=0.05, dtype="bfloat16"),
     "conv1d-unified-bf16": dict(kind="conv1d", shape=(4, 128, 768), out=2304, k=0.05, dtype="bfloat16"),
     "conv1d-per-example-fp16": dict(
         kind="conv1d", shape=(4, 16, 768), out=2304, k=8, dtype="float16", unified=False
@@ -71,10 +76,25 @@ EXPECTED_OP = {
     ("conv1d", False, "topk"): "per_example_topk_backward",
 }
 
-H200 = types.SimpleNamespace(
-    name="NVIDIA H200 (simulated)", major=9, minor=0, multi_processor_count=132,
-    shared_memory_per_block_optin=232448, total_memory=141 * 2**30, warp_size=32,
-)
+#: the simulated device per compute capability: name, SMs, shared memory a block may
+#: use (its opt-in maximum, as torch reports it)
+DEVICES = {
+    90: ("NVIDIA H200 (simulated)", 132, 232448),
+    80: ("NVIDIA A100-SXM4-80GB (simulated)", 108, 166912),
+}
+
+
+class _Properties:
+    """``torch.cuda.get_device_properties`` of the simulated device."""
+
+    def __init__(self, arch: int):
+        name, sms, smem = DEVICES[arch]
+        self.name, self.major, self.minor = name, arch // 10, arch % 10
+        self.multi_processor_count, self.shared_memory_per_block_optin = sms, smem
+        self.total_memory, self.warp_size = 80 * 2**30, 32
+
+    def __getattr__(self, name):
+        raise AttributeError(f"the simulated device has no property {name!r}")
 
 
 def simulate_cuda(arch: int) -> None:
@@ -103,7 +123,7 @@ def simulate_cuda(arch: int) -> None:
             raise AttributeError(f"the simulated driver has no {name!r} (it would need a GPU)")
 
     driver.set_active(TargetOnly())
-    props = types.SimpleNamespace(**{**vars(H200), "major": arch // 10, "minor": arch % 10})
+    props = _Properties(arch)
     torch.cuda.get_device_properties = lambda *a, **k: props
     torch.cuda.get_device_capability = lambda *a, **k: (arch // 10, arch % 10)
     torch.cuda.current_device = lambda: 0
@@ -142,6 +162,26 @@ def _kernel_name(kernel) -> str:
     return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
 
 
+@contextlib.contextmanager
+def _torch_warnings():
+    """The warnings torch logs meanwhile. Where its analysis of a kernel launch fails,
+    torch warns and assumes every tensor argument is written (a copy of each before the
+    launch, G included), and the trace goes on."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage()[:500])
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("torch._dynamo")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
 def trace_case(name: str, case: dict) -> dict:
     import torch
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -163,7 +203,7 @@ def trace_case(name: str, case: dict) -> dict:
 
         return aot_module_simplified(gm, example_inputs, fw_compiler=compiler)
 
-    with FakeTensorMode():
+    with _torch_warnings() as rec["warnings"], FakeTensorMode():
         layer = _module(case, torch)
         dtype = getattr(torch, case["dtype"])
         x = torch.randn(*case["shape"], device="cuda", dtype=dtype, requires_grad=True)
@@ -204,9 +244,16 @@ def trace_case(name: str, case: dict) -> dict:
                 if "triton_kernel_wrapper" in str(n.target):
                     kernel = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
                     grids = n.kwargs["grid"]
+                    args = n.kwargs["kwargs"]
                     kernels.append({
                         "name": _kernel_name(kernel),
                         "programs": sorted({int(g0) * int(g1) * int(g2) for g0, g1, g2 in grids}),
+                        # arguments copied before the launch that are the graph's inputs
+                        # (G, x, W): a kernel writing one, or a failed analysis
+                        "copies_inputs": sorted(
+                            a for a in n.kwargs.get("tensors_to_clone", ())
+                            if getattr(args.get(a), "op", None) == "placeholder"
+                        ),
                     })
                 else:
                     other_ops.add(str(n.target))
@@ -223,7 +270,8 @@ def trace_case(name: str, case: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", type=int, default=90, help="compute capability to trace for (default 90)")
+    ap.add_argument("--arch", type=int, default=90, choices=sorted(DEVICES),
+                    help="compute capability to trace for (default 90)")
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="only these cases")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
