@@ -15,7 +15,7 @@ Nothing is run or compiled to machine code. For each case:
 1. Dynamo captures the layer's forward (``fullgraph=True``: a graph break fails the case)
    and, inside it, the autograd Function's backward; the backward must call the expected
    ``torch.ops.meprop_triton`` op (the Triton route, not the torch path);
-2. that backward is compiled again through AOTAutograd (functionalization), where each
+2. that backward is compiled through AOTAutograd (functionalization), where each
    op is traced into its kernel launches (``triton_kernel_wrapper_functional`` nodes;
    Triton builds each kernel's TTIR for the target to see what it writes). The record
    lists the kernels and their program counts (one per config the autotuner may pick),
@@ -39,6 +39,10 @@ CASES = {
     # unified top-k: k not a multiple of 16 (5% of 2304 = 116), 3-D input, bf16
     "linear-unified-bf16": dict(kind="linear", shape=(8, 128, 768), out=2304, k=0.05, dtype="bfloat16"),
     "linear-unified-fp16-odd": dict(kind="linear", shape=(1000, 300), out=500, k=41, dtype="float16"),
+    # dynamic shapes: the token count symbolic through the backward and its kernels
+    "linear-unified-dynamic": dict(
+        kind="linear", shape=(4, 96, 768), out=2304, k=0.05, dtype="bfloat16", dynamic=True
+    ),
     "linear-unified-fp32-k1": dict(kind="linear", shape=(256, 512), out=1024, k=1, dtype="float32"),
     "linear-unified-out-minus-1": dict(kind="linear", shape=(64, 256), out=384, k=383, dtype="bfloat16"),
     "linear-unified-no-bias": dict(kind="linear", shape=(512, 1024), out=3072, k=0.05, dtype="bfloat16", bias=False),
@@ -156,6 +160,11 @@ def _allocates(target) -> bool:
     return schema is not None and all(r.alias_info is None for r in schema.returns)
 
 
+def _size(v) -> int:
+    """A grid size: an int, or under dynamic shapes a graph node (its traced value)."""
+    return int(v.meta["val"]) if hasattr(v, "meta") else int(v)
+
+
 def _kernel_name(kernel) -> str:
     fn = getattr(kernel, "fn", kernel)  # an Autotuner / Heuristics wraps the JITFunction
     fn = getattr(fn, "fn", fn)
@@ -190,11 +199,7 @@ def trace_case(name: str, case: dict) -> dict:
 
     rec = {"case": name, "error": None}
     torch._dynamo.reset()
-    dynamo_graphs, aot_graphs = [], []
-
-    def capture_dynamo(gm, example_inputs):
-        dynamo_graphs.append(gm)
-        return gm.forward
+    dynamo_graphs, aot_graphs, grads = [], [], []
 
     def capture_aot(gm, example_inputs):
         def compiler(g, _inputs):
@@ -203,11 +208,28 @@ def trace_case(name: str, case: dict) -> dict:
 
         return aot_module_simplified(gm, example_inputs, fw_compiler=compiler)
 
+    def capture_dynamo(gm, example_inputs):
+        dynamo_graphs.append(gm)
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and "autograd_function_apply" in str(n.target):
+                # 2. the Function's backward through AOTAutograd, as a torch.compile backend
+                # does with it, in dynamo's own fake mode (sizes symbolic under dynamic=True)
+                bwd = getattr(gm, n.args[1].target)
+                example = [p.meta["example_value"] for p in bwd.graph.nodes if p.op == "placeholder"]
+                rec["symbolic_sizes"] = sum(isinstance(v, torch.SymInt) for v in example)
+                capture_aot(bwd, example)
+                # its gradients: the graph's last outputs (a mutated input comes first)
+                n_grads = len(next(p for p in bwd.graph.nodes if p.op == "output").args[0])
+                out = next(p for p in aot_graphs[-1].graph.nodes if p.op == "output").args[0]
+                grads.append([None if a is None else a.meta["val"] for a in out[len(out) - n_grads:]])
+        return gm.forward
+
     with _torch_warnings() as rec["warnings"], FakeTensorMode():
         layer = _module(case, torch)
         dtype = getattr(torch, case["dtype"])
         x = torch.randn(*case["shape"], device="cuda", dtype=dtype, requires_grad=True)
-        y = torch.compile(layer, backend=capture_dynamo, fullgraph=True)(x)
+        dynamic = case.get("dynamic", False)
+        y = torch.compile(layer, backend=capture_dynamo, fullgraph=True, dynamic=dynamic)(x)
         rec["output_shape"] = list(y.shape)
 
         # 1. the backward dynamo captured inside the autograd Function
@@ -225,17 +247,11 @@ def trace_case(name: str, case: dict) -> dict:
             if n.op == "call_function" and "meprop_triton" in str(n.target)
         })
 
-        # 2. that backward through AOTAutograd: the ops traced into their kernel launches
-        args = []
-        for n in bwd.graph.nodes:
-            if n.op == "placeholder":
-                v = n.meta["example_value"]
-                t = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
-                args.append(t.normal_() if t.is_floating_point() else t.zero_())
-        compiled = capture_aot(bwd, args)  # what a torch.compile backend does with the graph
-        grads = compiled(*args)
-        rec["grad_shapes"] = [None if g is None else list(g.shape) for g in grads]
-        rec["grad_dtypes"] = [None if g is None else str(g.dtype).replace("torch.", "") for g in grads]
+        # 2. (traced in capture_dynamo): the ops traced into their kernel launches
+        if len(aot_graphs) != 1:
+            raise RuntimeError(f"expected one backward graph from AOTAutograd; got {len(aot_graphs)}")
+        rec["grad_shapes"] = [None if g is None else [int(d) for d in g.shape] for g in grads[0]]
+        rec["grad_dtypes"] = [None if g is None else str(g.dtype).replace("torch.", "") for g in grads[0]]
         kernels, other_ops, allocated = [], set(), set()
         for g in aot_graphs:
             for n in g.graph.nodes:
@@ -247,7 +263,8 @@ def trace_case(name: str, case: dict) -> dict:
                     args = n.kwargs["kwargs"]
                     kernels.append({
                         "name": _kernel_name(kernel),
-                        "programs": sorted({int(g0) * int(g1) * int(g2) for g0, g1, g2 in grids}),
+                        # (under dynamic shapes: at the traced sizes)
+                        "programs": sorted({_size(g0) * _size(g1) * _size(g2) for g0, g1, g2 in grids}),
                         # arguments copied before the launch that are the graph's inputs
                         # (G, x, W): a kernel writing one, or a failed analysis
                         "copies_inputs": sorted(
@@ -261,7 +278,7 @@ def trace_case(name: str, case: dict) -> dict:
                     if _allocates(n.target):
                         for t in val if isinstance(val, (tuple, list)) else (val,):
                             if isinstance(t, torch.Tensor):
-                                allocated.add(tuple(t.shape))
+                                allocated.add(tuple(int(d) for d in t.shape))
         rec["kernels"] = kernels
         rec["other_ops"] = sorted(other_ops)
         rec["allocated_shapes"] = sorted(list(a) for a in allocated)

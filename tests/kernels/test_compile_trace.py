@@ -79,6 +79,8 @@ def test_compiled_backward_calls_the_triton_op_and_is_traced_into_kernels(traced
     rec = _record(traced, name)
     _, grads = _expected_grads(case)
     assert rec["output_shape"] == [*case["shape"][:-1], case["out"]]
+    # dynamic=True: the token count reaches the backward as a symbolic size
+    assert (rec["symbolic_sizes"] > 0) == case.get("dynamic", False)
     key = (case["kind"], case.get("unified", True), case.get("selection", "topk"))
     assert rec["backward_ops"] == [f"meprop_triton.{compile_trace.EXPECTED_OP[key]}"]
 
