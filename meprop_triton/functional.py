@@ -33,16 +33,16 @@ def triton_interpreter_enabled() -> bool:
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-_TRITON_FOUND: list = []  # filled once: [True] or [False]
+#: Whether triton is installed, looked up once at import (``find_spec`` walks sys.path,
+#: about 10 us, and imports nothing): installed packages do not come and go while a
+#: process trains. Not on first use: that may be inside torch.compile's trace of a
+#: forward, and dynamo refuses to trace ``find_spec`` (a graph break; an error with
+#: ``fullgraph=True``) under Python 3.12.
+_TRITON_FOUND: bool = importlib.util.find_spec("triton") is not None
 
 
 def _triton_importable() -> bool:
-    # Cached: ``find_spec`` walks sys.path (about 10 us), and installed packages do not
-    # come and go while a process trains. A list read rather than functools.lru_cache,
-    # which torch.compile warns about when it traces through the call.
-    if not _TRITON_FOUND:
-        _TRITON_FOUND.append(importlib.util.find_spec("triton") is not None)
-    return _TRITON_FOUND[0]
+    return _TRITON_FOUND
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:

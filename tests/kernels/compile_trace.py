@@ -10,7 +10,9 @@ The device is simulated: the tensors are fake (``FakeTensorMode``) CUDA tensors,
 active driver is a stand-in that only names the compile target (sm_90 by default), and
 torch's device queries answer for an H200 (132 SMs, 227 KiB of shared memory a block;
 an A100 with ``--arch 80``).
-Nothing is run or compiled to machine code. For each case:
+Nothing is run or compiled to machine code, and CUDA autocast is not simulated (torch
+turns it off where no GPU is present, so an autocast case would trace its dtype as
+given). For each case:
 
 1. Dynamo captures the layer's forward (``fullgraph=True``: a graph break fails the case)
    and, inside it, the autograd Function's backward; the backward must call the expected
