@@ -117,11 +117,17 @@ def _fake_unified_topk_backward(grad, x, weight, k, need_x, need_w, need_b):
 #: otherwise it is a triton_op, which torch.compile traces into.
 INTERPRETED = _launch.is_interpreted(_scores.partial_kernel)
 
-if INTERPRETED:
-    _op = torch.library.custom_op(OP_NAME, mutates_args=())(_unified_topk_backward)
-    _op.register_fake(_fake_unified_topk_backward)
-else:
-    _op = triton_op(OP_NAME, mutates_args=())(_unified_topk_backward)
+
+def _register(name, fn, fake):
+    """A triton_op (compiled kernels) or, under the interpreter, a custom op with a fake."""
+    if INTERPRETED:
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+    return triton_op(name, mutates_args=())(fn)
+
+
+_op = _register(OP_NAME, _unified_topk_backward, _fake_unified_topk_backward)
 
 try:  # what a triton_op's own eager kernel runs its body under: launches go straight to Triton
     from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
@@ -361,15 +367,6 @@ def _fake_with_k(grad, x, weight, k, need_x, need_w, need_b):
 
 def _fake_with_idx(grad, x, weight, idx, need_x, need_w, need_b):
     return _fake_products(grad, x, weight, need_x, need_w, need_b)
-
-
-def _register(name, fn, fake):
-    """A triton_op (compiled kernels) or, under the interpreter, a custom op with a fake."""
-    if INTERPRETED:
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-        op.register_fake(fake)
-        return op
-    return triton_op(name, mutates_args=())(fn)
 
 
 _per_example_op = _register(PER_EXAMPLE_OP_NAME, _per_example_topk_backward, _fake_with_k)
