@@ -29,6 +29,15 @@ def spy(monkeypatch):
     return calls
 
 
+#: Triton against the torch path: both round the same products to the dtype, summed in
+#: different orders.
+TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=2e-2, atol=2e-2),
+    torch.bfloat16: dict(rtol=4e-2, atol=4e-2),
+}
+
+
 def run(backend, x, w, b, g, k):
     x = x.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
@@ -41,7 +50,7 @@ def run(backend, x, w, b, g, k):
 @pytest.mark.parametrize("lead", [(), (7,), (2, 5)], ids=["1d", "M7", "B2T5"])
 @pytest.mark.parametrize("size", [(33, 40), (64, 130), (5, 3)], ids=["in33-out40", "in64-out130", "in5-out3"])
 @pytest.mark.parametrize("k", [1, 0.1, "out-1"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_triton_backend_matches_torch_backend(lead, size, k, dtype, bias, rng, device, spy):
     in_f, out_f = size
@@ -49,7 +58,7 @@ def test_triton_backend_matches_torch_backend(lead, size, k, dtype, bias, rng, d
     x = torch.randn(*lead, in_f, generator=rng).to(device, dtype)
     w = (torch.randn(out_f, in_f, generator=rng) / in_f**0.5).to(device, dtype)
     b = torch.randn(out_f, generator=rng).to(device, dtype) if bias else None
-    # Column magnitudes spread apart so the selection has no near-ties in fp16.
+    # Column magnitudes spread apart so the selection has no near-ties in fp16 / bf16.
     scale = torch.linspace(0.5, 2.0, out_f)[torch.randperm(out_f, generator=rng)]
     g = (torch.randn(*lead, out_f, generator=rng) * scale).to(device, dtype)
     y_t, gx_t, gw_t, gb_t = run("triton", x, w, b, g, k)
@@ -59,11 +68,10 @@ def test_triton_backend_matches_torch_backend(lead, size, k, dtype, bias, rng, d
     rows_t = gw_t.abs().sum(1).nonzero().flatten()
     rows_r = gw_r.abs().sum(1).nonzero().flatten()
     assert torch.equal(rows_t, rows_r)
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gx_t, gx_r, **tol)
-    torch.testing.assert_close(gw_t, gw_r, **tol)
+    torch.testing.assert_close(gx_t, gx_r, **TOL[dtype])
+    torch.testing.assert_close(gw_t, gw_r, **TOL[dtype])
     if bias:
-        torch.testing.assert_close(gb_t, gb_r, **tol)
+        torch.testing.assert_close(gb_t, gb_r, **TOL[dtype])
 
 
 def test_module_on_triton_backend_trains(rng, device, spy):
@@ -107,7 +115,7 @@ def test_triton_backend_refuses_sparse_grad(rng, device):
     ],
     ids=["per-example-topk", "unified-random", "per-example-random"],
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_other_modes_on_triton_match_torch(mode, op, dtype, rng, device, monkeypatch):
     calls = []
     real = getattr(triton_ops, op)
@@ -124,12 +132,60 @@ def test_other_modes_on_triton_match_torch(mode, op, dtype, rng, device, monkeyp
         meprop_linear(xs, ws, bs, k=7, backend=backend, generator=gen, **mode).backward(g)
         grads[backend] = (xs.grad, ws.grad, bs.grad)
     assert len(calls) == 1
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-4, atol=1e-5)
+    tol = TOL[dtype]
     rows_t = grads["triton"][1].abs().sum(1).nonzero().flatten()
     rows_r = grads["torch"][1].abs().sum(1).nonzero().flatten()
     assert torch.equal(rows_t, rows_r)
     for a, r in zip(grads["triton"], grads["torch"]):
         torch.testing.assert_close(a, r, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["backward-after", "backward-inside"])
+def test_autocast_runs_the_kernels_in_the_autocast_dtype(dtype, backward_inside, rng, device, spy):
+    """Mixed-precision training as users write it on a GPU: fp32 parameters, a forward
+    under ``torch.autocast``. The layer's output is autocast's ``nn.Linear`` output, the
+    kernels run in the autocast dtype, and the fp32 parameters get fp32 gradients equal
+    to the torch path's under the same autocast (the backward called inside the
+    autocast region or after it)."""
+    if device == "cpu" and dtype == torch.float16 and not _cpu_autocast_takes(torch.float16):
+        pytest.skip("this torch's CPU autocast does not take float16")
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(48, 96, device=device)
+    x = torch.randn(3, 10, 48, generator=rng).to(device)
+    scale = torch.linspace(0.5, 2.0, 96)[torch.randperm(96, generator=rng)]
+    g = (torch.randn(3, 10, 96, generator=rng) * scale).to(device, dtype)
+    got = {}
+    for backend in ("triton", "torch"):
+        layer = MePropLinear.from_linear(dense, k=0.1, backend=backend)
+        layer.zero_grad(set_to_none=True)
+        xs = x.clone().requires_grad_()
+        with torch.autocast(device, dtype=dtype):
+            y = layer(xs)
+            with torch.no_grad():
+                y_dense = dense(x)
+            if backward_inside:
+                y.backward(g)
+        if not backward_inside:
+            y.backward(g)
+        assert y.dtype == dtype and torch.equal(y, y_dense)
+        got[backend] = (xs.grad, layer.weight.grad, layer.bias.grad)
+    assert len(spy) == 1
+    for t in got["triton"]:
+        assert t.dtype == torch.float32
+    rows_t = got["triton"][1].abs().sum(1).nonzero().flatten()
+    rows_r = got["torch"][1].abs().sum(1).nonzero().flatten()
+    assert rows_t.numel() == 10 and torch.equal(rows_t, rows_r)
+    for a, r in zip(got["triton"], got["torch"]):
+        torch.testing.assert_close(a, r, **TOL[dtype])
+
+
+def _cpu_autocast_takes(dtype) -> bool:
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            return torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == dtype
+    except (RuntimeError, ValueError):
+        return False
 
 
 def test_triton_backend_refuses_float64(rng, device):

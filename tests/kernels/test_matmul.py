@@ -31,9 +31,8 @@ SHAPES = [(m, o, i) for m in MS for o in OUTS for i in INS] + [(70, 300, 130)]
 def _cases():
     """(M, out, in, dtype) for the products test: every shape in every dtype, except at
     out = 1000 (two thirds of the interpreter time when run in full). There each (M, in)
-    runs once in fp32 or fp16, in turn, and a third of them also in bf16 (which the
-    interpreter skips: checked on a GPU): every shape runs on a CPU, and every dtype
-    meets every M and every in."""
+    runs once in fp32 or fp16, in turn, and a third of them also in bf16: every shape
+    runs in fp32 or fp16, and every dtype meets every M and every in."""
     for m, o, i in SHAPES:
         j = MS.index(m) + INS.index(i) if o == 1000 else 0
         for d, dtype in enumerate(DTYPES):

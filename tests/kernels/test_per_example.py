@@ -2,9 +2,9 @@
 against reference.py: selected indices exactly, values within a bound scaled by the
 reduction length, outputs poisoned (NaN / -1) before the kernels write them.
 
-The per-example kernels use no ``tl.dot``, so bf16 runs under the interpreter too;
-``unified_backward_from_indices`` runs the compacted GEMMs (``tl.dot``), whose bf16
-checks run on a GPU only.
+Every dtype runs under the interpreter too: the per-example kernels use no ``tl.dot``,
+and ``unified_backward_from_indices`` runs the compacted GEMMs (``tl.dot``), whose bf16
+products the interpreter computes right only with ``kernel_checks._emulate_bf16_dot``.
 """
 
 from __future__ import annotations

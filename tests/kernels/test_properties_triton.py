@@ -2,8 +2,9 @@
 
 The same cases and checks as tests/test_properties.py (see tests/properties.py), on the
 Triton kernels: through the interpreter on CPU machines, on CUDA tensors on a GPU.
-fp32 and fp16 (bf16 ``tl.dot`` is wrong in the interpreter), dense gradients (the only
-kind the Triton backend gives). 60 cases, derandomized.
+fp32, fp16 and bf16 (in the interpreter with its ``tl.dot`` mended for bf16, see
+``kernel_checks._emulate_bf16_dot``), dense gradients (the only kind the Triton backend
+gives). 60 cases, derandomized.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import kernel_checks  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if kernel_checks.DEVICE == "cuda" else [])
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if kernel_checks.BF16_DOT else [])
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None,
