@@ -11,6 +11,7 @@ import torch
 
 import meprop_triton.conv1d as conv1d
 import meprop_triton.triton_ops as triton_ops
+from kernel_checks import BACKEND_TOL
 from meprop_triton import MePropConv1D
 
 pytestmark = pytest.mark.interpreter
@@ -48,7 +49,7 @@ def test_conv1d_on_triton_matches_torch(unified, selection, dtype, rng, device, 
         layer.weight.copy_(torch.randn(nx, nf, generator=rng) / nx**0.5)
         layer.bias.copy_(torch.randn(nf, generator=rng))
     x = torch.randn(3, 3, nx, generator=rng).to(device, dtype)
-    # Column magnitudes spread apart so the selection has no near-ties in fp16.
+    # Column magnitudes spread apart so the selection has no near-ties in fp16 / bf16.
     scale = torch.linspace(0.5, 2.0, nf)[torch.randperm(nf, generator=rng)]
     g = (torch.randn(3, 3, nf, generator=rng) * scale).to(device, dtype)
     layer.backend = "triton"
@@ -62,11 +63,7 @@ def test_conv1d_on_triton_matches_torch(unified, selection, dtype, rng, device, 
     assert torch.equal(cols_t, gw_r.abs().sum(0).nonzero().flatten())
     if unified:
         assert cols_t.numel() == 7
-    tol = {
-        torch.float32: dict(rtol=1e-4, atol=1e-5),
-        torch.float16: dict(rtol=2e-2, atol=2e-2),
-        torch.bfloat16: dict(rtol=4e-2, atol=4e-2),
-    }[dtype]
+    tol = BACKEND_TOL[dtype]
     torch.testing.assert_close(gx_t, gx_r, **tol)
     torch.testing.assert_close(gw_t, gw_r, **tol)
     torch.testing.assert_close(gb_t, gb_r, **tol)
