@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._validation import check_dtype_arg, check_k, check_options, check_strided, resolve_k
-from .functional import _any_autocast, _linear_jvp, resolve_backend
+from .functional import _any_autocast, _linear_jvp, needs_backward, resolve_backend
 from .nn import _lost_in_swap, _MePropSettings, _share_hooks
 
 __all__ = ["MePropConv1D", "meprop_conv1d", "is_conv1d"]
@@ -185,6 +185,11 @@ def _count(counts: Tensor, idx: Tensor | None, rows: int) -> None:
 
 
 def _backward(ctx, grad: Tensor):
+    if _any_autocast():
+        # backward() called inside an autocast region: compute in the tensors' own
+        # dtypes, as the forward was (MePropLinear's backward does the same).
+        with torch.autocast(grad.device.type, enabled=False):
+            return _backward(ctx, grad)
     x, weight = ctx.saved_tensors  # x (M, in), weight (in, out)
     if x is None:
         from .functional import _stand_in
@@ -368,7 +373,7 @@ def meprop_conv1d(
     resolved = resolve_backend(backend, input.device, input.dtype)
     lead = input.shape[:-1]
     x2d = input.reshape(-1, n_in)
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (input, weight, bias)):
+    if not needs_backward(input, weight, bias):
         return _forward(x2d, weight, bias).view(*lead, n_out)
     k_units = resolve_k(k, n_out)
     if dtype is None:
@@ -498,9 +503,7 @@ class MePropConv1D(_MePropSettings, nn.Module):
             n_in, n_out = weight.shape
             try:
                 x2d = input.reshape(-1, n_in)
-                if not torch.is_grad_enabled() or not (
-                    input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-                ):
+                if not needs_backward(input, weight, bias):
                     return _forward(x2d, weight, bias).view(*input.shape[:-1], n_out)
                 k_for = self.__dict__.get("_k_for")
                 if k_for is None or k_for[0] != n_out:

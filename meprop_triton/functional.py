@@ -71,6 +71,16 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
             f"backend='triton' supports float32, float16 and bfloat16 tensors; got {dtype}. "
             f"Use backend='torch' (or 'auto') for {dtype}."
         )
+    if dtype == torch.bfloat16 and device.type != "cuda" and not torch.compiler.is_compiling():
+        from .kernels.interpreter_probe import bf16_dot_ok
+
+        if not bf16_dot_ok():
+            raise TypeError(
+                "backend='triton' cannot run bfloat16 CPU tensors in this triton's "
+                "interpreter (TRITON_INTERPRET=1): its bfloat16 tl.dot multiplies the raw "
+                "16-bit patterns as integers, so every gradient would be wrong. Use "
+                "float32 or float16, backend='torch', or CUDA tensors."
+            )
     return "triton"
 
 
@@ -80,6 +90,19 @@ except AttributeError:  # pragma: no cover - older torch
 
     def _any_autocast() -> bool:
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def needs_backward(x: Tensor, weight: Tensor, bias) -> bool:
+    """Whether a forward must be recorded for a meProp backward: grad mode on and a
+    tensor that requires grad, or a torch.func transform active. Under ``vmap`` a
+    batched tensor reports ``requires_grad=False`` whatever it wraps (an ensemble's
+    stacked weights, or inputs that require grad, vmapped over and then back-propagated
+    by an ordinary ``.backward()``), so there the Function's vmap rule decides, on the
+    tensors it unwraps."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        or torch._C._are_functorch_transforms_active()
+    )
 
 
 def sparse_under_autocast(dtype: torch.dtype) -> ValueError:
@@ -710,9 +733,7 @@ def meprop_linear(
             "backend='torch' (or 'auto'), on CUDA tensors too"
         )
 
-    if not torch.is_grad_enabled() or not any(
-        t is not None and t.requires_grad for t in (input, weight, bias)
-    ):
+    if not needs_backward(input, weight, bias):
         return F.linear(input, weight, bias)
     check_strided(input, weight, bias, sparse_input=True)  # F.linear takes more than the backward
     args = (input, weight, bias, k_units, resolved, unified, selection, sparse_grad, generator, counts)

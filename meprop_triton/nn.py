@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from ._validation import check_dtype_arg, check_k, check_linear_args, check_options, check_strided, resolve_k
 from .functional import (
-    _DDP, _any_autocast, _autocast_dtype, _refuse_sparse_under_ddp, apply_meprop, meprop_linear, resolve_backend,
+    _DDP, _any_autocast, _autocast_dtype, _refuse_sparse_under_ddp, apply_meprop, meprop_linear, needs_backward,
+    resolve_backend,
     sparse_under_autocast,
 )
 
@@ -325,9 +326,7 @@ class MePropLinear(_MePropSettings, nn.Linear):
         ):
             backend = self._backend
             try:
-                if not torch.is_grad_enabled() or not (
-                    input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-                ):
+                if not needs_backward(input, weight, bias):
                     if backend == "triton" or input.dtype != weight.dtype:
                         return self._checked_forward(input)  # refused there where it must be
                     return F.linear(input, weight, bias)

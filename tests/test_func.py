@@ -253,6 +253,42 @@ def test_vmapped_forward_then_ordinary_backward_is_a_loop_over_entries(unified):
     torch.testing.assert_close(b_.grad, want_b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("which", ["vmapped-weights", "frozen-linear", "frozen-conv1d"])
+def test_vmapped_forward_where_only_the_vmapped_tensor_requires_grad(which):
+    """Under vmap a batched tensor reports requires_grad=False whatever it wraps. When
+    the vmapped tensor is the only one that requires grad (an ensemble's stacked
+    weights; a frozen layer over inputs that require grad), the forward must still be
+    meProp's: each entry's gradient is that of an eager call of its own, not dense."""
+    from meprop_triton import MePropConv1D
+
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(6, IN, generator=gen, dtype=DT)
+    if which == "vmapped-weights":
+        ws = torch.randn(3, OUT, IN, generator=gen, dtype=DT)
+        G = torch.randn(3, 6, OUT, generator=gen, dtype=DT)
+        leaf = ws.clone().requires_grad_()
+        vmap(lambda w_: meprop_linear(x, w_, None, k=2))(leaf).backward(G)
+        for e in range(3):
+            want = reference.unified_backward(G[e], x, ws[e], reference.unified_topk_indices(G[e], 2))[1]
+            torch.testing.assert_close(leaf.grad[e], want, rtol=1e-12, atol=1e-14)
+            assert len(rows(leaf.grad[e])) == 2
+        return
+    xs = torch.randn(4, 6, IN, generator=gen, dtype=DT)
+    G = torch.randn(4, 6, OUT, generator=gen, dtype=DT)
+    if which == "frozen-linear":
+        layer = MePropLinear(IN, OUT, k=2, dtype=DT).requires_grad_(False)
+        w = layer.weight
+    else:
+        layer = MePropConv1D(OUT, IN, k=2, dtype=DT).requires_grad_(False)
+        w = layer.weight.t()
+    leaf = xs.clone().requires_grad_()
+    vmap(layer)(leaf).backward(G)
+    for e in range(4):
+        want = reference.unified_backward(G[e], xs[e], w, reference.unified_topk_indices(G[e], 2))[0]
+        torch.testing.assert_close(leaf.grad[e], want, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(leaf.grad, G @ w)  # not the dense gradient
+
+
 def test_vmap_over_an_ensemble_of_weights_each_entry_its_own_call():
     """vmap over stacked weights with one shared minibatch: each entry's gradient is that
     of an eager call with its own weights (unified over the minibatch's rows)."""
