@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
+from .functional import _any_autocast
 
 __all__ = ["lstm_layer", "ProductTimer"]
 
@@ -108,6 +109,12 @@ class _LSTMLayer(torch.autograd.Function):
             )
         if any(d is not None and reference.is_legacy_batched(d) for d in (d_out, d_hn, d_cn)):
             reference.refuse_legacy_batched("MePropLSTM", "")  # its out= operations
+        if _any_autocast():
+            # backward() called inside an autocast region: compute in the tensors' own
+            # dtypes, as the forward was (MePropLinear's backward does the same).
+            device = next(d for d in (d_out, d_hn, d_cn) if d is not None).device
+            with torch.autocast(device.type, enabled=False):
+                return _LSTMLayer.backward(ctx, d_out, d_hn, d_cn)
         x, h0, c0, out, *rest = ctx.saved_tensors
         params, kept = rest[:ctx.n_params], rest[ctx.n_params:]
         per = 4 if ctx.has_bias else 2

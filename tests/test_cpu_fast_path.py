@@ -148,16 +148,30 @@ def test_create_graph_takes_the_general_route(gen):
     assert_bitwise((gx.detach(), gw.detach()), want[:2])
 
 
-def test_backward_inside_autocast_uses_the_tensors_dtypes(gen):
+@pytest.mark.parametrize("kind", ["linear", "linear-per-example", "conv1d", "conv1d-per-example", "lstm"])
+def test_backward_inside_autocast_uses_the_tensors_dtypes(gen, kind):
     """``backward()`` called inside an autocast region gives the gradients of a
-    backward outside it (fp32 parameters, a forward outside autocast)."""
-    layer = MePropLinear(12, 20, k=4)
-    x = torch.randn(6, 12, generator=gen, requires_grad=True)
+    backward outside it (fp32 parameters, a forward outside autocast), for every layer
+    with a meProp backward of its own."""
+    from meprop_triton import MePropConv1D, MePropLSTM
+
+    unified = not kind.endswith("per-example")
+    if kind.startswith("linear"):
+        layer = MePropLinear(12, 20, k=4, unified=unified)
+    elif kind.startswith("conv1d"):
+        layer = MePropConv1D(20, 12, k=4, unified=unified)
+    else:
+        layer = MePropLSTM(12, 20, k=4)
+    x = torch.randn(6, 3, 12, generator=gen, requires_grad=True)
     out = layer(x)
+    out = out[0] if kind == "lstm" else out
     seed = torch.randn(out.shape, generator=gen)
+    params = [x, *layer.parameters()]
     out.backward(seed, retain_graph=True)
-    want = (x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone())
-    x.grad = layer.weight.grad = layer.bias.grad = None
+    want = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out.backward(seed)
-    assert_bitwise((x.grad, layer.weight.grad, layer.bias.grad), want)
+    assert all(p.grad.dtype == torch.float32 for p in params)
+    assert_bitwise([p.grad for p in params], want)
