@@ -368,7 +368,18 @@ def per_example_backward(
 def rows_to_sparse(rows: Tensor, values: Tensor, n_rows: int) -> Tensor:
     """A sparse COO tensor of shape ``(n_rows, *values.shape[1:])`` holding ``values[i]``
     at row ``rows[i]`` (``rows`` sorted and unique), the layout of an
-    ``nn.Embedding(sparse=True)`` gradient that SGD, Adagrad and SparseAdam take."""
+    ``nn.Embedding(sparse=True)`` gradient that SGD, Adagrad and SparseAdam take.
+
+    ``torch.compile`` cannot trace the construction of a sparse tensor: there the
+    layer's Function runs eagerly (a graph break), and ``fullgraph=True`` fails with
+    the reason below rather than a tracer's internal message."""
+    dynamo = getattr(torch, "_dynamo", None)  # imported wherever torch.compile traces
+    if dynamo is not None and torch.compiler.is_compiling():
+        dynamo.graph_break(
+            msg="sparse_grad=True: torch.compile cannot trace building a sparse gradient, so a "
+            "sparse_grad=True layer runs outside the graph; compile without fullgraph=True, "
+            "or use sparse_grad=False"
+        )
     return torch.sparse_coo_tensor(
         rows.unsqueeze(0),
         values,

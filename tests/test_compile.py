@@ -86,6 +86,23 @@ def test_compiled_fullgraph_without_graph_breaks(fresh_dynamo):
     assert x.grad is not None and x.grad.shape == x.shape
 
 
+def test_sparse_grad_runs_outside_the_graph_and_fullgraph_names_it(fresh_dynamo):
+    """torch.compile cannot trace building a sparse tensor: a sparse_grad=True layer
+    runs eagerly inside a compiled model (eager's sparse gradients), and with
+    fullgraph=True the error names sparse_grad rather than a tracer internal."""
+    torch.manual_seed(0)
+    x, g = torch.randn(6, 5), torch.randn(6, 7)
+    eager = MePropLinear(5, 7, k=2, sparse_grad=True)
+    layer = copy.deepcopy(eager)
+    eager(x).backward(g)
+    torch.compile(layer, backend=compile_backend())(x).backward(g)
+    assert layer.weight.grad.is_sparse
+    torch.testing.assert_close(layer.weight.grad.to_dense(), eager.weight.grad.to_dense())
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="sparse_grad=True"):
+        torch.compile(copy.deepcopy(eager), backend=compile_backend(), fullgraph=True)(x)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_compiled_dynamic_shapes_with_a_fractional_k(kind, fresh_dynamo):
     """``torch.compile(dynamic=True)`` of a layer with a float k, never run eagerly
