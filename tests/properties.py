@@ -30,10 +30,18 @@ K_SPECS = ("1", "1", "out-1", "out-1", "out", "out+3", "int", "int", "int", "fra
 MODES = ("unified-topk", "per-example-topk", "unified-random", "per-example-random")
 
 
-def k_units(k, out_f: int) -> int:
-    """``k`` resolved independently: a float as the decimal it was written as."""
-    n = math.ceil(Fraction(repr(k)) * out_f) if isinstance(k, float) else int(k)
-    return max(1, min(n, out_f))
+def k_units(k, out_features: int) -> int:
+    """``k`` resolved independently, in exact arithmetic: an int as is; a float as the
+    decimal it was written as (its shortest repr, in its own precision for a numpy
+    float32) times ``out_features``, rounded up unless it exceeds a whole number by at
+    most a millionth of itself (rounding noise); clamped to [1, out_features]."""
+    if isinstance(k, (float, np.floating)):
+        units = Fraction(str(k)) * out_features
+        n = math.floor(units)
+        n += units - n > Fraction(1, 10**6) * units
+    else:
+        n = int(k)
+    return max(1, min(n, out_features))
 
 
 @st.composite

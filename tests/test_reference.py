@@ -151,7 +151,10 @@ def test_dense_backward(dtype, oracle, gen):
 @pytest.mark.parametrize(
     "k,out_f,expected",
     [(1, 10, 1), (7, 10, 7), (10, 10, 10), (500, 10, 10), (0.1, 37, 4), (0.25, 123, 31),
-     (1.0, 7, 7), (0.07, 100, 7), (0.29, 100, 29), (1e-9, 10, 1), (0.5, 1, 1), (1 / 3, 9, 3)],
+     (1.0, 7, 7), (0.07, 100, 7), (0.29, 100, 29), (1e-9, 10, 1), (0.5, 1, 1), (1 / 3, 9, 3),
+     # float32 rounding is noise too, not an excess: np.float32(0.1) is 0.10000000149...
+     (np.float32(0.1), 100, 10), (np.float32(0.3), 10, 3), (np.float32(0.05), 4096, 205),
+     (torch.tensor(0.3).item(), 10, 3), (0.301, 10, 4), (0.30001, 1000, 301)],
     ids=lambda v: repr(v),
 )
 def test_resolve_k(k, out_f, expected, oracle):
