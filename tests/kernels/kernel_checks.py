@@ -138,6 +138,7 @@ def _emulate_bf16_dot() -> bool:
         return original(self, a, b, d, *args, **kwargs)
 
     create_dot._meprop_bf16 = True
+    create_dot._meprop_original = original  # for the test of the package's own refusal
     builder.create_dot = create_dot
     return True
 

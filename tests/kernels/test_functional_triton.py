@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import meprop_triton.triton_ops as triton_ops
-from kernel_checks import BACKEND_TOL
+from kernel_checks import BACKEND_TOL, BF16_DOT, INTERPRET
 from meprop_triton import MePropLinear, meprop_linear
 
 pytestmark = pytest.mark.interpreter
@@ -175,3 +175,27 @@ def test_triton_backend_refuses_float64(rng, device):
     w = torch.randn(10, 8, dtype=torch.float64).to(device)
     with pytest.raises(TypeError, match="float64"):
         meprop_linear(x, w, k=3, backend="triton")
+
+
+@pytest.mark.skipif(not (INTERPRET and BF16_DOT), reason="the interpreter's bf16 dot, as the harness mends it")
+def test_interpreter_with_a_wrong_bf16_dot_is_refused_before_any_work(rng, device, monkeypatch):
+    """Triton's own interpreter multiplies bf16 dot operands as raw bits: there
+    backend='triton' refuses bf16 with the reason (gradients would be garbage), before
+    any work; with the dot mended (as kernel_checks does) the same call runs."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    mended = builder.create_dot
+    x = torch.randn(4, 8, generator=rng).to(device, torch.bfloat16).requires_grad_()
+    w = torch.randn(10, 8, generator=rng).to(device, torch.bfloat16).requires_grad_()
+    monkeypatch.setattr(builder, "create_dot", mended._meprop_original)
+    with pytest.raises(TypeError, match="bfloat16 tl.dot"):
+        meprop_linear(x, w, k=3, backend="triton")
+    with pytest.raises(TypeError, match="bfloat16 tl.dot"):
+        MePropLinear(8, 10, k=3, backend="triton", dtype=torch.bfloat16)(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="bfloat16 tl.dot"):
+        meprop_linear(x.float(), w.float(), k=3, backend="triton")
+    assert x.grad is None and w.grad is None
+    monkeypatch.setattr(builder, "create_dot", mended)
+    meprop_linear(x, w, k=3, backend="triton").float().pow(2).sum().backward()
+    assert x.grad is not None and torch.isfinite(w.grad).all()
