@@ -409,7 +409,7 @@ def table(records: list[dict]) -> str:
             rows.append([r["name"], r.get("config") or "", "ERROR: " + r["error"][:80]])
             continue
         rows.append([str(r.get(c) if r.get(c) is not None else "-") for c in cols] + [str(r["roofline_us"][g]) for g in gpus])
-    widths = [max(len(h), *(len(row[i]) for row in rows if i < len(row))) for i, h in enumerate(head)]
+    widths = [max([len(h), *(len(row[i]) for row in rows if i < len(row))]) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
@@ -439,15 +439,15 @@ def main(argv=None) -> int:
         for k in args.k:
             recs = report(args.shape, k, dtype, args.mode, args.arch, only=args.only)
             records += recs
+            if args.json:  # written as it grows: a table that fails, or a cut-off run, keeps it
+                with open(args.json, "w") as f:
+                    json.dump(records, f, indent=1)
             print(f"sm_{args.arch}  M={M} in={n_in} out={n_out} k={k} {dtype} {args.mode}")
             if recs and recs[0].get("route") == "masked":
                 print("(the products at this shape take the masked route on a GPU: a masked copy of G and "
                       "cuBLAS GEMMs; below, the selection and the gather kernels that other shapes use)")
             print(table(recs))
             print()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
     return 1 if any(r.get("error") for r in records) else 0
 
 

@@ -7,10 +7,13 @@ model, ``bench/report.py`` the Markdown table and PNG made from a ``--benchmark-
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
 
 import numpy as np
+import pytest
 import torch
 
 from meprop_triton.utils import keep_freed_memory
@@ -63,6 +66,10 @@ def pytest_configure(config):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Add what a reader of the JSON needs to know about the machine and the software."""
+    machine_info["meprop"] = _machine_info(config)
+
+
+def _machine_info(config) -> dict:
     try:
         import triton
 
@@ -96,4 +103,70 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         info["loadavg_at_end"] = list(os.getloadavg())
     except OSError:
         pass
-    machine_info["meprop"] = info
+    return info
+
+
+def recorded_commit(path: str | None = None) -> dict:
+    """The commit a copy of the checkout without ``.git`` came from: ``bench/COMMIT``
+    (``path``), its first line the commit, any further lines ``git status --porcelain``
+    at the copy (bench/README.md: a GPU machine may get the working tree alone). {}
+    without one."""
+    try:
+        with open(path or os.path.join(os.path.dirname(__file__), "COMMIT")) as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return {}
+    if not lines[0].strip():
+        return {}
+    return {"id": lines[0].strip(), "dirty": any(line.strip() for line in lines[1:]), "source": "bench/COMMIT"}
+
+
+def _git_commit() -> dict:
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=30,
+                              check=True, cwd=os.path.dirname(__file__)).stdout.strip()
+
+    try:
+        return {"id": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def pytest_benchmark_update_commit_info(config, commit_info):
+    """pytest-benchmark reads the commit from git; a copy without ``.git`` has
+    ``bench/COMMIT`` instead."""
+    if commit_info.get("id") in (None, "", "unversioned"):  # pytest-benchmark's word for no git
+        commit_info.update(recorded_commit())
+
+
+#: Environment variable naming a JSON-lines file to which every finished benchmark case is
+#: appended at once (bench/gpu_run.sh sets it): pytest-benchmark writes its JSON only when
+#: the session ends, so a crash (a CUDA error, a kill) would lose the whole group.
+PARTIAL_ENV = "MEPROP_BENCH_PARTIAL"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield
+    path = os.environ.get(PARTIAL_ENV)
+    fixture = getattr(item, "funcargs", {}).get("benchmark")
+    stats = getattr(fixture, "stats", None)
+    if not path or stats is None:
+        return
+    try:
+        case = stats.as_dict(include_data=False)
+        lines = []
+        if not os.path.exists(path):  # the file's first line: what the JSON's top level holds
+            commit = recorded_commit() or _git_commit()
+            lines.append({
+                "machine_info": {"meprop": _machine_info(item.config), "python_version": platform.python_version()},
+                "commit_info": commit,
+                "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            })
+        lines.append({"benchmark": case})
+        with open(path, "a") as f:
+            f.writelines(json.dumps(line, default=str) + "\n" for line in lines)
+    except Exception as e:  # noqa: BLE001 - a side record: never fail the case for it
+        print(f"bench/conftest.py: could not append to {path}: {type(e).__name__}: {e}")

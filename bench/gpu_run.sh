@@ -61,10 +61,19 @@ OUTDIR=$(cd "$OUTDIR" && pwd)
 LOG="$OUTDIR/gpu-run.log"
 : >"$LOG"
 exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
+export PYTHONUNBUFFERED=1   # a step killed at its cap keeps its last lines in the log
+# Triton's cache lives under $HOME; where that cannot be written every compile would fail.
+if ! mkdir -p "${TRITON_CACHE_DIR:-${HOME:-/nonexistent}/.triton/cache}" 2>/dev/null; then
+    export TRITON_CACHE_DIR
+    TRITON_CACHE_DIR=$(mktemp -d)
+    echo "   (Triton's cache: $TRITON_CACHE_DIR, \$HOME is not writable)"
+fi
 
 PY=python3
 START=$SECONDS
 RESERVE=25            # seconds kept for the report at the end
+GRACE=20              # a step cut off at its cap gets SIGINT, then SIGKILL this much later
 STAMP=$(date -u +%Y-%m-%dT%H%M%SZ)
 SUMMARY=()
 FAILED=0
@@ -83,12 +92,13 @@ run_step() {
         note "$name" "skipped: ${avail} s of the budget left, it needs at least ${min} s"
         return 0
     fi
-    local t=$(( avail < cap ? avail : cap ))
+    local t=$(( avail - GRACE < cap ? avail - GRACE : cap ))  # even a killed step leaves the reserve
+    if [ "$t" -lt 1 ]; then t=1; fi
     echo
     echo "== $name (time cap ${t} s; $(left) s of the ${BUDGET} s budget left)"
     echo "   \$ $*"
     local t0=$SECONDS rc=0
-    timeout -s INT -k 20 "${t}s" "$@" || rc=$?
+    timeout -s INT -k "$GRACE" "${t}s" "$@" || rc=$?
     local took=$((SECONDS - t0))
     case $rc in
         0) note "$name" "ok (${took} s)" ;;
@@ -157,10 +167,11 @@ fi
 # --- 2. environment -----------------------------------------------------------------------
 echo
 echo "== environment"
-"$PY" - "$OUTDIR/gpu-env.json" "$DRY" "$BUDGET" <<'EOF'
-import datetime, json, platform, shutil, subprocess, sys
+env_rc=0
+"$PY" - "$OUTDIR/gpu-env.json" "$DRY" "$BUDGET" "$ROOT" <<'EOF' || env_rc=$?
+import datetime, json, os, platform, shutil, subprocess, sys
 
-out, dry, budget = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+out, dry, budget, root = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4]
 
 def run(*cmd):
     try:
@@ -187,9 +198,25 @@ env = {
     "triton": triton_version,
     "python": platform.python_version(),
     "platform": platform.platform(),
-    "commit": run("git", "rev-parse", "HEAD"),
-    "uncommitted_changes": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
 }
+# A copy of the working tree without .git (as a GPU machine may get it): bench/COMMIT,
+# written beside the checkout before it was sent (bench/README.md), says what it is.
+commit = run("git", "rev-parse", "HEAD")
+if commit is not None:
+    status = run("git", "status", "--porcelain", "--untracked-files=no")
+    env["commit"], env["uncommitted_changes"] = commit, None if status is None else bool(status)
+    env["commit_source"] = "git"
+else:
+    try:
+        with open(os.path.join(root, "bench", "COMMIT")) as f:
+            lines = f.read().split("\n")
+        env["commit"] = lines[0].strip() or None
+        env["uncommitted_changes"] = any(line.strip() for line in lines[1:])
+        env["commit_source"] = "bench/COMMIT"
+    except OSError:
+        env["commit"] = env["uncommitted_changes"] = None
+        env["commit_source"] = "unknown: no git repository and no bench/COMMIT"
+
 with open(out, "w") as f:
     json.dump(env, f, indent=2)
 with open(out.removesuffix(".json") + ".txt", "w") as f:
@@ -197,7 +224,11 @@ with open(out.removesuffix(".json") + ".txt", "w") as f:
 for k, v in env.items():
     print(f"   {k}: {v}")
 EOF
-note environment "written to gpu-env.json / gpu-env.txt"
+if [ "$env_rc" = 0 ]; then
+    note environment "written to gpu-env.json / gpu-env.txt"
+else
+    note environment "FAILED: exit $env_rc (the steps below run all the same)"; FAILED=1
+fi
 
 # --- 3. the CUDA tests (tests/kernels runs on CUDA tensors when a GPU is present) -----------
 # With pytest-xdist installed, the files run in parallel workers (-n auto: at most 4 beside
@@ -234,7 +265,8 @@ if [ "$DRY" = 1 ]; then
     run_step tests 20 "$TESTS_S" env TRITON_INTERPRET=1 "$PY" -m pytest -x -q -p no:cacheprovider \
         ${XDIST[@]+"${XDIST[@]}"} -m "not aot" "${PRIORITY[@]:0:3}"  # the interpreter runs the 4th for minutes
 else
-    run_step tests 30 "$TESTS_S" "$PY" -m pytest -x -q -p no:cacheprovider -m "not aot" \
+    # Not -x: the one GPU run should show every failing test within the cap, not the first.
+    run_step tests 30 "$TESTS_S" "$PY" -m pytest --maxfail=30 -q -p no:cacheprovider -m "not aot" \
         ${XDIST[@]+"${XDIST[@]}"} "${KERNEL_TESTS[@]}"
 fi
 
@@ -258,9 +290,21 @@ bench_group() {
         run_step "bench $name" 5 120 "$PY" -m pytest -q -p no:cacheprovider "$@" -k "$expr" --benchmark-disable
     else
         local json="$OUTDIR/gpu-$STAMP-$name.json"
-        run_step "bench $name" "$min" "$cap" "$PY" -m pytest -q -p no:cacheprovider "$@" -k "$expr" \
+        run_step "bench $name" "$min" "$cap" env MEPROP_BENCH_PARTIAL="${json%.json}.partial.jsonl" \
+            "$PY" -m pytest -q -p no:cacheprovider "$@" -k "$expr" \
             --benchmark-only --benchmark-columns=min,median,max,rounds --benchmark-json "$json"
-        if [ -s "$json" ]; then JSONS+=("$json"); fi
+        keep_json "$json"
+    fi
+}
+# keep_json FILE: the group's JSON for the report, or, where its run died before pytest-
+# benchmark wrote it (a crash, a kill), the cases bench/conftest.py appended one by one.
+keep_json() {
+    local json=$1 partial=${1%.json}.partial.jsonl
+    if [ -s "$json" ] && "$PY" -c 'import json, sys; json.load(open(sys.argv[1]))' "$json" 2>/dev/null; then
+        JSONS+=("$json"); rm -f "$partial"
+    elif [ -s "$partial" ] && [ "$(wc -l <"$partial")" -gt 1 ]; then
+        echo "   no complete $(basename "$json"): the report takes the $(( $(wc -l <"$partial") - 1 )) cases in $(basename "$partial")"
+        JSONS+=("$partial")
     fi
 }
 B=bench/test_bench_backward.py
@@ -276,10 +320,23 @@ bench_group f-train-step 15 60 "cuda" bench/test_bench_train_step.py bench/test_
 
 if [ "$DRY" = 1 ]; then  # one quick CPU case timed for real, so that the report has a JSON
     json="$OUTDIR/cpu-smoke-$STAMP.json"
-    run_step "bench cpu-smoke" 10 90 "$PY" -m pytest -q -p no:cacheprovider "$B" \
+    partial=${json%.json}.partial.jsonl
+    run_step "bench cpu-smoke" 10 90 env MEPROP_BENCH_PARTIAL="$partial" "$PY" -m pytest -q -p no:cacheprovider "$B" \
         -k "cpu-fp32-mnist-torch-unified-topk-densegrad and (k5pct or k80)" \
         --benchmark-only --benchmark-json "$json"
-    if [ -s "$json" ]; then JSONS+=("$json"); fi
+    # The per-case record a crash would leave: one line per case the JSON holds, after a header.
+    if [ -s "$json" ] && "$PY" - "$json" "$partial" <<'EOF'
+import json, sys
+cases = json.load(open(sys.argv[1]))["benchmarks"]
+lines = [json.loads(line) for line in open(sys.argv[2])]
+assert lines[0]["machine_info"]["meprop"] and [r["benchmark"]["name"] for r in lines[1:]] == [c["name"] for c in cases]
+EOF
+    then
+        note partial-record "ok: $(basename "$partial") holds the JSON's cases"
+    else
+        note partial-record "FAILED: $(basename "$partial") does not match $(basename "$json")"; FAILED=1
+    fi
+    keep_json "$json"
 fi
 
 # --- 5. the paper's Table 8 (MNIST, h = 8192) if time is left ------------------------------
@@ -329,4 +386,6 @@ fi
 echo
 echo "== summary ($((SECONDS - START)) s of ${BUDGET} s; results in $OUTDIR)"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUTDIR/gpu-run-summary.txt"
+exec >&- 2>&-        # let tee write the log's last lines before the machine ends its processes
+wait "$TEE_PID" 2>/dev/null || true
 exit "$FAILED"

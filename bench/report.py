@@ -24,8 +24,24 @@ from datetime import datetime
 
 
 def _load(path: str) -> dict:
+    """A ``--benchmark-json`` file, or the JSON-lines record of a run cut short
+    (``*.partial.jsonl``, bench/conftest.py ``PARTIAL_ENV``: a first line with the
+    machine, commit and date, then one finished case a line; a last line cut off in the
+    middle is dropped)."""
     with open(path) as f:
-        return json.load(f)
+        if not path.endswith(".jsonl"):
+            return json.load(f)
+        data: dict = {"benchmarks": []}
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "benchmark" in rec:
+                data["benchmarks"].append(rec["benchmark"])
+            else:
+                data.update(rec)
+        return data
 
 
 def merge(datas: list[dict], names: list[str] | None = None) -> dict:
@@ -483,14 +499,21 @@ def main(argv=None) -> None:
     ap.add_argument("--png", help="write the speedup-vs-k plot here")
     args = ap.parse_args(argv)
     data = merge([_load(p) for p in args.json], [os.path.basename(p) for p in args.json])
+    if len(args.json) == 1 and not data.get("benchmarks"):
+        raise SystemExit(f"{args.json[0]}: no benchmarks in it")
+    # The Markdown first, so that a plot that fails or is cut off cannot cost the table.
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown(data, None))
     png = args.png
     if png:
         try:
             plot(data, png)
         except NoSeries as e:
-            if len(args.json) == 1 and not data.get("benchmarks"):
-                raise SystemExit(f"{args.json[0]}: no benchmarks in it") from None
             print(f"report.py: no PNG written ({e})", file=sys.stderr)
+            png = None
+        except Exception as e:  # noqa: BLE001 - the table is written; report the plot's failure
+            print(f"report.py: no PNG written ({type(e).__name__}: {e})", file=sys.stderr)
             png = None
     text = markdown(data, _relative(png, args.md))
     if args.md:

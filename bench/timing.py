@@ -12,7 +12,8 @@ the machine lands on both sides of a ratio.
   that freeing and refaulting gradient buffers does not depend on what ran in between.
 * CUDA: as ``triton.testing.do_bench`` does: warm-up, then each call between two CUDA
   events with the L2 cache flushed before it, all events read after one synchronize, the
-  median kept. The functions take turns within every repetition. pytest-benchmark's own
+  median kept. A short spin kernel between the flush and the start event keeps the GPU
+  busy while the host queues the call, so the events time the GPU's work alone. The functions take turns within every repetition. pytest-benchmark's own
   record of the candidate (host wall time of a call plus a synchronize) is kept too, but
   ``extra_info['time_median_s']`` (the events' median) is the number the report uses.
 
@@ -38,6 +39,12 @@ from typing import Callable
 import torch
 
 _L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MiB)
+#: GPU clock cycles of a spin kernel queued after each L2 flush, before the start event
+#: (about 200 us at an H100's / H200's 1.98 GHz): the host meanwhile queues the call's
+#: launches, so the events time the GPU's work, not a GPU waiting on Python, autograd and
+#: launch overheads (an eager meProp backward's host side is about 120 us; that time is
+#: reported apart, as ``host_launch_us``).
+_HOST_LEAD_CYCLES = 400_000
 _flush_buffer: dict = {}
 
 
@@ -78,6 +85,7 @@ def _cuda_samples(
     for r in range(rounds):
         for i, fn in enumerate(fns):
             _flush_l2(device)
+            torch.cuda._sleep(_HOST_LEAD_CYCLES)
             starts[i][r].record()
             fn()
             ends[i][r].record()
