@@ -352,13 +352,18 @@ def meprop_conv1d(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
     check_k(k, "nf")
-    _check_args(input, weight, bias)
-    dtype = _any_autocast_dtype(input.device.type)
-    if dtype is not None:  # autocast's cast, done here, differentiably (fp64 left alone)
+    dtype = _any_autocast_dtype(input.device.type) if isinstance(input, Tensor) else None
+    if dtype is not None:
+        # autocast's cast, done here, differentiably (fp64 left alone), before the checks:
+        # under autocast a layer meets inputs in another dtype than its weights (GPT-2's
+        # c_proj gets the attention's bf16 output, its weights fp32), as Conv1D's addmm does.
         def cast(t):
-            return t.to(dtype) if t is not None and t.dtype != torch.float64 else t
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+                return t.to(dtype)
+            return t
 
         input, weight, bias = cast(input), cast(weight), cast(bias)
+    _check_args(input, weight, bias)
     n_in, n_out = weight.shape
     if counts is not None and (
         not isinstance(counts, Tensor) or counts.dtype != torch.int64

@@ -286,10 +286,13 @@ def test_selection_stats_refused_without_track_selection():
         mine.selection_stats()
 
 
-def test_autocast_bf16_on_cpu(gen):
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=["fp32-input", "bf16-input"])
+def test_autocast_bf16_on_cpu(gen, input_dtype):
+    """fp32 weights under autocast, the input fp32 (after a LayerNorm) or already bf16
+    (GPT-2's c_proj gets the attention's bf16 output): both as Conv1D runs them."""
     layer = conv(nf=16, nx=8)
     mine = MePropConv1D.from_conv1d(layer, k=4)
-    x = torch.randn(5, 8, generator=gen)
+    x = torch.randn(5, 8, generator=gen).to(input_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = mine(x)
         with torch.no_grad():

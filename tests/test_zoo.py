@@ -172,6 +172,38 @@ def test_gpt2_trains_next_to_its_dense_twin():
 
 
 @needs_transformers
+def test_gpt2_under_bf16_autocast_as_its_dense_twin():
+    """Mixed precision, as GPT-2 is trained: fp32 weights, the forward under autocast.
+    c_attn gets LayerNorm's fp32 output, c_proj the attention's bf16 one, against fp32
+    weights: the converted model's loss equals the dense one's, its gradients are fp32
+    and, with every unit kept, equal to the dense model's; with k=0.1 it trains."""
+    dense = gpt2()
+    for m in dense.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    full = convert(copy.deepcopy(dense), k=1.0)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (dense, full):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_loss(model, ids)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == losses[0]
+    for (name, p_dense), (_, p_full) in zip(dense.named_parameters(), full.named_parameters()):
+        assert p_full.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p_full.grad, p_dense.grad, rtol=0, atol=0, msg=name)
+
+    def autocast_loss(model, batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lm_loss(model, batch)
+
+    batches = [torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))]
+    dense.zero_grad(set_to_none=True)
+    assert_trains_next_to_dense(dense, convert(copy.deepcopy(dense), k=0.1), batches, autocast_loss, steps=12)
+
+
+@needs_transformers
 def test_gpt2_state_dict_loads_into_a_plain_model_and_back():
     model = convert(gpt2(0), k=0.1)
     train(model, [torch.randint(0, VOCAB, (2, 8))], lm_loss, steps=2)  # weights of its own
