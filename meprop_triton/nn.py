@@ -172,6 +172,18 @@ class _MePropSettings:
         rate = hits.double() / rows if rows else torch.zeros_like(hits, dtype=torch.float64)
         return SelectionStats(hits, rows, rate)
 
+    def _apply(self, fn, *args, **kwargs):
+        # Counters made on the meta device hold no counts: where to_empty (or any move)
+        # gives them real memory, they start at zero, not with what that memory held.
+        counts = self._buffers.get("selection_counts")
+        from_meta = counts is not None and counts.is_meta
+        out = super()._apply(fn, *args, **kwargs)
+        counts = self._buffers.get("selection_counts")
+        if from_meta and counts is not None and not counts.is_meta:
+            with torch.no_grad():
+                counts.zero_()
+        return out
+
     def reset_selection_stats(self) -> None:
         """Zero the selection counters (``track_selection`` must be on)."""
         counts = self._buffers.get("selection_counts")

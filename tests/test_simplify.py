@@ -93,6 +93,29 @@ def test_statistics_are_off_by_default_and_stay_out_of_state_dict():
     assert converted[0].track_selection and isinstance(converted[1], nn.Linear)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_statistics_start_at_zero_after_meta_init_and_to_empty(kind):
+    """Counters made on the meta device hold no counts; ``to_empty`` gives them memory
+    that held anything (here: 7s), and they must start at zero there. A later move keeps
+    the counts."""
+    from meprop_triton import MePropConv1D
+
+    with torch.device("meta"):
+        layer = MePropLinear(6, 10, k=3, track_selection=True) if kind == "linear" else MePropConv1D(10, 6, k=3, track_selection=True)
+    layer._apply(lambda t: torch.full_like(t, 7, device="cpu"))  # to_empty, with dirty memory
+    assert layer.selection_stats().rows == 0 and not layer.selection_stats().hits.any()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    layer(torch.randn(5, 6)).pow(2).sum().backward()
+    assert layer.selection_stats().rows == 5 and int(layer.selection_stats().hits.sum()) == 15
+    layer.double()
+    assert layer.selection_stats().rows == 5  # a move from real memory keeps the counts
+    with torch.device("meta"):
+        other = MePropLinear(6, 10, k=3, track_selection=True)
+    assert other.to_empty(device="cpu").selection_stats().rows == 0
+
+
 def test_meprop_linear_counts_checked():
     w = torch.randn(5, 3, requires_grad=True)
     x = torch.randn(4, 3)
