@@ -10,8 +10,12 @@ and redo the conversion on a freshly loaded (dense) copy.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
+import functools
+import inspect
 import numbers
+import textwrap
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -86,6 +90,53 @@ def _why_not(module: nn.Module, lstm: bool) -> str | None:
     if t.__name__ == "Conv1D":
         return "a class named Conv1D without transformers' layout (nf, weight (in, nf), bias (nf,)); not swapped"
     return None
+
+
+#: Calls that compute with a weight they are handed: a layer whose weight its parent
+#: passes to one of these computes (some of) its output without the layer's forward.
+_PRODUCTS = frozenset({"linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "einsum", "bilinear"})
+
+
+@functools.lru_cache(maxsize=None)
+def _weights_used_directly(cls: type) -> dict[str, str]:
+    """Attribute names whose ``.weight`` ``cls.forward`` hands to a product itself
+    (``F.linear(x, self.qkv.weight, bias)``, ``x @ self.proj.weight.t()``), each with
+    the call, read from the source (empty where it cannot be read). timm's BEiT, EVA
+    and Swin V2 attention do this with ``qkv`` when it has a q/v bias: a meProp qkv
+    there would never run its own backward."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return {}
+
+    def weight_of(node) -> str | None:  # `self.<name>.weight`, optionally `.t()` / `.T`
+        while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("t", "transpose"):
+            node = node.func.value
+        if isinstance(node, ast.Attribute) and node.attr == "T":
+            node = node.value
+        if (
+            isinstance(node, ast.Attribute) and node.attr == "weight"
+            and isinstance(node.value, ast.Attribute) and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+        ):
+            return node.value.attr
+        return None
+
+    found: dict[str, str] = {}
+    for node in ast.walk(tree):
+        operands = []
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in _PRODUCTS:
+                operands = [*node.args, *(kw.value for kw in node.keywords)]
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult):
+            operands = [node.left, node.right]
+        for operand in operands:
+            attr = weight_of(operand)
+            if attr is not None:
+                found.setdefault(attr, ast.unparse(node))
+    return found
 
 
 def _exclusion(exclude, names: list[str]) -> Callable[[str, nn.Module], bool]:
@@ -220,7 +271,9 @@ def convert(
     ``(in, out)``) is recognised by its class name and layout, so transformers is not
     needed to import this package. The new layers share the old layers' Parameter
     objects, so an optimizer built before the conversion keeps working. Layers used
-    inside ``nn.MultiheadAttention`` and subclasses of ``nn.Linear`` are left alone. A
+    inside ``nn.MultiheadAttention``, layers whose parent's ``forward`` hands their weight
+    to a product itself (``F.linear(x, self.qkv.weight, b)``, read from its source) and
+    subclasses of ``nn.Linear`` are left alone. A
     layer shared between several places stays shared (excluded under any of its names,
     it stays dense everywhere). A ``UserWarning`` says so when nothing was converted.
     Nothing is changed when an argument is refused.
@@ -269,10 +322,18 @@ def convert(
         else:
             candidates.append((name, parent, attr, child, kind))
             lost = _lost_in_swap(child, _own_params(child, kind))
+            direct = None if parent is None else _weights_used_directly(type(parent)).get(attr)
             if excluded(name, child):
                 kept[id(child)] = f"excluded (as {name or 'the model'})"
             elif lost is not None:
                 kept.setdefault(id(child), f"{lost}; not swapped")
+            elif direct is not None:
+                short = direct if len(direct) <= 90 else direct[:87] + "..."
+                kept.setdefault(
+                    id(child),
+                    f"{type(parent).__qualname__}.forward uses its weight without calling the layer "
+                    f"(`{short}`); not swapped",
+                )
             elif id(child) not in kept and id(child) not in seen and tied == "skip":
                 others = _tied_with(child, owners, first)
                 if others:

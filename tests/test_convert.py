@@ -121,6 +121,41 @@ def test_multihead_attention_out_proj_stays_plain():
     assert x.grad is not None
 
 
+class _DirectQkv(nn.Module):
+    """timm's BEiT / EVA / Swin V2 attention: ``F.linear(x, self.qkv.weight, bias)``
+    when it has a q/v bias; ``proj`` called as a layer, ``out`` read for its dtype and
+    type only, ``back`` multiplied in directly through ``@``."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(24))
+        self.proj = nn.Linear(24, 8)
+        self.out = nn.Linear(8, 8)
+        self.back = nn.Linear(8, 8)
+
+    def forward(self, x):
+        qkv = torch.nn.functional.linear(x, weight=self.qkv.weight, bias=self.q_bias)
+        h = self.proj(qkv)
+        if isinstance(self.out.weight, torch.Tensor) and h.dtype != self.out.weight.dtype:
+            h = h.to(self.out.weight.dtype)
+        return self.out(h) + h @ self.back.weight.t()
+
+
+def test_a_weight_used_without_calling_its_layer_stays_dense_and_says_why():
+    """A layer whose parent hands its weight to a product itself would keep a dense
+    backward under meProp's name: convert leaves it alone and the report says why,
+    with the call; reading the weight's dtype or type does not count."""
+    model, report = convert(nn.Sequential(_DirectQkv()), k=2, report=True)
+    assert sorted(report.converted) == ["0.out", "0.proj"]
+    assert type(model[0].qkv) is nn.Linear and type(model[0].back) is nn.Linear
+    assert "_DirectQkv.forward uses its weight without calling the layer" in report.left_dense["0.qkv"]
+    assert "linear(x, weight=self.qkv.weight, bias=self.q_bias)" in report.left_dense["0.qkv"]
+    assert "h @ self.back.weight.t()" in report.left_dense["0.back"]
+    model(torch.randn(5, 8)).pow(2).sum().backward()
+    assert int((model[0].proj.weight.grad != 0).any(1).sum()) == 2
+
+
 def test_multihead_attention_inside_a_model():
     torch.manual_seed(0)
     enc = nn.TransformerEncoder(

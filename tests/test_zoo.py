@@ -390,3 +390,21 @@ def test_vit_compiles_and_round_trips_through_state_dict_and_settings(tmp_path):
     assert meprop_settings(fresh) == meprop_settings(model)
     model.eval(), fresh.eval()
     assert torch.equal(model(images), fresh(images))
+
+
+@needs_timm
+def test_beit_qkv_used_through_f_linear_stays_dense_and_the_rest_trains():
+    """timm's BEiT computes ``F.linear(x, self.qkv.weight, qkv_bias)`` when it has a q/v
+    bias, never calling ``qkv``: convert leaves qkv dense and says why (a meProp qkv
+    there would report meProp and back-propagate densely), converts the rest, and the
+    model trains next to its dense twin."""
+    from timm.models.beit import Beit
+
+    torch.manual_seed(0)
+    dense = Beit(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    converted, report = convert(copy.deepcopy(dense), k=0.1, exclude=["head"], report=True)
+    for block in ("blocks.0", "blocks.1"):
+        assert "uses its weight without calling the layer" in report.left_dense[f"{block}.attn.qkv"]
+        assert type(converted.get_submodule(f"{block}.attn.qkv")) is nn.Linear
+        assert f"{block}.attn.proj" in report.converted and f"{block}.mlp.fc1" in report.converted
+    assert_trains_next_to_dense(dense, converted, vit_batches(), vit_loss, steps=10)
