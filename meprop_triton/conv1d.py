@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._validation import check_dtype_arg, check_k, check_options, check_strided, resolve_k
-from .functional import _any_autocast, _linear_jvp, needs_backward, resolve_backend
+from .functional import _any_autocast, _linear_jvp, autocast_on, needs_backward, resolve_backend
 from .nn import _lost_in_swap, _MePropSettings, _share_hooks
 
 __all__ = ["MePropConv1D", "meprop_conv1d", "is_conv1d"]
@@ -185,7 +185,7 @@ def _count(counts: Tensor, idx: Tensor | None, rows: int) -> None:
 
 
 def _backward(ctx, grad: Tensor):
-    if _any_autocast():
+    if _any_autocast() and autocast_on(grad.device.type):
         # backward() called inside an autocast region: compute in the tensors' own
         # dtypes, as the forward was (MePropLinear's backward does the same).
         with torch.autocast(grad.device.type, enabled=False):

@@ -92,17 +92,40 @@ except AttributeError:  # pragma: no cover - older torch
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (a backward's guard: call it after the
+    one-C-call ``_any_autocast()``; autocast on for another device type alone does not
+    touch this device's operations)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
 def needs_backward(x: Tensor, weight: Tensor, bias) -> bool:
     """Whether a forward must be recorded for a meProp backward: grad mode on and a
-    tensor that requires grad, or a torch.func transform active. Under ``vmap`` a
-    batched tensor reports ``requires_grad=False`` whatever it wraps (an ensemble's
-    stacked weights, or inputs that require grad, vmapped over and then back-propagated
-    by an ordinary ``.backward()``), so there the Function's vmap rule decides, on the
-    tensors it unwraps."""
-    return torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        or torch._C._are_functorch_transforms_active()
-    )
+    tensor that requires grad. Under ``vmap`` a batched tensor reports
+    ``requires_grad=False`` whatever it wraps (an ensemble's stacked weights, or inputs
+    that require grad, vmapped over and then back-propagated by an ordinary
+    ``.backward()``), so there the wrapped tensors are asked too."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    if torch.compiler.is_compiling():
+        return True  # the Function's vmap rule decides, on the tensors it unwraps
+    return any(_wrapped_requires_grad(t) for t in (x, weight, bias) if t is not None)
+
+
+def _wrapped_requires_grad(t: Tensor) -> bool:
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+        if t.requires_grad:
+            return True
+    return False
 
 
 def sparse_under_autocast(dtype: torch.dtype) -> ValueError:
@@ -327,7 +350,7 @@ def _backward(ctx, grad_output: Tensor):
     """``(grad_x, grad_W, grad_b)`` of a meProp Function's backward (None where not
     needed); ``ctx.settings`` is ``(k, backend, unified, selection, sparse_grad,
     generator, counts)``."""
-    if _any_autocast():
+    if _any_autocast() and autocast_on(grad_output.device.type):
         # backward() called inside an autocast region: compute in the tensors' own
         # dtypes, as the forward's F.linear was (torch.amp.custom_bwd does the same).
         with torch.autocast(grad_output.device.type, enabled=False):

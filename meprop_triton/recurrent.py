@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .functional import _any_autocast
+from .functional import _any_autocast, autocast_on
 
 __all__ = ["lstm_layer", "ProductTimer"]
 
@@ -109,10 +109,10 @@ class _LSTMLayer(torch.autograd.Function):
             )
         if any(d is not None and reference.is_legacy_batched(d) for d in (d_out, d_hn, d_cn)):
             reference.refuse_legacy_batched("MePropLSTM", "")  # its out= operations
-        if _any_autocast():
+        device = next(d for d in (d_out, d_hn, d_cn) if d is not None).device
+        if _any_autocast() and autocast_on(device.type):
             # backward() called inside an autocast region: compute in the tensors' own
             # dtypes, as the forward was (MePropLinear's backward does the same).
-            device = next(d for d in (d_out, d_hn, d_cn) if d is not None).device
             with torch.autocast(device.type, enabled=False):
                 return _LSTMLayer.backward(ctx, d_out, d_hn, d_cn)
         x, h0, c0, out, *rest = ctx.saved_tensors

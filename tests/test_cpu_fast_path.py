@@ -172,6 +172,14 @@ def test_backward_inside_autocast_uses_the_tensors_dtypes(gen, kind):
     for p in params:
         p.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out.backward(seed)
+        out.backward(seed, retain_graph=True)
     assert all(p.grad.dtype == torch.float32 for p in params)
+    assert_bitwise([p.grad for p in params], want)
+    for p in params:
+        p.grad = None
+    torch.set_autocast_enabled("cuda", True)  # autocast on for another device type only
+    try:
+        out.backward(seed)
+    finally:
+        torch.set_autocast_enabled("cuda", False)
     assert_bitwise([p.grad for p in params], want)
