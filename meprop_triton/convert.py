@@ -39,7 +39,9 @@ class ConversionReport:
 
     ``converted``: qualified module name -> the class it had (``"Linear"``, ``"Conv1D"``,
     ``"LSTM"``, or a meProp class whose settings were changed); ``left_dense``: name ->
-    why it was left alone (excluded, tied weight, a type that cannot be swapped).
+    why it was left alone (excluded, tied weight, a type that cannot be swapped);
+    ``notes``: name -> a caveat about a converted layer (its parent's forward sometimes
+    uses its weight without calling it: there its backward stays dense).
     Names are as in ``model.named_modules()``; ``""`` is the model itself. A layer
     reachable under several names is listed under the first. ``str(report)`` is a
     readable summary.
@@ -47,6 +49,7 @@ class ConversionReport:
 
     converted: dict[str, str] = field(default_factory=dict)
     left_dense: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         kinds: dict[str, int] = {}
@@ -62,6 +65,8 @@ class ConversionReport:
             lines.append(f"  converted   {name or '(the model)'} ({cls})")
         for name, why in self.left_dense.items():
             lines.append(f"  left dense  {name or '(the model)'}: {why}")
+        for name, note in self.notes.items():
+            lines.append(f"  note        {name or '(the model)'}: {note}")
         return "\n".join(lines)
 
 
@@ -98,12 +103,14 @@ _PRODUCTS = frozenset({"linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "ein
 
 
 @functools.lru_cache(maxsize=None)
-def _weights_used_directly(cls: type) -> dict[str, str]:
+def _weights_used_directly(cls: type) -> dict[str, tuple[str, bool]]:
     """Attribute names whose ``.weight`` ``cls.forward`` hands to a product itself
     (``F.linear(x, self.qkv.weight, bias)``, ``x @ self.proj.weight.t()``), each with
-    the call, read from the source (empty where it cannot be read). timm's BEiT, EVA
-    and Swin V2 attention do this with ``qkv`` when it has a q/v bias: a meProp qkv
-    there would never run its own backward."""
+    the call and whether the forward also calls the layer (``self.qkv(x)``), read from
+    the source of ``forward`` alone (not from helpers it calls, nor through aliases;
+    empty where it cannot be read). timm's BEiT, EVA and Swin V2 attention call ``qkv``
+    without a q/v bias and use ``F.linear(x, self.qkv.weight, bias)`` with one: there a
+    meProp qkv never runs its own backward."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
     except (OSError, TypeError, SyntaxError, IndentationError):
@@ -123,6 +130,7 @@ def _weights_used_directly(cls: type) -> dict[str, str]:
         return None
 
     found: dict[str, str] = {}
+    called: set[str] = set()
     for node in ast.walk(tree):
         operands = []
         if isinstance(node, ast.Call):
@@ -130,13 +138,15 @@ def _weights_used_directly(cls: type) -> dict[str, str]:
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             if name in _PRODUCTS:
                 operands = [*node.args, *(kw.value for kw in node.keywords)]
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "self":
+                called.add(func.attr)  # self.<name>(...)
         elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult):
             operands = [node.left, node.right]
         for operand in operands:
             attr = weight_of(operand)
             if attr is not None:
                 found.setdefault(attr, ast.unparse(node))
-    return found
+    return {attr: (call, attr in called) for attr, call in found.items()}
 
 
 def _exclusion(exclude, names: list[str]) -> Callable[[str, nn.Module], bool]:
@@ -272,7 +282,8 @@ def convert(
     needed to import this package. The new layers share the old layers' Parameter
     objects, so an optimizer built before the conversion keeps working. Layers used
     inside ``nn.MultiheadAttention``, layers whose parent's ``forward`` hands their weight
-    to a product itself (``F.linear(x, self.qkv.weight, b)``, read from its source) and
+    to a product itself and never calls them (``F.linear(x, self.qkv.weight, b)``, read
+    from its source; one it also calls is converted, with a note in the report) and
     subclasses of ``nn.Linear`` are left alone. A
     layer shared between several places stays shared (excluded under any of its names,
     it stays dense everywhere). A ``UserWarning`` says so when nothing was converted.
@@ -309,6 +320,7 @@ def convert(
     # Decide everything first, then swap: a refused call changes nothing.
     candidates = []  # (name, parent, attribute, child, kind)
     kept: dict[int, str] = {}  # id(layer) -> why it stays dense
+    notes: dict[int, str] = {}  # id(layer) -> a caveat about converting it
     seen: set[int] = set()
     for name, parent, attr, child in places:
         kind = _kind(child, lstm)
@@ -323,16 +335,24 @@ def convert(
             candidates.append((name, parent, attr, child, kind))
             lost = _lost_in_swap(child, _own_params(child, kind))
             direct = None if parent is None else _weights_used_directly(type(parent)).get(attr)
+            if direct is not None:
+                call, also_called = direct
+                call = call if len(call) <= 90 else call[:87] + "..."
             if excluded(name, child):
                 kept[id(child)] = f"excluded (as {name or 'the model'})"
             elif lost is not None:
                 kept.setdefault(id(child), f"{lost}; not swapped")
-            elif direct is not None:
-                short = direct if len(direct) <= 90 else direct[:87] + "..."
+            elif direct is not None and not also_called:
                 kept.setdefault(
                     id(child),
                     f"{type(parent).__qualname__}.forward uses its weight without calling the layer "
-                    f"(`{short}`); not swapped",
+                    f"(`{call}`); not swapped",
+                )
+            elif direct is not None:
+                notes.setdefault(
+                    id(child),
+                    f"{type(parent).__qualname__}.forward calls it, but in some cases uses its weight "
+                    f"without calling it (`{call}`): where that runs, its backward is dense",
                 )
             elif id(child) not in kept and id(child) not in seen and tied == "skip":
                 others = _tied_with(child, owners, first)
@@ -355,6 +375,8 @@ def convert(
         if id(child) not in replacement:
             replacement[id(child)] = _swapped_named(f"cannot convert {name or 'the model'}", child, kind, k, options)
             summary.converted[name] = type(child).__name__
+            if id(child) in notes:
+                summary.notes[name] = notes[id(child)]
     result = model
     for _, parent, attr, child, _ in swaps:
         if parent is None:

@@ -154,6 +154,35 @@ def test_a_weight_used_without_calling_its_layer_stays_dense_and_says_why():
     assert "h @ self.back.weight.t()" in report.left_dense["0.back"]
     model(torch.randn(5, 8)).pow(2).sum().backward()
     assert int((model[0].proj.weight.grad != 0).any(1).sum()) == 2
+    assert report.notes == {}
+
+
+class _SometimesDirect(nn.Module):
+    """timm's BEiT with and without a q/v bias: the layer is called in one case, its
+    weight handed to F.linear in the other."""
+
+    def __init__(self, bias):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(24)) if bias else None
+
+    def forward(self, x):
+        if self.q_bias is None:
+            return self.qkv(x)
+        return torch.nn.functional.linear(x, self.qkv.weight, self.q_bias)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["calls-the-layer", "uses-the-weight"])
+def test_a_layer_called_in_some_cases_only_is_converted_with_a_note(bias):
+    """Where the parent's forward calls the layer in some cases, it is converted (it runs
+    meProp there), and the report's note names the other path, whose backward is
+    dense: the gradient shows which path this instance takes."""
+    model, report = convert(nn.Sequential(_SometimesDirect(bias)), k=2, report=True)
+    assert list(report.converted) == ["0.qkv"] and type(model[0].qkv) is MePropLinear
+    assert "in some cases uses its weight without calling it" in report.notes["0.qkv"]
+    assert "note        0.qkv:" in str(report)
+    model(torch.randn(5, 8)).pow(2).sum().backward()
+    assert int((model[0].qkv.weight.grad != 0).any(1).sum()) == (24 if bias else 2)
 
 
 def test_multihead_attention_inside_a_model():

@@ -393,18 +393,20 @@ def test_vit_compiles_and_round_trips_through_state_dict_and_settings(tmp_path):
 
 
 @needs_timm
-def test_beit_qkv_used_through_f_linear_stays_dense_and_the_rest_trains():
-    """timm's BEiT computes ``F.linear(x, self.qkv.weight, qkv_bias)`` when it has a q/v
-    bias, never calling ``qkv``: convert leaves qkv dense and says why (a meProp qkv
-    there would report meProp and back-propagate densely), converts the rest, and the
-    model trains next to its dense twin."""
+def test_beit_qkv_used_through_f_linear_is_noted_and_the_model_trains():
+    """timm's BEiT calls ``qkv`` without a q/v bias and computes ``F.linear(x,
+    self.qkv.weight, qkv_bias)`` with one: convert converts qkv (it runs meProp in the
+    first case) and its report notes the second, where the backward stays dense (the
+    gradient shows it); the model trains next to its dense twin either way."""
     from timm.models.beit import Beit
 
-    torch.manual_seed(0)
-    dense = Beit(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
-    converted, report = convert(copy.deepcopy(dense), k=0.1, exclude=["head"], report=True)
-    for block in ("blocks.0", "blocks.1"):
-        assert "uses its weight without calling the layer" in report.left_dense[f"{block}.attn.qkv"]
-        assert type(converted.get_submodule(f"{block}.attn.qkv")) is nn.Linear
-        assert f"{block}.attn.proj" in report.converted and f"{block}.mlp.fc1" in report.converted
-    assert_trains_next_to_dense(dense, converted, vit_batches(), vit_loss, steps=10)
+    for qkv_bias, qkv_rows in ((True, 192), (False, 20)):
+        torch.manual_seed(0)
+        dense = Beit(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10, qkv_bias=qkv_bias)
+        converted, report = convert(copy.deepcopy(dense), k=0.1, exclude=["head"], report=True)
+        for block in ("blocks.0", "blocks.1"):
+            assert type(converted.get_submodule(f"{block}.attn.qkv")).__name__ == "MePropLinear"
+            assert "uses its weight without calling it" in report.notes[f"{block}.attn.qkv"]
+        dense_losses, _ = assert_trains_next_to_dense(dense, converted, vit_batches(), vit_loss, steps=10)
+        grad = converted.blocks[0].attn.qkv.weight.grad
+        assert int((grad != 0).any(1).sum()) == qkv_rows, qkv_bias  # 10% of 192 rows is 20
