@@ -184,6 +184,16 @@ class _MePropSettings:
                 counts.zero_()
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # load_state_dict(..., assign=True) into a layer built on the meta device gives it
+        # real parameters without an _apply; the counters (not in a state_dict) follow
+        # them, at zero.
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        counts = self._buffers.get("selection_counts")
+        weight = self._parameters.get("weight")
+        if counts is not None and counts.is_meta and weight is not None and not weight.is_meta:
+            self._buffers["selection_counts"] = torch.zeros(counts.shape, dtype=counts.dtype, device=weight.device)
+
     def reset_selection_stats(self) -> None:
         """Zero the selection counters (``track_selection`` must be on)."""
         counts = self._buffers.get("selection_counts")

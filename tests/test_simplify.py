@@ -114,6 +114,12 @@ def test_statistics_start_at_zero_after_meta_init_and_to_empty(kind):
     with torch.device("meta"):
         other = MePropLinear(6, 10, k=3, track_selection=True)
     assert other.to_empty(device="cpu").selection_stats().rows == 0
+    with torch.device("meta"):  # real parameters by load_state_dict(assign=True): no _apply
+        assigned = MePropLinear(6, 10, k=3, track_selection=True) if kind == "linear" else MePropConv1D(10, 6, k=3, track_selection=True)
+    state = {name: torch.randn(p.shape) for name, p in assigned.named_parameters()}
+    assigned.load_state_dict(state, assign=True)
+    assigned(torch.randn(4, 6)).pow(2).sum().backward()
+    assert assigned.selection_stats().rows == 4 and int(assigned.selection_stats().hits.sum()) == 12
 
 
 def test_meprop_linear_counts_checked():
