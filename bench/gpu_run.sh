@@ -88,12 +88,13 @@ run_step() {
     local name=$1 min=$2 cap=$3
     shift 3
     local avail=$(( $(left) - RESERVE ))
-    if [ "$avail" -lt "$min" ]; then
-        note "$name" "skipped: ${avail} s of the budget left, it needs at least ${min} s"
+    local grace=$GRACE
+    if [ "$RESERVE" = 0 ]; then grace=0; fi  # the last step: no reserve left to protect
+    local t=$(( avail - grace < cap ? avail - grace : cap ))  # even a killed step leaves the reserve
+    if [ "$t" -lt "$min" ]; then
+        note "$name" "skipped: ${t} s of the budget left for it, it needs at least ${min} s"
         return 0
     fi
-    local t=$(( avail - GRACE < cap ? avail - GRACE : cap ))  # even a killed step leaves the reserve
-    if [ "$t" -lt 1 ]; then t=1; fi
     echo
     echo "== $name (time cap ${t} s; $(left) s of the ${BUDGET} s budget left)"
     echo "   \$ $*"
