@@ -10,12 +10,14 @@ Prints the test accuracy and the backward time of each run.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
 from torch import nn
 
 from . import convert
+from .harness import check_device_arg
 
 
 def make_data(n_train: int, n_test: int, dim: int, classes: int, seed: int):
@@ -71,8 +73,16 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    # Checked here, before the dense run trains: a bad value would surface only after it.
+    if not (math.isfinite(args.k) and (0 < args.k <= 1 or (args.k >= 1 and args.k == int(args.k)))):
+        p.error(f"--k must be a fraction in (0, 1] or a whole count >= 1; got {args.k}")
+    for name in ("epochs", "hidden", "batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1; got {getattr(args, name)}")
+    device = check_device_arg(p, args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}, but CUDA is not available here")
     k = int(args.k) if args.k >= 1 else args.k
-    device = torch.device(args.device)
     dim, classes = 256, 20
     data = make_data(12000, 4000, dim, classes, args.seed)
     print(f"MLP {dim}-{args.hidden}-{args.hidden}-{classes}, {args.epochs} epochs, batch {args.batch}, device {device}")

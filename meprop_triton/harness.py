@@ -520,6 +520,55 @@ def _loadavg() -> float | None:
         return None
 
 
+def check_device_arg(p: argparse.ArgumentParser, text: str, choices: str = "cpu, cuda or cuda:N") -> torch.device:
+    """``--device``'s value as a device these runs take (CPU or CUDA), else the parser's
+    error naming it."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        p.error(f"--device must be {choices}; got {text!r}")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device must be {choices}; got {text!r} (these runs take cpu or cuda)")
+    return device
+
+
+def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks the experiment CLIs share, made before any work (a bad path would
+    otherwise surface only when the results are written, after training): ``--lr``
+    positive and finite, ``--device`` one torch knows and these runs take, ``--json``
+    and ``--plot`` writable files (a plot's format from its suffix; none: PNG, added to
+    the name as matplotlib adds it)."""
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a positive finite number; got {args.lr}")
+    if args.device != "auto":
+        check_device_arg(p, args.device, "auto, cpu, cuda or cuda:N")
+    for option, attr in (("--json", "json_path"), ("--plot", "plot_path")):
+        path = getattr(args, attr, None)
+        if not path:
+            continue
+        target = Path(path)
+        if option == "--plot":
+            if not target.suffix:
+                target = target.with_name(target.name + ".png")
+                setattr(args, attr, str(target))
+            else:
+                from matplotlib.backend_bases import FigureCanvasBase
+
+                formats = FigureCanvasBase.get_supported_filetypes()
+                if target.suffix[1:].lower() not in formats:
+                    p.error(f"--plot {path}: matplotlib cannot write '{target.suffix}' files; "
+                            f"use one of {', '.join('.' + f for f in sorted(formats))}")
+        if target.is_dir():
+            p.error(f"{option} {path} is a folder; give a file name")
+        parent = target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)  # as writing the file would, later
+        except OSError as e:
+            p.error(f"{option} {path}: cannot make its folder {parent} ({e.strerror or e})")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            p.error(f"{option} {path}: cannot write there ({parent} is not a writable folder)")
+
+
 def _resolve_device(text: str, prog: str = "meprop-mnist") -> torch.device:
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Simplifier, __version__, convert
+from ._validation import resolve_k
 from .utils import flush_denormals, keep_freed_memory
 from .data import IDXFormatError, MNISTUnavailableError, load_mnist
 from .harness import (
@@ -57,6 +58,7 @@ from .harness import (
     _loadavg,
     _make_optimizer,
     _resolve_device,
+    check_common_args,
     _rng_state,
     _set_rng_state,
     _nonnegative_int,
@@ -200,6 +202,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", dest="plot_path", metavar="PATH", default=None,
                    help="draw test accuracy per epoch and backprop time per run into a PNG")
     args = p.parse_args(argv)
+    check_common_args(p, args)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     if args.k is None:
@@ -210,6 +213,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--simplify prunes by meProp's top-k selections: give a --k > 0")
     if args.simplify and args.n_layer < 2:
         p.error("--simplify shrinks hidden layers: give --n_layer >= 2")
+    if args.simplify and resolve_k(args.k, args.d_hidden) >= args.d_hidden:
+        p.error(f"--simplify prunes the units meProp's top-k leaves out, but --k {args.k} keeps "
+                f"every one of --d_hidden {args.d_hidden}: give a --k below it")
     if args.compare and args.k == 0:
         p.error("--compare trains dense and meProp side by side: give a --k > 0")
     if args.sparse_grad and args.optimizer == "adam":

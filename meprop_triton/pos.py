@@ -72,6 +72,7 @@ from .harness import (
     _loadavg,
     _make_optimizer,
     _resolve_device,
+    check_common_args,
     _nonnegative_int,
     _positive_int,
     _sync,
@@ -382,6 +383,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", dest="plot_path", metavar="PATH", default=None,
                    help="draw test accuracy per epoch and the times per run into a PNG")
     args = p.parse_args(argv)
+    check_common_args(p, args)
     args.random_seed = args.seed  # the harness's name
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]

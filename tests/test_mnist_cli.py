@@ -226,6 +226,15 @@ def test_data_unavailable_is_a_clean_exit(monkeypatch, capsys):
         (["--prune", "1.5"], r"must lie in \[0, 1\]"),
         (["--train-cycle", "0"], "must be >= 1"),
         (["--prune-checks-per-epoch", "0"], "must be >= 1"),
+        # checked before training, not when the results are written after it
+        (["--json", "/proc/no/such/r.json"], r"--json /proc/no/such/r.json: cannot make its folder"),
+        (["--json", "/"], "is a folder"),
+        (["--plot", "/tmp/r.txt"], r"matplotlib cannot write '\.txt' files"),
+        (["--lr", "-1"], "--lr must be a positive finite number"),
+        (["--lr", "nan"], "--lr must be a positive finite number"),
+        (["--device", "bogus"], "--device must be auto, cpu, cuda"),
+        (["--device", "meta"], "these runs take cpu or cuda"),
+        (["--simplify", "--d_hidden", "64"], "keeps every one of --d_hidden 64"),
     ],
 )
 def test_bad_arguments(argv, pattern, capsys):
@@ -497,3 +506,10 @@ def test_time_inference_interleaves_and_counts():
     assert set(times) == {"a", "b"} and all(len(v) == 3 and min(v) > 0 for v in times.values())
     # one untimed pass each, then 3 timed ones, taking turns; batches of 10, 10, 5
     assert calls == [(n, b) for _ in range(4) for n in "ab" for b in (10, 10, 5)]
+
+
+def test_plot_without_a_suffix_is_the_png_matplotlib_writes(tmp_path):
+    """matplotlib adds .png to a name without a suffix: the path kept (and printed) is
+    that file's."""
+    a = mnist.parse_args(["--plot", str(tmp_path / "sub" / "curves")])
+    assert a.plot_path == str(tmp_path / "sub" / "curves.png")
