@@ -35,6 +35,7 @@ import hashlib
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +172,7 @@ def read_idx(path) -> np.ndarray:
     try:
         with _open_maybe_gzip(path) as f:
             raw = f.read()
-    except (gzip.BadGzipFile, EOFError, OSError) as e:
+    except (gzip.BadGzipFile, EOFError, OSError, zlib.error) as e:  # zlib: a damaged stream
         if isinstance(e, FileNotFoundError):
             raise
         raise IDXFormatError(f"{path}: cannot be read as (gzipped) IDX: {e}") from e

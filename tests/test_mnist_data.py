@@ -137,6 +137,13 @@ def test_read_idx_tiny_and_corrupt_gzip(tmp_path):
     (tmp_path / "bad.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(100, np.uint8)))[:-12])
     with pytest.raises(data.IDXFormatError, match="cannot be read"):
         data.read_idx(tmp_path / "bad.gz")
+    # a damaged stream (bytes flipped, not cut): zlib's own error, named as the others
+    blob = bytearray(gzip.compress(np.random.default_rng(0).integers(0, 255, 20000, dtype=np.uint8).tobytes()))
+    for i in range(40, 80):
+        blob[i] ^= 0xFF
+    (tmp_path / "flipped.gz").write_bytes(bytes(blob))
+    with pytest.raises(data.IDXFormatError, match="cannot be read"):
+        data.read_idx(tmp_path / "flipped.gz")
 
 
 def test_read_idx_missing(tmp_path):
