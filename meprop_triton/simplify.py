@@ -103,6 +103,19 @@ class Simplifier:
                 "Simplifier found no layer to simplify: it needs a MePropLinear whose output "
                 "feeds an nn.Linear (in an nn.Sequential, or named in pairs=[(producer, consumer)])"
             )
+        places: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            places.setdefault(id(module), []).append(name)
+        for pair in self.pairs:
+            for name in (pair.producer, pair.consumer, *pair.norms):
+                where = places.get(id(self._modules[name]), [])
+                if len(where) > 1:
+                    raise ValueError(
+                        f"Simplifier cannot shrink '{name}': the same module is used in "
+                        f"{len(where)} places ({', '.join(where)}), and shrinking it for one would "
+                        f"break the others; give each place its own layer, or name the pairs "
+                        f"to simplify with pairs=[...] and leave this one out"
+                    )
         for pair in self.pairs:
             self._modules[pair.producer].track_selection = True
             self._modules[pair.producer].reset_selection_stats()

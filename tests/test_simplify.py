@@ -122,6 +122,24 @@ def test_statistics_start_at_zero_after_meta_init_and_to_empty(kind):
     assert assigned.selection_stats().rows == 4 and int(assigned.selection_stats().hits.sum()) == 12
 
 
+@pytest.mark.parametrize("shared", ["producer", "consumer"])
+def test_a_layer_used_in_two_places_is_refused_before_any_change(shared):
+    """Shrinking a module that a Sequential uses twice would break its other place: the
+    Simplifier refuses it, naming the places, and leaves the model as it was."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    if shared == "producer":
+        model = nn.Sequential(layer, nn.ReLU(), layer, nn.ReLU(), nn.Linear(8, 3))
+        convert(model, k=2, exclude=["4"])
+    else:
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), layer, nn.ReLU(), layer, nn.ReLU(), nn.Linear(8, 3))
+        convert(model, k=2, exclude=["2", "6"])
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match=r"the same module is used in 2 places"):
+        Simplifier(model, opt, prune=0.5)
+    assert not any(getattr(m, "track_selection", False) for m in model.modules())
+
+
 def test_meprop_linear_counts_checked():
     w = torch.randn(5, 3, requires_grad=True)
     x = torch.randn(4, 3)
