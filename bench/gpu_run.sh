@@ -16,8 +16,8 @@
 #   --dry-run      the same orchestration on a machine without a GPU, in miniature: no
 #                  install; kernel tests (CUDA-graph and op tests) under TRITON_INTERPRET=1;
 #                  each benchmark group's selection checked (not empty, CUDA cases only) and
-#                  run once as a smoke test (--benchmark-disable: on a CPU they skip); one
-#                  quick CPU case timed to JSON; a tiny MNIST run on the CPU; codegen; the
+#                  run once as a smoke test (--benchmark-disable: on a CPU they skip); two
+#                  quick CPU cases timed to JSON; a tiny MNIST run on the CPU; codegen; the
 #                  report. About a minute on 2 cores.
 #   --tests-s N    time cap of the CUDA test step (default 120)
 #   --wheels DIR   a folder of wheels (pytest, pytest-benchmark, hypothesis and their
@@ -319,7 +319,7 @@ bench_group d-table7 30 150 "table7" "$B"
 bench_group e-per-example 20 120 "cuda-bf16-large-triton-per-example-topk or test_triton_per_example_routes" "$B"
 bench_group f-train-step 15 60 "cuda" bench/test_bench_train_step.py bench/test_bench_forward.py
 
-if [ "$DRY" = 1 ]; then  # one quick CPU case timed for real, so that the report has a JSON
+if [ "$DRY" = 1 ]; then  # two quick CPU cases timed for real, so that the report has a JSON
     json="$OUTDIR/cpu-smoke-$STAMP.json"
     partial=${json%.json}.partial.jsonl
     run_step "bench cpu-smoke" 10 90 env MEPROP_BENCH_PARTIAL="$partial" "$PY" -m pytest -q -p no:cacheprovider "$B" \
