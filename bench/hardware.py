@@ -1,4 +1,4 @@
-"""The machine a benchmark runs on, its peak rates, and the roofline model (DESIGN section 5).
+"""The machine a benchmark runs on, its peak rates, and the roofline model (bench/README.md).
 
 This is the one place that holds the peak table. Peaks are the vendors' datasheet
 figures for dense (not 2:4-sparse) tensor-core math and for DRAM bandwidth; a device
@@ -74,7 +74,7 @@ def math_precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
 
 
-# --- the work a linear layer's backward does (DESIGN section 5) -------------------------
+# --- the work a linear layer's backward does (bench/README.md) ------------------------
 
 
 def backward_flops(M: int, d_in: int, d_out: int, k: int | None) -> int:

@@ -4,7 +4,7 @@ For ``G: (M, out)``, ``X: (M, in)``, ``W: (out, in)`` and a set ``S_m`` of k uni
 row m (``idx: (M, k)`` int64):
 
 * :func:`row_topk_indices`: ``S_m`` = the k largest ``|G[m, :]|``, indices ascending per
-  row, ties to the lower index, NaN and inf counted as +inf (DESIGN section 1) -- equal
+  row, ties to the lower index, NaN and inf counted as +inf (the README's "Semantics") -- equal
   to ``reference.per_example_topk_indices`` on every row without a NaN (that reference
   maps +inf to the largest finite float, so it ranks a NaN above a +inf where the spec
   ties them, lower index first). One program per row runs the radix
@@ -409,7 +409,7 @@ def row_topk_indices(
 ) -> torch.Tensor:
     """``(M, k)`` int64: per row of ``grad: (M, out)`` the k largest ``|grad[m, :]|``, ascending.
 
-    Ties to the lower index, NaN/inf as +inf (DESIGN section 1): equal to
+    Ties to the lower index, NaN/inf as +inf (the README's "Semantics"): equal to
     ``reference.per_example_topk_indices(grad, k)`` on rows without NaN (see the module
     docstring for the one difference). Any strides. ``out``: optional contiguous int64
     ``(M, k)`` buffer; ``config``: one of :func:`select_configs` (default:

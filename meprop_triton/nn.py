@@ -455,7 +455,7 @@ def _check_lstm_tensors(x: Tensor, h0: Tensor, c0: Tensor, weights) -> None:
 
 
 class MePropLSTM(nn.LSTM):
-    """``nn.LSTM`` with a meProp backward (DESIGN section 1, "LSTM").
+    """``nn.LSTM`` with a meProp backward (the README's "LSTM").
 
     Same constructor, parameters (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ...
     ``_reverse``), init, ``state_dict`` and forward outputs as ``nn.LSTM``, plus ``k``

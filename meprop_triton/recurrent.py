@@ -1,6 +1,6 @@
 """meProp for an LSTM layer: one autograd Function over a whole sequence (torch path).
 
-Notation (DESIGN section 1, "LSTM"): one layer and direction, input ``x_t: (B, in)``,
+Notation (the README's "LSTM"): one layer and direction, input ``x_t: (B, in)``,
 state ``h_t, c_t: (B, H)``, gate pre-activations
 ``a_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh`` of ``4H`` values in torch's gate order
 (input, forget, cell, output; ``H`` each).

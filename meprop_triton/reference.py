@@ -1,6 +1,6 @@
 """meProp in plain torch: the CPU path and the oracle for every kernel.
 
-Notation (DESIGN section 1): a linear layer ``y = x W^T + b`` with the leading dims of
+Notation (the README's "Semantics"): a linear layer ``y = x W^T + b`` with the leading dims of
 ``x`` flattened, ``X: (M, in)``, ``W: (out, in)``, and the incoming gradient ``G: (M, out)``.
 
 * score of output unit j: ``s_j = sum_m |G[m, j]|``, accumulated in fp32 (fp64 for fp64

@@ -1,7 +1,7 @@
 """Shared test helpers.
 
 The ``oracle`` fixture is an independent fp64 numpy statement of unified top-k meProp
-(DESIGN section 1), written with a dense 0/1 mask and a stable ``argsort``; it shares no
+(the README's "Semantics"), written with a dense 0/1 mask and a stable ``argsort``; it shares no
 code with ``meprop_triton.reference``. Values are compared with a bound scaled by the
 reduction length: ``|got - exact| <= c * L * eps * (|A| @ |B|)`` (no absolute tolerance).
 """
@@ -27,7 +27,7 @@ def import_installed_kernels_package():
     """Put the installed distribution named ``kernels``, if there is one, in ``sys.modules``.
 
     The checkout's top-level ``kernels/`` folder is installed as ``meprop_triton.kernels``
-    (DESIGN section 3), but wherever the checkout's root is on ``sys.path`` (``python -m
+    (pyproject.toml's package-dir), but wherever the checkout's root is on ``sys.path`` (``python -m
     pytest`` run there puts it first, and the tests that import ``bench`` add it) a plain
     ``import kernels`` finds that folder. transformers 5.25 installs the Hugging Face
     kernel hub's distribution named ``kernels`` and imports it when it is present: it got

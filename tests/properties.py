@@ -5,7 +5,7 @@ One generated case is a whole call: input shape (1-D to 4-D, empty batches inclu
 layout (contiguous or a strided view), in/out sizes, k (int or fraction: 1, out - 1,
 >= out, ...), dtype, bias, mode (unified / per-example, top-k / random), dense or sparse
 gradients. ``check_case`` runs ``meprop_linear`` forward and backward and compares every
-gradient with the definition (DESIGN section 1), computed here in fp64 numpy from a 0/1
+gradient with the definition (the README's "Semantics"), computed here in fp64 numpy from a 0/1
 mask: nothing of ``meprop_triton.reference`` decides what is expected, except the random
 draw of ``selection="random"``, which is replayed from the same generator state (a random
 set cannot be predicted otherwise) and then checked to be a k-subset of distinct units.

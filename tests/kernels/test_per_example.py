@@ -143,7 +143,7 @@ def check_products(G, X, W, idx):
 
 
 def spec_row_topk(G, k):
-    """The per-row selection as DESIGN section 1 states it, independently: the k largest
+    """The per-row selection as the README's "Semantics" states it, independently: the k largest
     ``|G[m, :]|`` with NaN and inf both +inf, ties to the lower index (a stable sort)."""
     a = G.detach().cpu().to(torch.float64).abs()
     a = torch.where(torch.isnan(a), math.inf, a)
