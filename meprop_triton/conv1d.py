@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._validation import check_dtype_arg, check_k, check_options, check_strided, resolve_k
-from .functional import _any_autocast, _linear_jvp, autocast_on, needs_backward, resolve_backend
+from .functional import _any_autocast, _autocast_dtype, _linear_jvp, autocast_on, needs_backward, resolve_backend
 from .nn import _lost_in_swap, _MePropSettings, _share_hooks
 
 __all__ = ["MePropConv1D", "meprop_conv1d", "is_conv1d"]
@@ -81,15 +81,6 @@ def _refuse_sparse(value) -> None:
             "gradient cannot hold; use sparse_grad=False (dense gradients, zero in the "
             "unselected columns)"
         )
-
-
-def _any_autocast_dtype(device_type: str):
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-    except RuntimeError:  # a device type autocast does not know (meta)
-        return None
-    return None
 
 
 def _check_args(x, weight, bias) -> None:
@@ -352,7 +343,7 @@ def meprop_conv1d(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
     check_k(k, "nf")
-    dtype = _any_autocast_dtype(input.device.type) if isinstance(input, Tensor) else None
+    dtype = _autocast_dtype(input)
     if dtype is not None:
         # autocast's cast, done here, differentiably (fp64 left alone), before the checks:
         # under autocast a layer meets inputs in another dtype than its weights (GPT-2's

@@ -139,13 +139,9 @@ def sparse_under_autocast(dtype: torch.dtype) -> ValueError:
 
 def _autocast_dtype(input) -> torch.dtype | None:
     """The dtype autocast would run ``F.linear`` in for ``input``, None when it is off."""
-    if not isinstance(input, Tensor):
+    if not isinstance(input, Tensor) or not autocast_on(input.device.type):
         return None
-    try:
-        enabled = torch.is_autocast_enabled(input.device.type)
-    except RuntimeError:  # a device type autocast does not know (e.g. meta)
-        return None
-    return torch.get_autocast_dtype(input.device.type) if enabled else None
+    return torch.get_autocast_dtype(input.device.type)
 
 
 class MePropFunction(torch.autograd.Function):
