@@ -541,6 +541,14 @@ class MePropLSTM(nn.LSTM):
         _share_hooks(lstm, new)
         return new
 
+    def _weights(self) -> list:
+        """The weights as the module holds them now, read by name at each forward:
+        ``torch.func.functional_call`` and ``nn.utils.parametrize`` put tensors in place
+        of the parameters without passing through ``__setattr__``, so ``nn.LSTM``'s cached
+        ``_flat_weights`` would be stale (``nn.LSTM`` refreshes that cache in its own
+        forward)."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
     def forward(self, input, hx=None):
         if self._sparse_grad:
             self._refuse_sparse_under_ddp()
@@ -588,13 +596,7 @@ class MePropLSTM(nn.LSTM):
         run in that dtype."""
         from .recurrent import lstm_layer
 
-        if torch._C._are_functorch_transforms_active():
-            raise NotImplementedError(
-                "MePropLSTM does not run under torch.func transforms (grad, vmap, jacrev, "
-                "functional_call inside them) yet; MePropLinear and MePropConv1D do. Use "
-                "torch.autograd (loss.backward()), or nn.LSTM inside the transform"
-            )
-        weights = self._flat_weights
+        weights = self._weights()
         dtype = _autocast_dtype(x)
         if dtype is not None and self._sparse_grad and torch.is_grad_enabled():
             raise sparse_under_autocast(dtype)
@@ -646,7 +648,7 @@ class MePropLSTM(nn.LSTM):
                     f"(h0, c0) must each have shape {(L * dirs, B, H)}; got {tuple(h0.shape)} and {tuple(c0.shape)}"
                 )
             if sorted_idx is not None:
-                _check_lstm_tensors(data, h0, c0, self._flat_weights)  # before index_select moves them
+                _check_lstm_tensors(data, h0, c0, self._weights())  # before index_select moves them
                 h0, c0 = h0.index_select(1, sorted_idx), c0.index_select(1, sorted_idx)
         layer_in, h_n, c_n = self._layers(data, h0, c0, batch_sizes)
         if unsorted_idx is not None:

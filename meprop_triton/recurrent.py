@@ -22,6 +22,10 @@ go to the lower index, NaN and inf count as +inf. The recurrent gradient
 bias gradients from every ``da_t`` (dense and exact). ``k >= H`` is ``nn.LSTM``'s
 backward. No ``(T x 4H x in)`` temporary is made; the kept gradients are held as
 ``(T*B, 4k)`` values and indices.
+
+``torch.func``'s reverse-mode transforms run it as they run ``MePropLinear``: ``grad`` and
+``vjp`` give the ordinary backward's gradients, and under ``vmap`` each vmapped entry is
+its own forward and backward call. Forward mode and grad of grad are refused by name.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .functional import _any_autocast, autocast_on
+from .functional import _any_autocast, _wrapped_requires_grad, autocast_on
 
 __all__ = ["lstm_layer", "ProductTimer"]
 
@@ -75,38 +79,67 @@ class ProductTimer:
         self.seconds += time.perf_counter() - self._t0
 
 
+class _Settings:
+    """What a layer's backward needs besides tensors (set when the forward is recorded)."""
+
+    __slots__ = ("k", "unified", "selection", "generator", "sparse_grad", "dirs", "has_bias",
+                 "batch_sizes", "ragged", "n_params", "kept")
+
+    def __init__(self, k, unified, selection, generator, sparse_grad, dirs, has_bias, batch_sizes, n_params, kept):
+        self.k, self.unified, self.selection, self.generator = k, unified, selection, generator
+        self.sparse_grad, self.dirs, self.has_bias, self.n_params, self.kept = sparse_grad, dirs, has_bias, n_params, kept
+        self.batch_sizes, self.ragged = batch_sizes, _ragged(batch_sizes)
+
+
+_CREATE_GRAPH = (
+    "MePropLSTM's backward cannot be differentiated (create_graph=True, e.g. for a "
+    "gradient penalty, or grad of grad) yet; MePropLinear's can"
+)
+_SPARSE_UNDER_VMAP = (
+    "sparse_grad=True cannot run under torch.func.vmap: per-sample gradients are dense "
+    "tensors with a batch dimension, which a sparse gradient cannot be; use "
+    "sparse_grad=False (the unselected rows are zero)"
+)
+
+
 class _LSTMLayer(torch.autograd.Function):
     """One layer, one or both directions: ``params`` are ``(w_ih, w_hh[, b_ih, b_hh])`` per
     direction; ``h0``, ``c0``: ``(dirs, B, H)``. The forward is one ``torch.lstm`` call
-    for the layer (both directions at once, as ``nn.LSTM`` runs it)."""
+    for the layer (both directions at once, as ``nn.LSTM`` runs it), or the step-by-step
+    one keeping the gates, which come back as extra (non-differentiable) outputs so that
+    the backward can take them. ``torch.func`` transforms run it: under ``vmap`` each
+    vmapped entry is its own call (:meth:`vmap`), as for ``MePropLinear``."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, batch_sizes, k, unified, selection, generator, bidirectional, has_bias,
+    def forward(x, h0, c0, batch_sizes, k, unified, selection, generator, bidirectional, has_bias,
                 keep_gates, sparse_grad, *params):
         # batch_sizes is on the CPU and sorted by decreasing size: ragged unless all equal
-        ragged = batch_sizes is not None and int(batch_sizes[0]) != int(batch_sizes[-1])
         dirs = 2 if bidirectional else 1
-        kept = ()
-        if keep_gates and not ragged:
+        if keep_gates and not _ragged(batch_sizes):
             out, h_n, c_n, kept = _forward_keeping_gates(x, h0, c0, params, dirs, has_bias)
-        elif batch_sizes is None:
-            out, h_n, c_n = torch.lstm(x, (h0, c0), list(params), has_bias, 1, 0.0, False, bidirectional, False)
-        else:  # packed: x is the PackedSequence's data
-            out, h_n, c_n = torch.lstm(x, batch_sizes, (h0, c0), list(params), has_bias, 1, 0.0, False, bidirectional)
-        ctx.save_for_backward(x, h0, c0, out, *params, *kept)
-        ctx.n_params, ctx.kept = len(params), bool(kept)
-        ctx.k, ctx.unified, ctx.selection, ctx.generator = k, unified, selection, generator
-        ctx.sparse_grad = sparse_grad
-        ctx.dirs, ctx.has_bias, ctx.batch_sizes, ctx.ragged = dirs, has_bias, batch_sizes, ragged
-        return out, h_n, c_n
+            return (out, h_n, c_n, *kept)
+        if batch_sizes is None:
+            return torch.lstm(x, (h0, c0), list(params), has_bias, 1, 0.0, False, bidirectional, False)
+        # packed: x is the PackedSequence's data
+        return torch.lstm(x, batch_sizes, (h0, c0), list(params), has_bias, 1, 0.0, False, bidirectional)
 
     @staticmethod
-    def backward(ctx, d_out, d_hn, d_cn):
-        if torch.is_grad_enabled():  # create_graph=True: its out= operations cannot be recorded
-            raise NotImplementedError(
-                "MePropLSTM's backward cannot be differentiated (create_graph=True, e.g. for a "
-                "gradient penalty) yet; MePropLinear's can"
-            )
+    def setup_context(ctx, inputs, output):
+        out, _h_n, _c_n, *kept = output
+        if kept:
+            ctx.mark_non_differentiable(*kept)
+        _save(ctx, inputs, out, kept)
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn, *_kept):
+        saved = ctx.saved_tensors
+        # Under torch.func: a transform is active (grad, vmap, jacrev), or the tensors are
+        # its wrappers (the function torch.func.vjp returns, called afterwards).
+        transformed = torch._C._are_functorch_transforms_active() or torch.is_grad_enabled() and any(
+            t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (d_out, d_hn, d_cn, *saved)
+        )
+        if torch.is_grad_enabled() and not transformed:  # create_graph=True: refused up front
+            raise NotImplementedError(_CREATE_GRAPH)
         if any(d is not None and reference.is_legacy_batched(d) for d in (d_out, d_hn, d_cn)):
             reference.refuse_legacy_batched("MePropLSTM", "")  # its out= operations
         device = next(d for d in (d_out, d_hn, d_cn) if d is not None).device
@@ -114,58 +147,182 @@ class _LSTMLayer(torch.autograd.Function):
             # backward() called inside an autocast region: compute in the tensors' own
             # dtypes, as the forward was (MePropLinear's backward does the same).
             with torch.autocast(device.type, enabled=False):
-                return _LSTMLayer.backward(ctx, d_out, d_hn, d_cn)
-        x, h0, c0, out, *rest = ctx.saved_tensors
-        params, kept = rest[:ctx.n_params], rest[ctx.n_params:]
-        per = 4 if ctx.has_bias else 2
-        H = h0.shape[2]
-        need_x = ctx.needs_input_grad[0]
-        active = None
-        packed_x = None
-        if ctx.batch_sizes is not None and not ctx.ragged:  # every sequence as long: (T, B) as it is
-            B = h0.shape[1]
-            x, out = x.view(-1, B, x.shape[1]), out.view(-1, B, out.shape[1])
-            d_out = None if d_out is None else d_out.reshape(-1, B, d_out.shape[1])
-            packed_x = x
-        elif ctx.batch_sizes is not None:  # work on the padded (T, B) layout, inactive steps masked
-            bs = ctx.batch_sizes.to(x.device)
-            active = torch.arange(h0.shape[1], device=x.device).unsqueeze(0) < bs.unsqueeze(1)  # (T, B)
-            packed_x = x
-            x, out = _padded(x, active), _padded(out, active)
-            d_out = None if d_out is None else _padded(d_out, active)
-        dx = None
-        dh0, dc0, dparams = [], [], []
-        for d in range(ctx.dirs):
-            w_ih, w_hh, *bias = params[d * per:(d + 1) * per]
-            b_ih, b_hh = bias if bias else (None, None)
-            flip = (lambda t: t.flip(0)) if d else (lambda t: t)
-            half = slice(d * H, (d + 1) * H)
-            g = _direction_backward(
-                ctx, flip(x), h0[d], c0[d], w_ih, w_hh, b_ih, b_hh, flip(out[..., half]),
-                None if d_out is None else flip(d_out[..., half]),
-                None if d_hn is None else d_hn[d], None if d_cn is None else d_cn[d], need_x,
-                None if active is None else flip(active), kept[3 * d:3 * d + 3] if kept else None,
-            )
-            gx, gh, gc, gw_ih, gw_hh, gb = g
-            if need_x:
-                dx = flip(gx) if dx is None else dx + flip(gx)
-            dh0.append(gh)
-            dc0.append(gc)
-            if bias:
-                gb2 = gb.clone()
-                if ctx.sparse_grad:  # exact, so every row: one sparse optimizer can own them all
-                    rows = torch.arange(gb.shape[0], device=gb.device)
-                    gb = reference.rows_to_sparse(rows, gb, gb.shape[0])
-                    gb2 = reference.rows_to_sparse(rows, gb2, gb2.shape[0])
-            dparams += [gw_ih, gw_hh] + ([gb, gb2] if bias else [])
-        if active is not None and need_x:
-            dx = dx[active]  # back to the packed layout
-        elif packed_x is not None and need_x:
-            dx = dx.view(-1, dx.shape[2])
-        return (
-            dx, torch.stack(dh0), torch.stack(dc0), None, None, None, None, None, None, None,
-            None, None, *(p if ctx.needs_input_grad[12 + i] else None for i, p in enumerate(dparams)),
+                return _LSTMLayer.backward(ctx, d_out, d_hn, d_cn, *_kept)
+        s = ctx.settings
+        needs = (ctx.needs_input_grad[0], tuple(ctx.needs_input_grad[12:]))
+        if transformed:
+            # Under torch.func (grad runs the backward with create_graph=True, vmap and
+            # jacrev batch it): the backward as a Function of its own, whose vmap rule
+            # takes one entry at a time and whose derivative is refused by name.
+            grads = _LSTMLayerGrad.apply(s, needs, d_out, d_hn, d_cn, *saved)
+        else:
+            grads = _layer_backward(s, needs, d_out, d_hn, d_cn, *saved)
+        dx, dh0, dc0, *dparams = grads
+        return (dx, dh0, dc0, None, None, None, None, None, None, None, None, None, *dparams)
+
+    @staticmethod
+    def vmap(info, in_dims, x, h0, c0, batch_sizes, k, unified, selection, generator, bidirectional,
+             has_bias, keep_gates, sparse_grad, *params):
+        if sparse_grad:
+            raise NotImplementedError(_SPARSE_UNDER_VMAP)
+        dims = (in_dims[0], in_dims[1], in_dims[2], *in_dims[12:])
+        # One call per entry: where ordinary autograd records this forward (a vmapped
+        # forward, then .backward() outside torch.func), each entry's backward is its own.
+        results = []
+        for i in range(info.batch_size):
+            x_i, h0_i, c0_i, *p_i = _entry((x, h0, c0, *params), dims, i)
+            results.append(_LSTMLayer.apply(
+                x_i, h0_i, c0_i, batch_sizes, k, unified, selection, generator, bidirectional, has_bias,
+                keep_gates, sparse_grad, *p_i,
+            ))
+        return _stacked(results)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "forward-mode differentiation (torch.func.jvp, jacfwd, hessian) of MePropLSTM is "
+            "not supported; use reverse mode (grad, vjp, jacrev), or nn.LSTM"
         )
+
+
+class _EagerLSTMLayer(torch.autograd.Function):
+    """:class:`_LSTMLayer` for calls outside ``torch.func`` transforms: the same forward
+    and backward, in the older form, whose ``apply`` does not bind its arguments to the
+    forward's signature (``inspect``) on every call as a ``setup_context`` Function's does."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out, h_n, c_n, *kept = _LSTMLayer.forward(*args)
+        _save(ctx, args, out, kept)  # the gates saved as they are, not returned
+        return out, h_n, c_n
+
+    backward = _LSTMLayer.backward
+
+
+class _LSTMLayerGrad(torch.autograd.Function):
+    """The layer's meProp backward as a Function, for ``torch.func``: its ``vmap`` rule
+    runs each vmapped entry as its own backward (per-sample gradients, ``jacrev``), and
+    differentiating it (grad of grad) is refused by name."""
+
+    @staticmethod
+    def forward(s, needs, d_out, d_hn, d_cn, *saved):
+        return _layer_backward(s, needs, d_out, d_hn, d_cn, *saved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(_CREATE_GRAPH)
+
+    @staticmethod
+    def vmap(info, in_dims, s, needs, d_out, d_hn, d_cn, *saved):
+        if s.sparse_grad:
+            raise NotImplementedError(_SPARSE_UNDER_VMAP)
+        tensors, dims = (d_out, d_hn, d_cn, *saved), in_dims[2:]
+        same = False
+        if s.selection == "random":
+            if info.randomness == "error":
+                raise RuntimeError(
+                    "selection='random' under torch.func.vmap draws random units, which "
+                    "vmap's default randomness='error' refuses; pass randomness='different' "
+                    "(each vmapped entry draws its own units, in order, as a loop over the "
+                    "entries would) or randomness='same' (one draw shared by all entries) to vmap"
+                )
+            same = info.randomness == "same"
+            device = next(t for t in tensors if t is not None).device
+            gen = s.generator if s.generator is not None else _default_generator(device)
+            state = gen.get_state()
+        results = []
+        for i in range(info.batch_size):
+            if same:
+                gen.set_state(state)  # every entry draws what the first one drew
+            results.append(_LSTMLayerGrad.apply(s, needs, *_entry(tensors, dims, i)))
+        return _stacked(results)
+
+
+def _save(ctx, inputs, out, kept) -> None:
+    (x, h0, c0, batch_sizes, k, unified, selection, generator, bidirectional, has_bias,
+     _keep, sparse_grad, *params) = inputs
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs a loss leaves out
+    ctx.save_for_backward(x, h0, c0, out, *params, *kept)
+    ctx.settings = _Settings(k, unified, selection, generator, sparse_grad, 2 if bidirectional else 1, has_bias,
+                             batch_sizes, len(params), bool(kept))
+
+
+def _ragged(batch_sizes) -> bool:
+    return batch_sizes is not None and int(batch_sizes[0]) != int(batch_sizes[-1])
+
+
+def _entry(tensors, dims, i: int) -> list:
+    """Vmapped entry ``i`` of ``tensors`` (``dims``: each one's vmapped dimension, None
+    for a tensor shared by every entry, or for None)."""
+    return [t if d is None or t is None else t.select(d, i) for t, d in zip(tensors, dims)]
+
+
+def _stacked(results: list):
+    """The entries' outputs stacked along a new first dimension, and their out_dims."""
+    outs = tuple(None if r[0] is None else torch.stack(r) for r in zip(*results))
+    return outs, tuple(None if t is None else 0 for t in outs)
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def _layer_backward(s: _Settings, needs, d_out, d_hn, d_cn, x, h0, c0, out, *rest):
+    """The layer's meProp backward: ``(dx, dh0, dc0, *dparams)`` (None where ``needs``,
+    ``(need_x, need per parameter)``, says a gradient is not needed)."""
+    params, kept = rest[:s.n_params], rest[s.n_params:]
+    per = 4 if s.has_bias else 2
+    H = h0.shape[2]
+    need_x, need_params = needs
+    active = None
+    packed_x = None
+    if s.batch_sizes is not None and not s.ragged:  # every sequence as long: (T, B) as it is
+        B = h0.shape[1]
+        x, out = x.view(-1, B, x.shape[1]), out.view(-1, B, out.shape[1])
+        d_out = None if d_out is None else d_out.reshape(-1, B, d_out.shape[1])
+        packed_x = x
+    elif s.batch_sizes is not None:  # work on the padded (T, B) layout, inactive steps masked
+        bs = s.batch_sizes.to(x.device)
+        active = torch.arange(h0.shape[1], device=x.device).unsqueeze(0) < bs.unsqueeze(1)  # (T, B)
+        packed_x = x
+        x, out = _padded(x, active), _padded(out, active)
+        d_out = None if d_out is None else _padded(d_out, active)
+    dx = None
+    dh0, dc0, dparams = [], [], []
+    for d in range(s.dirs):
+        w_ih, w_hh, *bias = params[d * per:(d + 1) * per]
+        b_ih, b_hh = bias if bias else (None, None)
+        flip = (lambda t: t.flip(0)) if d else (lambda t: t)
+        half = slice(d * H, (d + 1) * H)
+        g = _direction_backward(
+            s, flip(x), h0[d], c0[d], w_ih, w_hh, b_ih, b_hh, flip(out[..., half]),
+            None if d_out is None else flip(d_out[..., half]),
+            None if d_hn is None else d_hn[d], None if d_cn is None else d_cn[d], need_x,
+            None if active is None else flip(active), kept[3 * d:3 * d + 3] if kept else None,
+        )
+        gx, gh, gc, gw_ih, gw_hh, gb = g
+        if need_x:
+            dx = flip(gx) if dx is None else dx + flip(gx)
+        dh0.append(gh)
+        dc0.append(gc)
+        if bias:
+            gb2 = gb.clone()
+            if s.sparse_grad:  # exact, so every row: one sparse optimizer can own them all
+                rows = torch.arange(gb.shape[0], device=gb.device)
+                gb = reference.rows_to_sparse(rows, gb, gb.shape[0])
+                gb2 = reference.rows_to_sparse(rows, gb2, gb2.shape[0])
+        dparams += [gw_ih, gw_hh] + ([gb, gb2] if bias else [])
+    if active is not None and need_x:
+        dx = dx[active]  # back to the packed layout
+    elif packed_x is not None and need_x:
+        dx = dx.view(-1, dx.shape[2])
+    return (dx, torch.stack(dh0), torch.stack(dc0), *(p if need else None for p, need in zip(dparams, need_params)))
 
 
 def _forward_keeping_gates(x, h0, c0, params, dirs: int, has_bias: bool):
@@ -224,22 +381,22 @@ def _padded(data: Tensor, active: Tensor) -> Tensor:
     return out
 
 
-def _select(da: Tensor, k: int, ctx, rev: Tensor) -> Tensor:
+def _select(da: Tensor, k: int, st, rev: Tensor) -> Tensor:
     """The kept units of one step's ``da: (B, 4, H)``: ``(R, 4, k)`` indices into each
     gate's ``H`` (``R`` = 1 unified, ``B`` per example), in no particular order. Ties to
     the lower index, NaN and inf as +inf: for fp32/fp16/bf16 each score's bit pattern
     (non-negative floats order like their bits read as integers) is packed with the
     reversed unit index into a unique int64 key, so ``topk`` has no ties to break."""
     B, _, H = da.shape
-    if ctx.selection == "random":
-        R = 1 if ctx.unified else B
-        idx = reference.per_example_random_indices(R * 4, H, k, generator=ctx.generator, device=da.device, sort=False)
+    if st.selection == "random":
+        R = 1 if st.unified else B
+        idx = reference.per_example_random_indices(R * 4, H, k, generator=st.generator, device=da.device, sort=False)
         return idx.view(R, 4, k)
     if da.dtype == torch.float64:
-        s = da.abs().sum(0, keepdim=True) if ctx.unified else da.abs()
+        s = da.abs().sum(0, keepdim=True) if st.unified else da.abs()
         s.nan_to_num_(nan=math.inf, posinf=math.inf)
         return torch.sort(s, dim=2, descending=True, stable=True).indices[..., :k]
-    if ctx.unified and B != 1:  # B = 0 too (an empty batch): all-zero scores, one set
+    if st.unified and B != 1:  # B = 0 too (an empty batch): all-zero scores, one set
         s = da.abs().sum(0, keepdim=True, dtype=torch.float32)
         bits = s.nan_to_num_(nan=math.inf, posinf=math.inf).view(torch.int32)
     else:  # |da| as bits: the sign bit cleared, every NaN pattern clamped to inf's
@@ -248,7 +405,7 @@ def _select(da: Tensor, k: int, ctx, rev: Tensor) -> Tensor:
     return torch.add(rev, bits, alpha=1 << 32).topk(k, dim=2, sorted=False).indices
 
 
-def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn, d_cn, need_x, active=None,
+def _direction_backward(st, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn, d_cn, need_x, active=None,
                         kept=None):
     """The meProp backward of one direction over ``x: (T, B, in)`` (time in the order the
     direction runs): ``(dx, dh0, dc0, dW_ih, dW_hh, db)``. ``active``: ``(T, B)`` bool,
@@ -262,7 +419,7 @@ def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn
     None to recompute them."""
     T, B, n_in = x.shape
     H = w_hh.shape[1]
-    k = min(ctx.k, H)
+    k = min(st.k, H)
     dense = k >= H
     h_prev = torch.cat([h0.unsqueeze(0), out[:-1]], 0)  # (T, B, H)
     if active is not None:  # a step after an inactive one starts from h0 (reversed packed)
@@ -310,7 +467,7 @@ def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn
 
     da_all = torch.empty((T, B, 4, H), dtype=fac.dtype, device=fac.device)
     kept = 4 * (H if dense else k)
-    R = 1 if ctx.unified else B
+    R = 1 if st.unified else B
     idx = None if dense else torch.empty((T, R, 4, k), dtype=torch.int64, device=fac.device)
     vals = None if dense else torch.empty((T, B, kept), dtype=fac.dtype, device=fac.device)
     rev = torch.arange(H - 1, -1, -1, device=fac.device)
@@ -334,8 +491,8 @@ def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn
                 timer.start(da.device)
             dh_new = torch.addmm(d_outs[t - 1], da, w_hh) if t else da @ w_hh
         else:
-            cols = torch.add(_select(da4, k, ctx, rev), offsets, out=idx[t]).view(R, kept)
-            if ctx.unified:
+            cols = torch.add(_select(da4, k, st, rev), offsets, out=idx[t]).view(R, kept)
+            if st.unified:
                 v = torch.index_select(da, 1, cols[0], out=vals[t])
                 w_rows = w_hh.index_select(0, cols[0])
                 if timer is not None:
@@ -364,7 +521,7 @@ def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn
         dx = (da2 @ w_ih).view(T, B, n_in) if need_x else None
         dw_ih = da2.t() @ x2
         dw_hh = da2.t() @ h2
-        if ctx.sparse_grad:  # every row kept
+        if st.sparse_grad:  # every row kept
             rows = torch.arange(4 * H, device=da2.device)
             dw_ih = reference.rows_to_sparse(rows, dw_ih, 4 * H)
             dw_hh = reference.rows_to_sparse(rows, dw_hh, 4 * H)
@@ -372,7 +529,7 @@ def _direction_backward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn
         v2 = vals.view(M, kept)
         i2 = idx.view(T, R, kept).expand(T, B, kept).reshape(M, kept)
         dx = _rows_times(v2, i2, w_ih).view(T, B, n_in) if need_x else None
-        if ctx.sparse_grad:
+        if st.sparse_grad:
             dw_ih, dw_hh = _sparse_rows(v2, i2, (x2, h2), 4 * H)
         else:
             dw_ih = _scatter_rows(v2, i2, x2, 4 * H)
@@ -431,7 +588,12 @@ def lstm_layer(x, h0, c0, params, *, k: int, bidirectional: bool = False, unifie
     keep_gates = x.device.type == "cpu" and torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, h0, c0, *params)
     )
-    return _LSTMLayer.apply(
+    if not keep_gates and x.device.type == "cpu" and torch.is_grad_enabled() and torch._C._are_functorch_transforms_active():
+        # under vmap a batched tensor reports requires_grad=False whatever it wraps
+        keep_gates = any(_wrapped_requires_grad(t) for t in (x, h0, c0, *params))
+    function = _LSTMLayer if torch._C._are_functorch_transforms_active() else _EagerLSTMLayer
+    out, h_n, c_n, *_kept = function.apply(
         x, h0, c0, batch_sizes, k, unified, selection, generator, bidirectional, has_bias, keep_gates, sparse_grad,
         *params,
     )
+    return out, h_n, c_n

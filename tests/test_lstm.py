@@ -324,8 +324,9 @@ def test_packed_sequences_of_one_length_are_the_plain_batch(k, unified):
 def test_kept_gates_equal_recomputed_ones(k, unified):
     """The training forward keeps the gates for the backward; without it (keep_gates
     False: torch's fused forward, the gates recomputed in the backward) the outputs and
-    gradients are the same (fp64)."""
-    from meprop_triton.recurrent import _LSTMLayer
+    gradients are the same (fp64), in the Function eager calls take and in the one
+    torch.func transforms take."""
+    from meprop_triton.recurrent import _EagerLSTMLayer, _LSTMLayer
 
     torch.manual_seed(9)
     ref = nn.LSTM(5, 7, bidirectional=True).double()
@@ -337,12 +338,13 @@ def test_kept_gates_equal_recomputed_ones(k, unified):
     g = torch.randn(6, 3, 14, generator=gen, dtype=torch.double)
     gh = torch.randn(2, 3, 7, generator=gen, dtype=torch.double)
     results = []
-    for keep in (True, False):
-        out, h, c = _LSTMLayer.apply(x, h0, c0, None, k, unified, "topk", None, True, True, keep, False, *params)
+    for keep, function in ((True, _EagerLSTMLayer), (False, _EagerLSTMLayer), (True, _LSTMLayer), (False, _LSTMLayer)):
+        out, h, c, *_ = function.apply(x, h0, c0, None, k, unified, "topk", None, True, True, keep, False, *params)
         grads = torch.autograd.grad((out * g).sum() + (h * gh).sum() + c.sum(), [x, h0, c0, *params])
         results.append((out, h, c, *grads))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_convert_swaps_lstms_only_when_asked():
@@ -448,21 +450,6 @@ def test_runs_under_cpu_autocast_as_nn_lstm_does(k):
             ref(x)[0].float().sum().backward()
         for g, p in zip(grads, ref.parameters()):
             torch.testing.assert_close(g, p.grad, atol=5e-2, rtol=5e-2)
-
-
-def test_torch_func_transforms_are_refused_by_name():
-    from torch.func import functional_call, grad, vmap
-
-    lstm = MePropLSTM(5, 7, k=2)
-    params = {n: p.detach() for n, p in lstm.named_parameters()}
-
-    def loss(p, x):
-        return functional_call(lstm, p, (x,))[0].pow(2).sum()
-
-    for run in (lambda: grad(loss)(params, torch.randn(3, 5)),
-                lambda: vmap(grad(loss), in_dims=(None, 0))(params, torch.randn(2, 3, 5))):
-        with pytest.raises(NotImplementedError, match=r"MePropLSTM does not run under torch.func transforms"):
-            run()
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
