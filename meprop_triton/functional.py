@@ -111,7 +111,9 @@ def needs_backward(x: Tensor, weight: Tensor, bias) -> bool:
     if not torch.is_grad_enabled():
         return False
     if x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
-        return True
+        # torch.jit.trace records the forward for inference: F.linear, not a Python
+        # autograd Function, which a traced module could neither check nor save
+        return not torch._C._is_tracing()
     if not torch._C._are_functorch_transforms_active():
         return False
     if torch.compiler.is_compiling():

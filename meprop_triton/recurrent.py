@@ -579,6 +579,11 @@ def lstm_layer(x, h0, c0, params, *, k: int, bidirectional: bool = False, unifie
     tensors holding the rows some step kept, the (exact) bias gradients as sparse tensors
     holding every row, so that one sparse optimizer can own all of the layer's parameters."""
     has_bias = len(params) == (8 if bidirectional else 4)
+    if torch._C._is_tracing() or torch.compiler.is_exporting():
+        # torch.jit.trace and torch.export capture the forward for inference: torch's own
+        # LSTM op (a Python autograd Function could not be saved with the module)
+        return _LSTMLayer.forward(x, h0, c0, batch_sizes, k, unified, selection, generator, bidirectional,
+                                  has_bias, False, sparse_grad, *params)
     # On a CPU, when a backward may follow, the forward runs step by step and keeps the
     # gates, so the backward recomputes nothing: measured on 2 cores at 25 steps x 190 ->
     # 500, forward + backward at k = 5 took 6.6 ms against 6.9 ms with torch's fused
