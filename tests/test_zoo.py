@@ -327,6 +327,37 @@ def test_bert_trains_next_to_its_dense_twin():
 
 
 @needs_transformers
+def test_bert_gradient_checkpointing_gives_the_same_gradients():
+    """transformers' activation checkpointing (gradient_checkpointing_enable before 5.x:
+    torch.utils.checkpoint around each layer, the forward recomputed in the backward):
+    the same meProp gradients."""
+    model = bert()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    convert(model, k=0.1, exclude=["classifier"])
+    model.train()
+    batch = bert_batches()[0]
+    grads = []
+    for checkpointing in (False, True):
+        ckpt = copy.deepcopy(model)
+        if checkpointing:
+            enable = getattr(ckpt, "activation_checkpointing_enable", None) or ckpt.gradient_checkpointing_enable
+            enable()
+        calls = []
+        layer = ckpt.bert.encoder.layer[0].intermediate.dense
+        layer.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+        cls_loss(ckpt, batch).backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward
+        grads.append({n: p.grad for n, p in ckpt.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+    kept = grads[1]["bert.encoder.layer.0.intermediate.dense.weight"]
+    assert int((kept != 0).any(1).sum()) == 13  # meProp's rows, not a dense gradient
+
+
+@needs_transformers
 def test_bert_compiles_in_one_graph():
     model = convert(bert(), k=0.1, exclude=["classifier"])
     model.eval()
