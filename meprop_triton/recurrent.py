@@ -163,8 +163,10 @@ class _LSTMLayer(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, x, h0, c0, batch_sizes, k, unified, selection, generator, bidirectional,
              has_bias, keep_gates, sparse_grad, *params):
-        if sparse_grad:
-            raise NotImplementedError(_SPARSE_UNDER_VMAP)
+        # (sparse_grad is refused by the backward's vmap rule, where a vmapped backward
+        # would need it; a vmapped inference, or a vmapped forward back-propagated by an
+        # ordinary .backward(), runs)
+        _refuse_no_entries(info)
         dims = (in_dims[0], in_dims[1], in_dims[2], *in_dims[12:])
         # One call per entry: where ordinary autograd records this forward (a vmapped
         # forward, then .backward() outside torch.func), each entry's backward is its own.
@@ -220,6 +222,7 @@ class _LSTMLayerGrad(torch.autograd.Function):
     def vmap(info, in_dims, s, needs, d_out, d_hn, d_cn, *saved):
         if s.sparse_grad:
             raise NotImplementedError(_SPARSE_UNDER_VMAP)
+        _refuse_no_entries(info)
         tensors, dims = (d_out, d_hn, d_cn, *saved), in_dims[2:]
         same = False
         if s.selection == "random":
@@ -249,6 +252,12 @@ def _save(ctx, inputs, out, kept) -> None:
     ctx.save_for_backward(x, h0, c0, out, *params, *kept)
     ctx.settings = _Settings(k, unified, selection, generator, sparse_grad, 2 if bidirectional else 1, has_bias,
                              batch_sizes, len(params), bool(kept))
+
+
+def _refuse_no_entries(info) -> None:
+    if info.batch_size == 0:
+        raise ValueError("MePropLSTM under torch.func.vmap needs at least one vmapped entry; got a vmapped "
+                         "dimension of size 0")
 
 
 def _ragged(batch_sizes) -> bool:
@@ -356,7 +365,7 @@ def _direction_forward(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None):
     T, B, _ = x.shape
     H = w_hh.shape[1]
     bias = None if b_ih is None else b_ih + b_hh
-    gates = F.linear(x, w_ih, bias).view(T, B, 4, H)
+    gates = _input_projection(x, w_ih, bias).view(T, B, 4, H)
     out = x.new_empty(T, B, H)
     cs, tanh_cs = torch.empty_like(out), torch.empty_like(out)
     w_hh_t = w_hh.t()
@@ -370,6 +379,19 @@ def _direction_forward(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None):
         c_t = torch.addcmul(a4[:, 1] * c_t, a4[:, 0], g, out=c_out)
         h_t = torch.mul(a4[:, 3], torch.tanh(c_t, out=tc_out), out=h_out)
     return out, h_t, c_t, gates, cs, tanh_cs
+
+
+def _input_projection(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x @ w.T + b`` for ``x: (T, B, in)``, in the same bits whether or not ``w`` requires
+    grad: on a non-contiguous ``x`` (a ``batch_first`` input seen as ``(T, B, in)``)
+    ``F.linear`` folds the steps into one ``mm`` for a ``w`` that requires grad and runs a
+    ``bmm`` otherwise, and eager calls see the Parameter where ``torch.func`` transforms
+    see an unwrapped tensor. That fold, for every ``w``."""
+    if x.is_contiguous():
+        return F.linear(x, w, b)
+    T, B, n = x.shape
+    out = torch.mm(x.reshape(T * B, n), w.t()).view(T, B, w.shape[0])
+    return out if b is None else out.add_(b)
 
 
 def _padded(data: Tensor, active: Tensor) -> Tensor:
@@ -430,7 +452,7 @@ def _direction_backward(st, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, d_out, d_hn,
         i, f, g, o = a.unbind(2)
         f_eff = f
     else:  # the gates, recomputed: one GEMM per weight over all steps
-        a = F.linear(x, w_ih, b_ih)
+        a = _input_projection(x, w_ih, b_ih)
         a.view(T * B, 4 * H).addmm_(h_prev.reshape(T * B, H), w_hh.t())
         if b_hh is not None:
             a += b_hh

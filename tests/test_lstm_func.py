@@ -88,23 +88,35 @@ def test_functional_call_uses_the_weights_it_is_given():
     torch.testing.assert_close(mp(x)[0], ref(x)[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("B", [2, 3])
 @pytest.mark.parametrize("kw", CONFIGS, ids=IDS)
-def test_grad_and_vjp_give_the_ordinary_backwards_gradients(kw):
+def test_grad_and_vjp_give_the_ordinary_backwards_gradients(kw, B):
+    """Also for x. (With batch_first, B = 2 or 3, the gradients differed in the last bits:
+    F.linear takes another route for a non-contiguous input when the weight, unwrapped
+    under torch.func, does not require grad.)"""
     mp = _lstm(**kw)
-    x = torch.randn(T, 3, I, dtype=torch.double)
+    x = torch.randn((B, T, I) if kw.get("batch_first") else (T, B, I), dtype=torch.double)
     expected = _backward(mp, x)
-    _assert_equal(grad(_loss(mp))(_params(mp), x), expected)
-    _, fn = vjp(_loss(mp), _params(mp), x)
-    g_params, _ = fn(torch.ones((), dtype=torch.double))
+    x_ = x.clone().requires_grad_()
+    _loss(mp)(dict(mp.named_parameters()), x_).backward()
+    g_params, g_x = grad(_loss(mp), argnums=(0, 1))(_params(mp), x)
     _assert_equal(g_params, expected)
+    assert torch.equal(g_x, x_.grad)
+    _, fn = vjp(_loss(mp), _params(mp), x)
+    g_params, g_x = fn(torch.ones((), dtype=torch.double))
+    _assert_equal(g_params, expected)
+    assert torch.equal(g_x, x_.grad)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["sequence", "batch-of-2"])
 @pytest.mark.parametrize("kw", CONFIGS, ids=IDS)
-def test_per_sample_gradients_are_each_samples_own(kw):
-    """vmap(grad(f)) over samples (each an unbatched (T, in) sequence): sample i's
-    gradients are what the ordinary backward gives for sample i alone."""
+def test_per_sample_gradients_are_each_samples_own(kw, batched):
+    """vmap(grad(f)) over samples (each an unbatched (T, in) sequence, or a batch of 2
+    sequences): sample i's gradients are what the ordinary backward gives for sample i
+    alone."""
     mp = _lstm(**kw)
-    xs = torch.randn(5, T, I, dtype=torch.double)
+    shape = ((2, T) if kw.get("batch_first") else (T, 2)) if batched else (T,)
+    xs = torch.randn(5, *shape, I, dtype=torch.double)
     per_sample = vmap(grad(_loss(mp)), in_dims=(None, 0))(_params(mp), xs)
     for i in range(len(xs)):
         _assert_equal({n: g[i] for n, g in per_sample.items()}, _backward(mp, xs[i]))
@@ -186,10 +198,20 @@ def test_random_selection_under_vmap():
     assert torch.equal(after, torch.rand(1))  # and the generator moved on as after one draw
 
 
-def test_sparse_grad_under_vmap_is_refused_by_name():
+def test_sparse_grad_under_vmap_is_refused_by_name_where_a_backward_is_vmapped():
     mp = _lstm(k=2, sparse_grad=True)
+    xs = torch.randn(2, T, I, dtype=torch.double)
     with pytest.raises(NotImplementedError, match="sparse_grad=False"):
-        vmap(grad(_loss(mp)), in_dims=(None, 0))(_params(mp), torch.randn(2, T, I, dtype=torch.double))
+        vmap(grad(_loss(mp)), in_dims=(None, 0))(_params(mp), xs)
+    with torch.no_grad():  # a vmapped inference runs
+        out = vmap(lambda x: mp(x)[0])(xs)
+        assert torch.equal(out, torch.stack([mp(x)[0] for x in xs]))
+
+
+def test_vmap_over_no_entries_is_refused_clearly():
+    mp = _lstm(k=2)
+    with pytest.raises(ValueError, match="at least one vmapped entry; got a vmapped dimension of size 0"):
+        vmap(grad(_loss(mp)), in_dims=(None, 0))(_params(mp), torch.randn(0, T, I, dtype=torch.double))
 
 
 def test_forward_mode_and_grad_of_grad_are_refused_by_name():
