@@ -40,6 +40,8 @@ row-sparse COO gradient (what SGD, Adagrad and SparseAdam take) cannot hold.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
@@ -368,7 +370,7 @@ def meprop_conv1d(
         )
     resolved = resolve_backend(backend, input.device, input.dtype)
     lead = input.shape[:-1]
-    x2d = input.reshape(-1, n_in)
+    x2d = input.reshape(math.prod(input.shape[:-1]), n_in)  # (not -1: a vmap over no entries)
     if not needs_backward(input, weight, bias):
         return _forward(x2d, weight, bias).view(*lead, n_out)
     k_units = resolve_k(k, n_out)
@@ -498,7 +500,7 @@ class MePropConv1D(_MePropSettings, nn.Module):
         ):
             n_in, n_out = weight.shape
             try:
-                x2d = input.reshape(-1, n_in)
+                x2d = input.reshape(math.prod(input.shape[:-1]), n_in)  # (not -1: a vmap over no entries)
                 if not needs_backward(input, weight, bias):
                     return _forward(x2d, weight, bias).view(*input.shape[:-1], n_out)
                 k_for = self.__dict__.get("_k_for")

@@ -113,12 +113,18 @@ def needs_backward(x: Tensor, weight: Tensor, bias) -> bool:
     if x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
         # torch.jit.trace records the forward for inference: F.linear, not a Python
         # autograd Function, which a traced module could neither check nor save
-        return not torch._C._is_tracing()
+        return not jit_tracing()
     if not torch._C._are_functorch_transforms_active():
         return False
     if torch.compiler.is_compiling():
         return True  # the Function's vmap rule decides, on the tensors it unwraps
     return any(_wrapped_requires_grad(t) for t in (x, weight, bias) if t is not None)
+
+
+def jit_tracing() -> bool:
+    """Whether ``torch.jit.trace`` is recording (Dynamo, before torch 2.15, cannot trace
+    the check itself; under ``torch.compile`` it is not jit's tracer anyway)."""
+    return not torch.compiler.is_compiling() and torch._C._is_tracing()
 
 
 def _wrapped_requires_grad(t: Tensor) -> bool:
@@ -185,7 +191,9 @@ class MePropFunction(torch.autograd.Function):
         # .backward() outside torch.func), one meProp call per entry, so that the
         # backward, too, is each entry's own, as a loop over the entries would give.
         dims = in_dims[:3]
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        if torch.is_grad_enabled() and info.batch_size and any(
+            t is not None and t.requires_grad for t in (x, weight, bias)
+        ):  # (no entries: nothing to back-propagate, F.linear's empty result)
 
             def entry(t, dim, i):
                 return t if t is None or dim is None else t.select(dim, i)
@@ -589,8 +597,8 @@ def _vmapped_gradients(B, randomness, dims, grad_output, x, weight, k, unified, 
     out_features, in_features = weight.shape[-2:]
     G = _batch_first(grad_output, g_dim, B)
     lead = G.shape[1:-1]  # an entry's leading dims (x's and grad_output's alike)
-    G = G.reshape(B, -1, out_features)
-    M = G.shape[1]  # rows per entry
+    M = math.prod(lead)  # rows per entry
+    G = G.reshape(B, M, out_features)
     X = _batch_first(x, x_dim, B).reshape(B, M, in_features)
     W = weight.movedim(w_dim, 0) if w_dim is not None else weight  # (B, out, in) or (out, in)
     device = G.device

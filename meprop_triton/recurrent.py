@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .functional import _any_autocast, _wrapped_requires_grad, autocast_on
+from .functional import _any_autocast, _wrapped_requires_grad, autocast_on, jit_tracing
 
 __all__ = ["lstm_layer", "ProductTimer"]
 
@@ -601,9 +601,10 @@ def lstm_layer(x, h0, c0, params, *, k: int, bidirectional: bool = False, unifie
     tensors holding the rows some step kept, the (exact) bias gradients as sparse tensors
     holding every row, so that one sparse optimizer can own all of the layer's parameters."""
     has_bias = len(params) == (8 if bidirectional else 4)
-    if torch._C._is_tracing() or torch.compiler.is_exporting():
+    if jit_tracing() or (torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()):
         # torch.jit.trace and torch.export capture the forward for inference: torch's own
-        # LSTM op (a Python autograd Function could not be saved with the module)
+        # LSTM op (a Python autograd Function could not be saved with the module). Not
+        # under Dynamo: torch 2.11's reads is_exporting() as True inside torch.compile.
         return _LSTMLayer.forward(x, h0, c0, batch_sizes, k, unified, selection, generator, bidirectional,
                                   has_bias, False, sparse_grad, *params)
     # On a CPU, when a backward may follow, the forward runs step by step and keeps the

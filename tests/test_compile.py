@@ -130,3 +130,25 @@ def test_compiled_dynamic_shapes_with_a_fractional_k(kind, fresh_dynamo):
         torch.testing.assert_close(gc, ge)
         eager.zero_grad(set_to_none=True)
         layer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_lstm_keeps_the_meprop_backward(backend, fresh_dynamo):
+    """A compiled model with a MePropLSTM gives eager mode's meProp gradients. (Under
+    torch 2.11, Dynamo reads torch.compiler.is_exporting() as True, and the layer took
+    its export path there: torch's LSTM op, whose gradients are the dense ones.)"""
+    from meprop_triton import MePropLSTM
+
+    torch.manual_seed(0)
+    lstm = MePropLSTM(5, 7, k=2).double()
+    dense = nn.LSTM(5, 7).double()
+    dense.load_state_dict(lstm.state_dict())
+    x = torch.randn(4, 3, 5, dtype=torch.double)
+    lstm(x)[0].pow(2).sum().backward()
+    eager = [p.grad.clone() for p in lstm.parameters()]
+    dense(x)[0].pow(2).sum().backward()
+    assert not all(torch.allclose(a, p.grad) for a, p in zip(eager, dense.parameters()))  # k=2 is not dense
+    lstm.zero_grad()
+    torch.compile(lambda x: lstm(x)[0].pow(2).sum(), backend=backend)(x).backward()
+    for a, p in zip(eager, lstm.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-12, atol=1e-13)

@@ -467,3 +467,20 @@ def test_jacfwd_equals_jacrev_for_one_sample():
     rev = torch.func.jacrev(layer)(x)
     torch.testing.assert_close(fwd, rev, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fwd, layer.weight.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sample", [(3, 5), (5,)], ids=["rows", "vector"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_vmap_over_no_entries(kind, sample):
+    """A vmapped dimension of size 0 (an empty batch of samples) gives empty outputs and
+    per-sample gradients, as over nn.Linear; it failed inside the layers (torch.stack of
+    no entries; reshape(-1, ...) of an empty tensor)."""
+    from meprop_triton import MePropConv1D
+
+    torch.manual_seed(0)
+    layer = MePropLinear(5, 7, k=2) if kind == "linear" else MePropConv1D(7, 5, k=2)
+    xs = torch.randn(0, *sample)
+    assert vmap(layer)(xs).shape == (0, *sample[:-1], 7)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    per_sample = vmap(grad(lambda p, x: functional_call(layer, p, (x,)).sum()), in_dims=(None, 0))(params, xs)
+    assert {n: g.shape for n, g in per_sample.items()} == {n: (0, *p.shape) for n, p in params.items()}
