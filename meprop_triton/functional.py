@@ -291,6 +291,18 @@ except (AttributeError, KeyError):  # pragma: no cover - a torch laid out otherw
     _eager_apply = None
 
 
+#: Dynamo before torch 2.15 (2.11 and 2.13 checked) reads a parameter as not requiring
+#: grad inside a compiled torch.func transform (torch.compile(grad(f)), of vmap(grad(f)))
+#: and inlines the Function's forward alone: the gradients came out dense, silently.
+#: There the layer runs outside the graph (a graph break), so the transform is eager.
+_DYNAMO_DROPS_FUNCTORCH_BACKWARDS = torch.__version__ < "2.15"
+_FUNCTORCH_UNDER_COMPILE = (
+    f"meProp under torch.compile of a torch.func transform (grad, vmap(grad), jacrev): "
+    f"torch {torch.__version__}'s Dynamo would drop the meProp backward there, so the layer "
+    f"runs outside the graph; compile without fullgraph=True, or use torch >= 2.15"
+)
+
+
 def apply_meprop(x, weight, bias, k, backend, unified, selection, sparse_grad, generator, counts=None):
     """Enter autograd with checked, resolved arguments (``k`` a number of units,
     ``backend`` "torch" or "triton"; ``counts`` None or the selection counters, see
@@ -300,6 +312,8 @@ def apply_meprop(x, weight, bias, k, backend, unified, selection, sparse_grad, g
         # Inside a DistributedDataParallel forward (the class attribute DDP sets there).
         _refuse_sparse_under_ddp(_DDP._active_ddp_module, weight, bias)
     if torch.compiler.is_compiling():
+        if _DYNAMO_DROPS_FUNCTORCH_BACKWARDS and torch._C._are_functorch_transforms_active():
+            torch._dynamo.graph_break(msg=_FUNCTORCH_UNDER_COMPILE)
         return MePropFunction.apply(x, weight, bias, k, backend, unified, selection, sparse_grad, generator, counts)
     if torch._C._are_functorch_transforms_active():
         return _MePropFunctionWithJvp.apply(x, weight, bias, k, backend, unified, selection, sparse_grad, generator, counts)

@@ -152,3 +152,62 @@ def test_compiled_lstm_keeps_the_meprop_backward(backend, fresh_dynamo):
     torch.compile(lambda x: lstm(x)[0].pow(2).sum(), backend=backend)(x).backward()
     for a, p in zip(eager, lstm.parameters()):
         torch.testing.assert_close(p.grad, a, rtol=1e-12, atol=1e-13)
+
+
+def _func_layer(kind):
+    """A layer at k=2 of 9 units, its parameters (detached), and the loss' dense gradient
+    function (what a dropped meProp backward gives)."""
+    from meprop_triton import MePropConv1D
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = MePropLinear(6, 9, k=2).double()
+
+        def dense(p, x):
+            return torch.nn.functional.linear(x, p["weight"], p["bias"]).pow(2).sum()
+    else:
+        layer = MePropConv1D(9, 6, k=2).double()
+
+        def dense(p, x):
+            return (x @ p["weight"] + p["bias"]).pow(2).sum()
+
+    return layer, {n: p.detach() for n, p in layer.named_parameters()}, torch.func.grad(dense)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_compiled_func_grad_keeps_the_meprop_backward(kind, fresh_dynamo):
+    """torch.compile(grad(f)): eager grad's meProp gradients. Before torch 2.15 Dynamo
+    dropped the meProp backward there and the gradients came out dense, silently; there
+    the layer now runs outside the graph (and fullgraph=True names why)."""
+    from torch.func import functional_call, grad, vmap
+
+    layer, params, dense_grad = _func_layer(kind)
+    x = torch.randn(4, 6, dtype=torch.double)
+
+    def f(p, x):
+        return functional_call(layer, p, (x,)).pow(2).sum()
+
+    eager = grad(f)(params, x)
+    dense = dense_grad(params, x)
+    assert not torch.allclose(eager["weight"], dense["weight"])  # k=2 of 9 is not dense
+    compiled = torch.compile(grad(f), backend="aot_eager")(params, x)
+    for n in eager:
+        torch.testing.assert_close(compiled[n], eager[n], rtol=1e-12, atol=1e-13)
+    if torch.__version__ < "2.15":
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="Dynamo would drop the meProp backward"):
+            torch.compile(grad(f), backend="aot_eager", fullgraph=True)(params, x)
+
+    # vmap(grad) under compile: eager's per-sample gradients, or torch's own refusal
+    # ("vmap over ApplyTemplate", README), never dense ones
+    xs = torch.randn(3, 4, 6, dtype=torch.double)
+    per_sample = vmap(grad(f), in_dims=(None, 0))(params, xs)
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(vmap(grad(f), in_dims=(None, 0)), backend="aot_eager")(params, xs)
+    except Exception as e:  # noqa: BLE001 - torch raises its own internal error types
+        assert "vmap over ApplyTemplate" in str(e)
+    else:
+        for n in per_sample:
+            torch.testing.assert_close(got[n], per_sample[n], rtol=1e-12, atol=1e-13)
