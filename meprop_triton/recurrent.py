@@ -590,6 +590,9 @@ def _masked(vals: Tensor, idx: Tensor, n_cols: int) -> Tensor:
     return torch.zeros((vals.shape[0], n_cols), dtype=vals.dtype, device=vals.device).scatter_(1, idx, vals)
 
 
+_DYNAMO_KNOWS_EXPORT = torch.__version__ >= "2.15"
+
+
 def lstm_layer(x, h0, c0, params, *, k: int, bidirectional: bool = False, unified: bool = True,
                selection: str = "topk", generator=None, batch_sizes=None, sparse_grad: bool = False):
     """One LSTM layer over ``x: (T, B, in)`` from ``(h0, c0): (dirs, B, H)`` with the meProp
@@ -601,10 +604,11 @@ def lstm_layer(x, h0, c0, params, *, k: int, bidirectional: bool = False, unifie
     tensors holding the rows some step kept, the (exact) bias gradients as sparse tensors
     holding every row, so that one sparse optimizer can own all of the layer's parameters."""
     has_bias = len(params) == (8 if bidirectional else 4)
-    if jit_tracing() or (torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()):
+    if jit_tracing() or (torch.compiler.is_exporting() and (_DYNAMO_KNOWS_EXPORT or not torch.compiler.is_dynamo_compiling())):
         # torch.jit.trace and torch.export capture the forward for inference: torch's own
-        # LSTM op (a Python autograd Function could not be saved with the module). Not
-        # under Dynamo: torch 2.11's reads is_exporting() as True inside torch.compile.
+        # LSTM op (a Python autograd Function could not be saved with the module). Under
+        # Dynamo (strict export) only from torch 2.15: 2.11's reads is_exporting() as
+        # True inside torch.compile too.
         return _LSTMLayer.forward(x, h0, c0, batch_sizes, k, unified, selection, generator, bidirectional,
                                   has_bias, False, sparse_grad, *params)
     # On a CPU, when a backward may follow, the forward runs step by step and keeps the

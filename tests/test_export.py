@@ -82,12 +82,15 @@ def test_jit_trace_records_the_forward(name, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:The given buffer is not writable:UserWarning")  # torch.export.load's own
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("name", NAMES)
-def test_export_saves_loads_and_runs(name):
+def test_export_saves_loads_and_runs(name, strict):
     """An exported MePropLSTM failed when run ("a view ... is being modified inplace"):
     export recorded the training forward that keeps the gates for the backward."""
+    if strict and name == "lstm" and torch.__version__ < "2.15":
+        pytest.skip("strict export of MePropLSTM needs torch >= 2.15 (README)")
     model, x = _models()[name]
-    ep = torch.export.export(model, (x,))
+    ep = torch.export.export(model, (x,), strict=strict)
     torch.testing.assert_close(ep.module()(x), _inference(model, x), rtol=0, atol=0)
     buf = io.BytesIO()
     torch.export.save(ep, buf)
