@@ -95,6 +95,10 @@ _CREATE_GRAPH = (
     "MePropLSTM's backward cannot be differentiated (create_graph=True, e.g. for a "
     "gradient penalty, or grad of grad) yet; MePropLinear's can"
 )
+_FORWARD_MODE = (
+    "forward-mode differentiation (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+    "of MePropLSTM is not supported; use reverse mode (backward, grad, vjp, jacrev), or nn.LSTM"
+)
 _SPARSE_UNDER_VMAP = (
     "sparse_grad=True cannot run under torch.func.vmap: per-sample gradients are dense "
     "tensors with a batch dimension, which a sparse gradient cannot be; use "
@@ -181,16 +185,17 @@ class _LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            "forward-mode differentiation (torch.func.jvp, jacfwd, hessian) of MePropLSTM is "
-            "not supported; use reverse mode (grad, vjp, jacrev), or nn.LSTM"
-        )
+        raise NotImplementedError(_FORWARD_MODE)
 
 
 class _EagerLSTMLayer(torch.autograd.Function):
     """:class:`_LSTMLayer` for calls outside ``torch.func`` transforms: the same forward
     and backward, in the older form, whose ``apply`` does not bind its arguments to the
     forward's signature (``inspect``) on every call as a ``setup_context`` Function's does."""
+
+    @staticmethod
+    def jvp(ctx, *tangents):  # torch.autograd.forward_ad's dual tensors
+        raise NotImplementedError(_FORWARD_MODE)
 
     @staticmethod
     def forward(ctx, *args):

@@ -219,6 +219,10 @@ def test_forward_mode_and_grad_of_grad_are_refused_by_name():
     x = torch.randn(T, 2, I, dtype=torch.double)
     with pytest.raises(NotImplementedError, match="forward-mode differentiation .* of MePropLSTM"):
         jvp(lambda x: mp(x)[0], (x,), (torch.ones_like(x),))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode differentiation .* of MePropLSTM"):
+        mp(fwAD.make_dual(x, torch.ones_like(x)))
 
     def g_sum(params, x):
         return grad(_loss(mp))(params, x)["weight_hh_l0"].sum()
