@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from ._validation import check_k, check_options
 from .conv1d import MePropConv1D, is_conv1d
@@ -72,7 +73,7 @@ class ConversionReport:
 
 def _kind(module: nn.Module, lstm: bool) -> str | None:
     """"linear", "conv1d" or "lstm" for a layer convert swaps, else None."""
-    t = type(module)
+    t = type_before_parametrizations(module)  # a parametrized nn.Linear (weight_norm, ...) too
     if t in (nn.Linear, MePropLinear):
         return "linear"
     if t is MePropConv1D or is_conv1d(module):
@@ -284,7 +285,8 @@ def convert(
     inside ``nn.MultiheadAttention``, layers whose parent's ``forward`` hands their weight
     to a product itself and never calls them (``F.linear(x, self.qkv.weight, b)``, read
     from its source; one it also calls is converted, with a note in the report) and
-    subclasses of ``nn.Linear`` are left alone. A
+    subclasses of ``nn.Linear`` are left alone; a parametrized ``nn.Linear``
+    (``torch.nn.utils.parametrize``) is converted with its parametrizations. A
     layer shared between several places stays shared (excluded under any of its names,
     it stays dense everywhere). A ``UserWarning`` says so when nothing was converted.
     Nothing is changed when an argument is refused.
@@ -422,7 +424,7 @@ def meprop_settings(model: nn.Module) -> dict[str, dict]:
         raise TypeError(f"meprop_settings expects an nn.Module; got {type(model).__name__}")
     out = {}
     for name, module in model.named_modules():
-        t = type(module)
+        t = type_before_parametrizations(module)
         if t in (MePropLinear, MePropConv1D):
             out[name] = {"type": t.__name__, "k": _plain(module.k), **{o: getattr(module, o) for o in _OPTIONS}}
         elif t is MePropLSTM:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 import torch.nn.functional as F
 
@@ -19,6 +20,11 @@ from .functional import (
 )
 
 _STRIDED = torch.strided
+_SPARSE_PARAMETRIZED = (
+    "sparse_grad=True needs the weight to be a Parameter; this layer's is computed by a "
+    "parametrization (torch.nn.utils.parametrize), whose backward takes a dense gradient: "
+    "use sparse_grad=False"
+)
 
 __all__ = ["MePropLinear", "MePropLSTM", "SelectionStats"]
 
@@ -42,11 +48,14 @@ def _lost_in_swap(module: nn.Module, own: tuple) -> str | None:
     submodules besides its own (``own``: its parameters' names)."""
     if "forward" in module.__dict__:
         return "its forward is replaced on the instance (as accelerate's hooks do), which a meProp layer would lose"
-    if not isinstance(module._parameters.get(own[0]), nn.Parameter):
-        return None  # computed (pruned, parametrized): from_* refuses it, saying how to fix it
+    carried = ()
+    if parametrize.is_parametrized(module):
+        carried = ("parametrizations",)  # moved to the new layer (MePropLinear.from_linear)
+    elif not isinstance(module._parameters.get(own[0]), nn.Parameter):
+        return None  # computed (pruned): from_* refuses it, saying how to fix it
     extra = [n for n, p in module._parameters.items() if p is not None and n not in own]
     extra += [n for n, b in module._buffers.items() if b is not None and n != "selection_counts"]
-    extra += [n for n, m in module._modules.items() if m is not None]
+    extra += [n for n, m in module._modules.items() if m is not None and n not in carried]
     if extra:
         return f"it holds {', '.join(extra)} besides its own parameters, which a meProp layer would lose"
     return None
@@ -281,6 +290,11 @@ class MePropLinear(_MePropSettings, nn.Linear):
         An optimizer built over ``linear``'s parameters keeps working after the swap.
         ``options`` are ``unified``, ``selection``, ``sparse_grad``, ``backend`` and
         ``track_selection``.
+
+        A parametrized layer (``torch.nn.utils.parametrize``: ``weight_norm``,
+        ``spectral_norm``, ``orthogonal``, your own) keeps its parametrizations, the same
+        modules with the same original parameters and state: the meProp gradient of the
+        computed weight flows back through them to the originals.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear; got {type(linear).__name__}")
@@ -290,6 +304,8 @@ class MePropLinear(_MePropSettings, nn.Linear):
         lost = _lost_in_swap(linear, ("weight", "bias"))
         if lost is not None:
             raise TypeError(f"from_linear cannot wrap this {type(linear).__name__}: {lost}")
+        if parametrize.is_parametrized(linear):
+            return cls._from_parametrized(linear, k=k, **options)
         if not isinstance(linear._parameters.get("weight"), nn.Parameter):
             raise TypeError(
                 "from_linear needs a layer whose weight is a Parameter; this one's is computed "
@@ -322,7 +338,40 @@ class MePropLinear(_MePropSettings, nn.Linear):
         _share_hooks(linear, new)
         return new
 
+    @classmethod
+    def _from_parametrized(cls, linear: nn.Linear, *, k, **options) -> "MePropLinear":
+        names = set(linear.parametrizations.keys())
+        if names - {"weight", "bias"}:
+            raise TypeError(
+                f"from_linear cannot wrap this {type(linear).__name__}: it parametrizes "
+                f"{', '.join(sorted(names - {'weight', 'bias'}))}, which a meProp layer does not have"
+            )
+        if options.get("sparse_grad"):
+            raise ValueError(_SPARSE_PARAMETRIZED)
+        originals = list(linear.parametrizations.parameters())
+        dtype = originals[0].dtype if originals else None
+        has_bias = "bias" in names or linear._parameters.get("bias") is not None
+        new = cls(linear.in_features, linear.out_features, bias=has_bias, k=k, device="meta", dtype=dtype, **options)
+        for name in ("weight", "bias"):
+            if name in names:
+                del new._parameters[name]  # becomes the parametrization's property below
+            elif name == "weight" or has_bias:
+                setattr(new, name, linear._parameters[name])
+        new.parametrizations = linear.parametrizations  # the same modules, originals and state
+        parametrize._inject_new_class(new)
+        for name in sorted(names):
+            parametrize._inject_property(new, name)
+        counts = new._buffers.get("selection_counts")
+        if counts is not None:
+            device = originals[0].device if originals else counts.device
+            new._buffers["selection_counts"] = torch.zeros_like(counts, device=device)
+        new.train(linear.training)
+        _share_hooks(linear, new)
+        return new
+
     def forward(self, input: Tensor) -> Tensor:
+        if self._sparse_grad and "parametrizations" in self._modules:
+            raise ValueError(_SPARSE_PARAMETRIZED)
         if self._sparse_grad and torch.is_grad_enabled() and "_is_fsdp_managed_module" in self.__dict__:
             raise RuntimeError(
                 "sparse_grad=True does not work under FSDP2 (fully_shard): FSDP2 reduce-scatters "

@@ -107,6 +107,14 @@ class Simplifier:
         for name, module in model.named_modules(remove_duplicate=False):
             places.setdefault(id(module), []).append(name)
         for pair in self.pairs:
+            for role, name in (("producer", pair.producer), ("consumer", pair.consumer)):
+                if "parametrizations" in self._modules[name]._modules:
+                    raise TypeError(
+                        f"Simplifier cannot shrink {role} '{name}': its weight is computed by a "
+                        f"parametrization (torch.nn.utils.parametrize), whose originals meSimp cannot "
+                        f"cut; remove it first (parametrize.remove_parametrizations(layer, 'weight')), "
+                        f"or name the pairs to simplify with pairs=[...] and leave this one out"
+                    )
             for name in (pair.producer, pair.consumer, *pair.norms):
                 where = places.get(id(self._modules[name]), [])
                 if len(where) > 1:
