@@ -73,8 +73,8 @@ class ConversionReport:
 
 def _kind(module: nn.Module, lstm: bool) -> str | None:
     """"linear", "conv1d" or "lstm" for a layer convert swaps, else None."""
-    t = type_before_parametrizations(module)  # a parametrized nn.Linear (weight_norm, ...) too
-    if t in (nn.Linear, MePropLinear):
+    t = type(module)
+    if type_before_parametrizations(module) in (nn.Linear, MePropLinear):  # weight_norm'd too
         return "linear"
     if t is MePropConv1D or is_conv1d(module):
         return "conv1d"
@@ -86,6 +86,10 @@ def _kind(module: nn.Module, lstm: bool) -> str | None:
 def _why_not(module: nn.Module, lstm: bool) -> str | None:
     """Why a linear-like layer that convert does not swap stays dense (None: not one)."""
     t = type(module)
+    before = type_before_parametrizations(module)
+    if before is not t and (issubclass(before, nn.LSTM) or before.__name__ == "Conv1D"):
+        return (f"a parametrized {before.__name__} (torch.nn.utils.parametrize); only a parametrized "
+                f"nn.Linear is converted")
     if isinstance(module, nn.Linear):
         # A subclass may have a forward of its own that a swap would lose.
         return f"{t.__module__}.{t.__qualname__} is a subclass of nn.Linear (its forward may differ); not swapped"

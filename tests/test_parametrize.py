@@ -115,3 +115,22 @@ def test_sparse_grad_and_meSimp_are_refused_by_name():
     model[0].sparse_grad = False
     with pytest.raises(TypeError, match="its weight is computed by a parametrization"):
         Simplifier(model)
+
+
+def test_parametrized_lstm_and_conv1d_stay_dense_with_the_reason():
+    """Only a parametrized nn.Linear is converted; a parametrized LSTM (convert(...,
+    lstm=True) raised from deep inside the swap) or Conv1D (left out of the report
+    without a word) stays dense, and the report says why."""
+    from test_conv1d import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"rnn": nn.LSTM(5, 7), "proj": Conv1D(8, 7), "head": nn.Linear(8, 3)})
+    weight_norm(model["rnn"], "weight_hh_l0")
+    parametrize.register_parametrization(model["proj"], "weight", _Scale())
+    _, report = convert(model, k=2, lstm=True, report=True)
+    assert report.converted == {"head": "Linear"}
+    for name, kind in (("rnn", "LSTM"), ("proj", "Conv1D")):
+        assert report.left_dense[name] == (
+            f"a parametrized {kind} (torch.nn.utils.parametrize); only a parametrized nn.Linear is converted"
+        )
+        assert parametrize.is_parametrized(model[name])
