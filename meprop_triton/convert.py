@@ -92,7 +92,7 @@ def _why_not(module: nn.Module, lstm: bool) -> str | None:
                 f"nn.Linear is converted")
     if isinstance(module, nn.Linear):
         # A subclass may have a forward of its own that a swap would lose.
-        return f"{t.__module__}.{t.__qualname__} is a subclass of nn.Linear (its forward may differ); not swapped"
+        return f"{before.__module__}.{before.__qualname__} is a subclass of nn.Linear (its forward may differ); not swapped"
     if isinstance(module, nn.LSTM):
         if t in (nn.LSTM, MePropLSTM):
             return "nn.LSTM: pass lstm=True to convert LSTMs"
@@ -236,10 +236,16 @@ def _tied_with(module: nn.Module, owners, first) -> list[str]:
     """``"weight is transformer.wte.weight"`` for each parameter of this layer that
     another module also registers (tied embeddings)."""
     ties = []
-    for pname, p in module._parameters.items():
+    own = {id(module)}
+    items = list(module._parameters.items())
+    plist = module._modules.get("parametrizations")
+    if plist is not None:  # a parametrized layer: its originals live in its parametrizations
+        own.update(id(m) for m in plist.modules())
+        items += [(f"{tensor}'s {n}", p) for tensor, pl in plist.items() for n, p in pl.named_parameters()]
+    for pname, p in items:
         if p is None:
             continue
-        others = [f"{first[o] + '.' if first[o] else ''}{n}" for o, n in owners.get(id(p), ()) if o != id(module)]
+        others = [f"{first[o] + '.' if first[o] else ''}{n}" for o, n in owners.get(id(p), ()) if o not in own]
         if others:
             ties.append(f"{pname} is {' and '.join(others)}")
     return ties

@@ -21,8 +21,8 @@ from .functional import (
 
 _STRIDED = torch.strided
 _SPARSE_PARAMETRIZED = (
-    "sparse_grad=True needs the weight to be a Parameter; this layer's is computed by a "
-    "parametrization (torch.nn.utils.parametrize), whose backward takes a dense gradient: "
+    "sparse_grad=True cannot run on a parametrized layer (torch.nn.utils.parametrize): its "
+    "weight or bias is computed, and the parametrization's backward takes a dense gradient; "
     "use sparse_grad=False"
 )
 
@@ -399,13 +399,13 @@ class MePropLinear(_MePropSettings, nn.Linear):
             try:
                 if not needs_backward(input, weight, bias):
                     if backend == "triton" or input.dtype != weight.dtype:
-                        return self._checked_forward(input)  # refused there where it must be
+                        return self._checked_forward(input, weight, bias)  # refused there where it must be
                     return F.linear(input, weight, bias)
                 out_features = weight.shape[0]
                 if bias is not None and bias.shape[0] != out_features:
-                    return self._checked_forward(input)  # a broadcastable bias F.linear would take
+                    return self._checked_forward(input, weight, bias)  # a broadcastable bias F.linear would take
                 if input.layout is not _STRIDED:
-                    return self._checked_forward(input)  # a sparse or nested input: checked there
+                    return self._checked_forward(input, weight, bias)  # a sparse or nested input: checked there
                 k_for = self._k_for
                 if k_for[0] != out_features:
                     k_for = self.__dict__["_k_for"] = (out_features, resolve_k(self._k, out_features))
@@ -413,7 +413,7 @@ class MePropLinear(_MePropSettings, nn.Linear):
                     if backend == "auto" and weight.is_cpu:
                         backend = "torch"
                     elif self._sparse_grad and backend == "triton":
-                        return self._checked_forward(input)  # refused there, with the reason
+                        return self._checked_forward(input, weight, bias)  # refused there, with the reason
                     else:  # "triton" is refused here, before any work, where it cannot run
                         backend = resolve_backend(backend, weight.device, weight.dtype)
                 return apply_meprop(
@@ -423,14 +423,13 @@ class MePropLinear(_MePropSettings, nn.Linear):
                 )
             except RuntimeError:
                 # the clear error for a bad input, if it is one (autocast is off here)
-                self._blame_weight(input)
+                self._blame_weight(input, weight)
                 check_linear_args(input, weight, bias)
                 raise
-        return self._checked_forward(input)
+        return self._checked_forward(input, weight, bias)
 
-    def _blame_weight(self, input) -> None:
+    def _blame_weight(self, input, weight) -> None:
         """Raise if the input fits the layer but its weight, replaced, does not."""
-        weight = self.weight
         if (
             isinstance(input, Tensor)
             and isinstance(weight, Tensor)
@@ -446,12 +445,14 @@ class MePropLinear(_MePropSettings, nn.Linear):
                 f"shape {tuple(input.shape)}, fits the layer"
             )
 
-    def _checked_forward(self, input: Tensor) -> Tensor:
-        self._blame_weight(input)
+    def _checked_forward(self, input: Tensor, weight, bias) -> Tensor:
+        # (weight and bias as forward read them: a parametrized weight is computed, and
+        # spectral_norm's advances its state, at each read)
+        self._blame_weight(input, weight)
         return meprop_linear(
             input,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             k=self.k,
             unified=self.unified,
             selection=self.selection,

@@ -104,13 +104,13 @@ def test_settings_round_trip_through_a_dense_parametrized_model():
 def test_sparse_grad_and_meSimp_are_refused_by_name():
     model = _model("weight_norm")
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="sparse_grad=True needs the weight to be a Parameter"):
+    with pytest.raises(ValueError, match=r"sparse_grad=True cannot run on a parametrized layer \(torch.nn.utils.parametrize\)"):
         convert(model, k=3, sparse_grad=True, exclude=["2"])
     assert type(model[0]).__name__ == "ParametrizedLinear"  # nothing changed
     assert all(torch.equal(v, model.state_dict()[n]) for n, v in before.items())
     convert(model, k=3, exclude=["2"])
     model[0].sparse_grad = True
-    with pytest.raises(ValueError, match="sparse_grad=True needs the weight to be a Parameter"):
+    with pytest.raises(ValueError, match=r"sparse_grad=True cannot run on a parametrized layer \(torch.nn.utils.parametrize\)"):
         model(torch.randn(2, 6, dtype=torch.double))
     model[0].sparse_grad = False
     with pytest.raises(TypeError, match="its weight is computed by a parametrization"):
@@ -134,3 +134,54 @@ def test_parametrized_lstm_and_conv1d_stay_dense_with_the_reason():
             f"a parametrized {kind} (torch.nn.utils.parametrize); only a parametrized nn.Linear is converted"
         )
         assert parametrize.is_parametrized(model[name])
+
+
+class _Counting(nn.Module):
+    calls = 0
+
+    def forward(self, w):
+        _Counting.calls += 1
+        return w
+
+
+def test_the_parametrization_runs_once_per_forward_under_autocast():
+    """Under autocast (and every other route to the full checks) the layer read its
+    parametrized weight three times: three times the cost, and spectral_norm's power
+    iteration advanced three steps a forward, so the outputs left the dense layer's."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 12)
+    parametrize.register_parametrization(layer, "weight", _Counting())
+    converted = convert(nn.Sequential(copy.deepcopy(layer)), k=3)[0]
+    x = torch.randn(5, 6)
+    for model in (layer, converted):
+        _Counting.calls = 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+        assert _Counting.calls == 1
+
+    dense = nn.Sequential(spectral_norm(nn.Linear(6, 12)))
+    model = convert(copy.deepcopy(dense), k=3)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)
+
+
+def test_a_parametrized_layer_tied_through_its_original_stays_dense():
+    """A head whose parametrization's original is the embedding's weight (no
+    right_inverse: the original is the Parameter itself) is tied like an unparametrized
+    one; it was converted without a word."""
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(12, 6)
+            self.head = nn.Linear(6, 12, bias=False)
+            self.head.weight = self.emb.weight
+            parametrize.register_parametrization(self.head, "weight", _Scale())
+
+    model = LM()
+    with pytest.warns(UserWarning, match="convert changed nothing"):
+        _, report = convert(model, k=3, report=True)
+    assert report.left_dense == {"head": "tied: its weight's original is emb.weight too; pass tied='convert' to convert it anyway"}
+    _, report = convert(model, k=3, tied="convert", report=True)
+    assert list(report.converted) == ["head"]
