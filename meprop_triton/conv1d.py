@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from . import reference
 from ._validation import check_dtype_arg, check_k, check_options, check_strided, resolve_k
 from .functional import _any_autocast, _autocast_dtype, _linear_jvp, autocast_on, needs_backward, resolve_backend
-from .nn import _lost_in_swap, _MePropSettings, _share_hooks
+from .nn import _finish_swap, _lost_in_swap, _MePropSettings
 
 __all__ = ["MePropConv1D", "meprop_conv1d", "is_conv1d"]
 
@@ -473,12 +473,7 @@ class MePropConv1D(_MePropSettings, nn.Module):
         new.weight = weight
         if layer.bias is not None:
             new.bias = layer.bias
-        counts = new._buffers.get("selection_counts")
-        if counts is not None:
-            new._buffers["selection_counts"] = torch.zeros_like(counts, device=weight.device)
-        new.train(layer.training)
-        _share_hooks(layer, new)
-        return new
+        return _finish_swap(layer, new, weight.device)
 
     def forward(self, input: Tensor) -> Tensor:
         weight, bias = self.weight, self.bias

@@ -579,22 +579,27 @@ class _MePropGrad(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, grad_output, x, weight, k, backend, unified, selection, sparse, generator, counts, needs):
         if sparse:
-            raise NotImplementedError(
-                "sparse_grad=True cannot run under torch.func.vmap: per-sample gradients are "
-                "dense tensors with a batch dimension, which a sparse gradient cannot be; use "
-                "sparse_grad=False (the unselected rows are zero)"
-            )
+            raise NotImplementedError(SPARSE_UNDER_VMAP)
         if selection == "random" and info.randomness == "error":
-            raise RuntimeError(
-                "selection='random' under torch.func.vmap draws random units, which vmap's "
-                "default randomness='error' refuses; pass randomness='different' (each "
-                "vmapped entry draws its own units, in order, as a loop over the entries "
-                "would) or randomness='same' (one draw shared by all entries) to vmap"
-            )
+            raise RuntimeError(RANDOM_UNDER_VMAP)
         return _vmapped_gradients(
             info.batch_size, info.randomness, in_dims[:3], grad_output, x, weight,
             k, unified, selection, generator, counts, needs,
         )
+
+
+#: The refusals of a vmapped meProp backward (MePropLinear's, MePropConv1D's, MePropLSTM's).
+SPARSE_UNDER_VMAP = (
+    "sparse_grad=True cannot run under torch.func.vmap: per-sample gradients are "
+    "dense tensors with a batch dimension, which a sparse gradient cannot be; use "
+    "sparse_grad=False (the unselected rows are zero)"
+)
+RANDOM_UNDER_VMAP = (
+    "selection='random' under torch.func.vmap draws random units, which vmap's "
+    "default randomness='error' refuses; pass randomness='different' (each "
+    "vmapped entry draws its own units, in order, as a loop over the entries "
+    "would) or randomness='same' (one draw shared by all entries) to vmap"
+)
 
 
 def _batch_first(t: Tensor, dim, size: int) -> Tensor:

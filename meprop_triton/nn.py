@@ -76,6 +76,18 @@ def _share_hooks(old: nn.Module, new: nn.Module) -> None:
             new.__dict__[name] = value
 
 
+def _finish_swap(old: nn.Module, new: nn.Module, device) -> nn.Module:
+    """The last steps of making ``new`` (built on the meta device) from ``old``: the
+    selection counters zeroed on ``device`` (the weight's), ``old``'s training mode and
+    hooks."""
+    counts = new._buffers.get("selection_counts")
+    if counts is not None:
+        new._buffers["selection_counts"] = torch.zeros_like(counts, device=device)
+    new.train(old.training)
+    _share_hooks(old, new)
+    return new
+
+
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
@@ -331,12 +343,7 @@ class MePropLinear(_MePropSettings, nn.Linear):
         new.weight = weight
         if linear.bias is not None:
             new.bias = linear.bias
-        counts = new._buffers.get("selection_counts")
-        if counts is not None:  # made on the meta device with the layer: move it to the weight's
-            new._buffers["selection_counts"] = torch.zeros_like(counts, device=weight.device)
-        new.train(linear.training)
-        _share_hooks(linear, new)
-        return new
+        return _finish_swap(linear, new, weight.device)
 
     @classmethod
     def _from_parametrized(cls, linear: nn.Linear, *, k, **options) -> "MePropLinear":
@@ -361,13 +368,7 @@ class MePropLinear(_MePropSettings, nn.Linear):
         parametrize._inject_new_class(new)
         for name in sorted(names):
             parametrize._inject_property(new, name)
-        counts = new._buffers.get("selection_counts")
-        if counts is not None:
-            device = originals[0].device if originals else counts.device
-            new._buffers["selection_counts"] = torch.zeros_like(counts, device=device)
-        new.train(linear.training)
-        _share_hooks(linear, new)
-        return new
+        return _finish_swap(linear, new, next(linear.parameters()).device)
 
     def forward(self, input: Tensor) -> Tensor:
         if self._sparse_grad and "parametrizations" in self._modules:

@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .functional import _any_autocast, _wrapped_requires_grad, autocast_on, jit_tracing
+from .functional import (
+    RANDOM_UNDER_VMAP, SPARSE_UNDER_VMAP, _any_autocast, _wrapped_requires_grad, autocast_on, jit_tracing,
+)
 
 __all__ = ["lstm_layer", "ProductTimer"]
 
@@ -83,11 +85,11 @@ class _Settings:
     """What a layer's backward needs besides tensors (set when the forward is recorded)."""
 
     __slots__ = ("k", "unified", "selection", "generator", "sparse_grad", "dirs", "has_bias",
-                 "batch_sizes", "ragged", "n_params", "kept")
+                 "batch_sizes", "ragged", "n_params")
 
-    def __init__(self, k, unified, selection, generator, sparse_grad, dirs, has_bias, batch_sizes, n_params, kept):
+    def __init__(self, k, unified, selection, generator, sparse_grad, dirs, has_bias, batch_sizes, n_params):
         self.k, self.unified, self.selection, self.generator = k, unified, selection, generator
-        self.sparse_grad, self.dirs, self.has_bias, self.n_params, self.kept = sparse_grad, dirs, has_bias, n_params, kept
+        self.sparse_grad, self.dirs, self.has_bias, self.n_params = sparse_grad, dirs, has_bias, n_params
         self.batch_sizes, self.ragged = batch_sizes, _ragged(batch_sizes)
 
 
@@ -98,11 +100,6 @@ _CREATE_GRAPH = (
 _FORWARD_MODE = (
     "forward-mode differentiation (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
     "of MePropLSTM is not supported; use reverse mode (backward, grad, vjp, jacrev), or nn.LSTM"
-)
-_SPARSE_UNDER_VMAP = (
-    "sparse_grad=True cannot run under torch.func.vmap: per-sample gradients are dense "
-    "tensors with a batch dimension, which a sparse gradient cannot be; use "
-    "sparse_grad=False (the unselected rows are zero)"
 )
 
 
@@ -226,18 +223,13 @@ class _LSTMLayerGrad(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, s, needs, d_out, d_hn, d_cn, *saved):
         if s.sparse_grad:
-            raise NotImplementedError(_SPARSE_UNDER_VMAP)
+            raise NotImplementedError(SPARSE_UNDER_VMAP)
         _refuse_no_entries(info)
         tensors, dims = (d_out, d_hn, d_cn, *saved), in_dims[2:]
         same = False
         if s.selection == "random":
             if info.randomness == "error":
-                raise RuntimeError(
-                    "selection='random' under torch.func.vmap draws random units, which "
-                    "vmap's default randomness='error' refuses; pass randomness='different' "
-                    "(each vmapped entry draws its own units, in order, as a loop over the "
-                    "entries would) or randomness='same' (one draw shared by all entries) to vmap"
-                )
+                raise RuntimeError(RANDOM_UNDER_VMAP)
             same = info.randomness == "same"
             device = next(t for t in tensors if t is not None).device
             gen = s.generator if s.generator is not None else _default_generator(device)
@@ -256,7 +248,7 @@ def _save(ctx, inputs, out, kept) -> None:
     ctx.set_materialize_grads(False)  # no zero tensors for the outputs a loss leaves out
     ctx.save_for_backward(x, h0, c0, out, *params, *kept)
     ctx.settings = _Settings(k, unified, selection, generator, sparse_grad, 2 if bidirectional else 1, has_bias,
-                             batch_sizes, len(params), bool(kept))
+                             batch_sizes, len(params))
 
 
 def _refuse_no_entries(info) -> None:
