@@ -198,8 +198,17 @@ def training_table(data: dict) -> list[str]:
                 after = (f", after {e['pretrain_steps']} steps, denormals {kept} (in Adam's state: "
                          f"meProp {e.get('denormal_share_meprop', 0) * 100:.1f}%, dense "
                          f"{e.get('denormal_share_dense', 0) * 100:.1f}%)")
+            label, k = fmt_shape(e['shape'], None), f"k={e.get('k')}"
+            if e.get("model"):  # a real model (bench/test_bench_zoo_step.py): its name, tokens, and each half
+                label = f"{e['shape_name']}, {e['shape'][0]} tokens"
+                if e.get("k_ffn") is not None:
+                    hidden, ffn = e["shape"][1:3]
+                    k = f"k={e['k_requested']:g} ({e['k']} of {hidden}, {e['k_ffn']} of {ffn})"
+                if e.get("meprop_backward_ms") is not None:
+                    after += (f"; dense / meProp forward {e['dense_forward_ms']:.1f} / {e['meprop_forward_ms']:.1f} ms, "
+                              f"backward {e['dense_backward_ms']:.1f} / {e['meprop_backward_ms']:.1f} ms")
             lines.append(
-                f"| {fmt_shape(e['shape'], None)}{after} | {e.get('grad')} | {e.get('optimizer')} | k={e.get('k')} | "
+                f"| {label}{after} | {e.get('grad')} | {e.get('optimizer')} | {k} | "
                 f"{fmt_time(e.get('dense_median_s'))} | {fmt_time(case_time(b))} | {fmt_x(e['speedup_vs_dense'])} |"
             )
         if b["group"].startswith("forward-") and e.get("overhead_us") is not None:

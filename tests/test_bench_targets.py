@@ -141,6 +141,17 @@ def test_report_names_every_kind_of_case():
     header, rule, line = report.training_table({"benchmarks": [step]})
     assert "after 1000 steps, denormals kept (in Adam's state: meProp 15.4%, dense 0.3%)" in line
     assert line.endswith("| 0.64x |")
+    zoo = {"name": "t", "group": "train-step-cpu-bert-4x256-b8x128", "stats": {"median": 6e-2},
+           "extra_info": {"mode": "unified-topk", "speedup_vs_dense": 1.33, "shape": [1024, 256, 1024],
+                          "shape_name": "bert-4x256", "model": "bert", "grad": "dense",
+                          "optimizer": "Adam (fused)", "k_requested": 0.1, "k": 26, "k_ffn": 103,
+                          "dense_median_s": 8e-2, "time_median_s": 6e-2,
+                          "dense_forward_ms": 28.5, "meprop_forward_ms": 29.2,
+                          "dense_backward_ms": 50.0, "meprop_backward_ms": 28.2}}
+    _, _, line = report.training_table({"benchmarks": [zoo]})
+    assert line.startswith("| bert-4x256, 1024 tokens; dense / meProp forward 28.5 / 29.2 ms, "
+                           "backward 50.0 / 28.2 ms | dense | Adam (fused) | k=0.1 (26 of 256, 103 of 1024) |")
+    assert line.endswith("| 1.33x |")
 
 
 def test_report_merges_files_of_one_machine_and_refuses_two():

@@ -116,7 +116,8 @@ def test_ci_removes_the_work_folders_of_killed_runs_only(tmp_path):
 
 def test_a_distribution_named_kernels_is_not_shadowed_by_the_checkouts_folder(tmp_path):
     """With the checkout's root first on sys.path (``python -m pytest`` there), ``import
-    kernels`` finds the checkout's kernels/ folder; conftest's helper puts an installed
+    kernels`` finds the checkout's kernels/ folder; the root conftest's helper (which runs
+    for tests/ and bench/ alike) puts an installed
     distribution named ``kernels`` (transformers 5.25 installs one) in sys.modules instead."""
     site = tmp_path / "site"
     (site / "kernels").mkdir(parents=True)
@@ -128,7 +129,7 @@ def test_a_distribution_named_kernels_is_not_shadowed_by_the_checkouts_folder(tm
         "import importlib.util, sys\n"
         "spec = importlib.util.find_spec('kernels')\n"
         f"assert spec.origin == {str(HERE.parent / 'kernels' / '__init__.py')!r}, spec.origin  # the hazard\n"
-        f"spec = importlib.util.spec_from_file_location('_conftest', {str(HERE / 'conftest.py')!r})\n"
+        f"spec = importlib.util.spec_from_file_location('_conftest', {str(HERE.parent / 'conftest.py')!r})\n"
         "conftest = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(conftest)\n"
         "import kernels\n"
