@@ -179,8 +179,8 @@ def test_ddp_under_torchrun(in_tmp):
     script.write_text("\n" * (line - 1) + src
                       + "\ntorch.save({'kinds': [type(m).__name__ for m in model.module],"
                       + " 'state': model.module.state_dict()}, f'rank{rank}.pt')\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    # on the CPU with gloo, as the example does without a GPU (with one, it would want two)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     # --standalone: a free port of its own, so parallel test workers do not collide
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     try:
