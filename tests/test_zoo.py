@@ -3,14 +3,16 @@
 Tiny models built from configs with random weights, on the CPU; nothing is downloaded
 (no tokenizer, no pretrained weights; the hub is switched off). Each model is converted,
 trained a few steps next to its dense twin, compiled once, saved and loaded back
-converted. These need the optional extra ``pip install -e '.[zoo]'`` (transformers,
-timm); without it each is skipped with the reason.
+converted; BERT also trains under transformers' ``Trainer``. These need the optional
+extra ``pip install -e '.[zoo]'`` (transformers, timm, accelerate); without it each is
+skipped with the reason.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -384,6 +386,62 @@ def test_bert_save_pretrained_and_load_converted(tmp_path):
     ids, _ = bert_batches()[0]
     model.eval(), loaded.eval()
     assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def _accelerate_skip():
+    """transformers' Trainer needs accelerate (in the zoo extra); the reason where it is missing."""
+    try:
+        import accelerate  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure to import is a reason to skip
+        return f"accelerate is not usable here (transformers' Trainer needs it; pip install -e '.[zoo]'): {type(e).__name__}: {e}"
+    return None
+
+
+@needs_transformers
+@pytest.mark.skipif(_accelerate_skip() is not None, reason=_accelerate_skip() or "")
+@pytest.mark.parametrize("options", [{}, {"gradient_accumulation_steps": 2, "bf16": True}],
+                         ids=["plain", "accumulation-bf16"])
+def test_bert_trains_under_transformers_trainer(tmp_path, options):
+    """Trainer (AdamW, a learning-rate schedule, gradient clipping; with gradient
+    accumulation and bf16 autocast) runs the meProp backward at every micro-batch: each
+    converted layer's selection counters saw every token of every micro-batch, k units
+    each, and only the converted layers' kept rows moved."""
+    model = convert(bert(), k=0.25, exclude=["classifier"], track_selection=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    class Data(torch.utils.data.Dataset):
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, VOCAB, (32, 12), generator=g)
+        labels = torch.randint(0, 3, (32,), generator=g)
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=2, max_grad_norm=1.0,
+        learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+        seed=0, **options,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Data())
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    assert trainer.model is model
+    tokens = 2 * 32 * 12  # two epochs of 32 sequences of 12 tokens, every micro-batch
+    layers = [m for m in model.modules() if isinstance(m, MePropLinear)]
+    assert len(layers) == 13
+    for layer in layers:
+        stats = layer.selection_stats()
+        assert stats.rows == tokens if layer is not model.bert.pooler.dense else 2 * 32, stats.rows
+        assert int(stats.hits.sum()) == stats.rows * layer.k_units  # unified top-k: k units per row
+    # a converted layer's weight rows that were never kept did not move (AdamW, no weight decay)
+    query = model.bert.encoder.layer[0].attention.self.query
+    never = query.selection_stats().hits == 0
+    moved = (query.weight.detach() != before["bert.encoder.layer.0.attention.self.query.weight"]).any(1)
+    assert never.any() and not (moved & never).any()
+    assert (model.classifier.weight.detach() != before["classifier.weight"]).all()
 
 
 # --- timm ViT ------------------------------------------------------------------------
