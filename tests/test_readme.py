@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import OrderedDict
@@ -87,6 +88,24 @@ def test_every_example_is_run():
     assert not unmatched, f"README.md python examples that no test runs: {unmatched}"
     for name in EXAMPLES:
         example(name)
+
+
+def github_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading: lower case, punctuation other than
+    hyphens dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_within_the_readme_resolve():
+    """Every ``(#fragment)`` link names a heading of the README, and every relative link
+    a file of the checkout."""
+    text = README.read_text(encoding="utf-8")
+    anchors = {github_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+    fragments = re.findall(r"\]\(#([^)]+)\)", text)
+    assert fragments, "the README links to none of its sections (its contents line)"
+    assert not [f for f in fragments if f not in anchors], sorted(anchors)
+    files = re.findall(r"\]\(([^)#:]+)\)", text)
+    assert not [f for f in files if not (README.parent / f).is_file()], files
 
 
 @pytest.fixture
