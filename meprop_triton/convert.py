@@ -42,7 +42,9 @@ class ConversionReport:
     ``"LSTM"``, or a meProp class whose settings were changed); ``left_dense``: name ->
     why it was left alone (excluded, tied weight, a type that cannot be swapped);
     ``notes``: name -> a caveat about a converted layer (its parent's forward sometimes
-    uses its weight without calling it: there its backward stays dense).
+    uses its weight without calling it: there its backward stays dense);
+    ``unchanged``: name -> why a layer that was already a meProp layer kept its settings
+    (excluded, say, when ``convert`` runs a second time to give some layers another k).
     Names are as in ``model.named_modules()``; ``""`` is the model itself. A layer
     reachable under several names is listed under the first. ``str(report)`` is a
     readable summary.
@@ -51,6 +53,7 @@ class ConversionReport:
     converted: dict[str, str] = field(default_factory=dict)
     left_dense: dict[str, str] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    unchanged: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         kinds: dict[str, int] = {}
@@ -61,11 +64,14 @@ class ConversionReport:
             f"meProp convert: {len(self.converted)} layer(s) converted"
             + (f" ({by_kind})" if by_kind else "")
             + f", {len(self.left_dense)} left dense"
+            + (f", {len(self.unchanged)} meProp layer(s) unchanged" if self.unchanged else "")
         ]
         for name, cls in self.converted.items():
             lines.append(f"  converted   {name or '(the model)'} ({cls})")
         for name, why in self.left_dense.items():
             lines.append(f"  left dense  {name or '(the model)'}: {why}")
+        for name, why in self.unchanged.items():
+            lines.append(f"  unchanged   {name or '(the model)'}: {why}")
         for name, note in self.notes.items():
             lines.append(f"  note        {name or '(the model)'}: {note}")
         return "\n".join(lines)
@@ -94,7 +100,9 @@ def _why_not(module: nn.Module, lstm: bool) -> str | None:
         # A subclass may have a forward of its own that a swap would lose.
         return f"{before.__module__}.{before.__qualname__} is a subclass of nn.Linear (its forward may differ); not swapped"
     if isinstance(module, nn.LSTM):
-        if t in (nn.LSTM, MePropLSTM):
+        if t is MePropLSTM:
+            return "a MePropLSTM: pass lstm=True to change its settings"
+        if t is nn.LSTM:
             return "nn.LSTM: pass lstm=True to convert LSTMs"
         return f"{t.__qualname__} is a subclass of nn.LSTM; not swapped"
     if t.__name__ == "Conv1D":
@@ -398,11 +406,13 @@ def convert(
     for _, _, _, module in places:
         why = kept.pop(id(module), None)
         if why is not None:
-            summary.left_dense[first.get(id(module), "")] = why
+            meprop = type_before_parametrizations(module) in (MePropLinear, MePropConv1D, MePropLSTM)
+            (summary.unchanged if meprop else summary.left_dense)[first.get(id(module), "")] = why
     if not summary.converted:
+        left = {**summary.left_dense, **summary.unchanged}
         detail = (
-            "; ".join(f"{n or '(the model)'}: {w}" for n, w in list(summary.left_dense.items())[:4])
-            if summary.left_dense
+            "; ".join(f"{n or '(the model)'}: {w}" for n, w in list(left.items())[:4])
+            if left
             else "it has no layer that convert swaps (nn.Linear, transformers Conv1D, and nn.LSTM with lstm=True)"
         )
         warnings.warn(f"convert changed nothing in this {type(model).__name__}: {detail}", UserWarning, stacklevel=2)

@@ -321,6 +321,29 @@ def test_report_names_what_was_converted_and_why_the_rest_stayed_dense():
     assert "  converted   encoder.0 (Linear)" in text and "  left dense  head.classifier: excluded" in text
 
 
+def test_a_second_convert_for_another_k_reports_the_meprop_layers_it_left_as_unchanged():
+    """Another k for some layers: convert again with the others excluded. Those stay
+    meProp layers with their settings, so the report lists them as unchanged, not as
+    left dense (as it did); so does a MePropLSTM when lstm=True is not passed."""
+    from meprop_triton import MePropLSTM
+
+    model = make_net()
+    model.rnn = MePropLSTM(4, 4, k=1)
+    convert(model, k=2, exclude=["head.classifier"])
+    _, report = convert(model, k=0.5, exclude=["encoder.*", "head.classifier"], report=True)
+    assert model.encoder[0].k == 2 and model.head.proj.k == 0.5
+    assert report.converted == {"head.proj": "MePropLinear"}
+    assert report.left_dense == {"head.classifier": "excluded (as head.classifier)"}
+    assert report.unchanged == {"encoder.0": "excluded (as encoder.0)", "encoder.2": "excluded (as encoder.2)",
+                                "rnn": "a MePropLSTM: pass lstm=True to change its settings"}
+    text = str(report)
+    assert text.splitlines()[0] == ("meProp convert: 1 layer(s) converted (1 MePropLinear), 1 left dense, "
+                                    "3 meProp layer(s) unchanged")
+    assert "  unchanged   encoder.0: excluded (as encoder.0)" in text
+    with pytest.warns(UserWarning, match=r"changed nothing.*encoder\.0: excluded"):
+        convert(model, k=3, exclude=["encoder", "head"])
+
+
 def test_report_false_returns_the_model_alone_and_warns_only_when_nothing_changed():
     model = make_net()
     with warnings.catch_warnings():

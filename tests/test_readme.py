@@ -39,6 +39,7 @@ EXAMPLES = {
     "quickstart": 'convert(model, k=0.25, exclude=["classifier"])',
     "transformers": 'BertForSequenceClassification.from_pretrained("bert-base-uncased", num_labels=3)',
     "timm": 'vit = timm.create_model("vit_small_patch16_224", num_classes=10)\nconvert(vit',
+    "another-k": 'convert(vit, k=0.2, exclude=lambda name, m: not name.endswith("attn.qkv"))',
     "save-and-load": 'gpt2.config.meprop = meprop_settings(gpt2)',
     "ddp": 'model = DDP(model',
     "torch-func": 'per_sample = vmap(grad(sample_loss)',
@@ -280,6 +281,21 @@ def test_timm(in_tmp):
     assert _count(vit, MePropLinear) == 4 * blocks and type(vit.head) is nn.Linear
     for b in vit.blocks:
         assert all(type(m) is MePropLinear for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2))
+
+
+@needs_timm
+def test_another_k_for_some_layers(in_tmp):
+    ns = run_example("timm", {"convert": __import__("meprop_triton").convert})
+    run_example("another-k", ns)
+    vit = ns["vit"]
+    assert type(vit.head) is nn.Linear
+    for b in vit.blocks:
+        assert b.attn.qkv.k == 0.2
+        assert b.attn.proj.k == b.mlp.fc1.k == b.mlp.fc2.k == 0.05
+    # what the README says of the second call's report
+    _, report = ns["convert"](vit, k=0.2, exclude=lambda name, m: not name.endswith("attn.qkv"), report=True)
+    blocks = len(vit.blocks)
+    assert (len(report.converted), len(report.unchanged), list(report.left_dense)) == (blocks, 3 * blocks, ["head"])
 
 
 @needs_transformers
