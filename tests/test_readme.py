@@ -15,11 +15,13 @@ its zoo step. The DDP example runs under ``torchrun`` with two CPU (gloo) proces
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
 import subprocess
 import sys
+import textwrap
 from collections import OrderedDict
 from pathlib import Path
 
@@ -49,20 +51,51 @@ EXAMPLES = {
 }
 
 
+#: a fence line (CommonMark): three or more backticks or tildes, maybe indented, then the
+#: block's language
+FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([^`\s]*)")
+LANGUAGES = {"python", "bash", ""}  # "": output, shown as it prints
+
+
+def fenced_blocks(*, prose: list | None = None) -> list[tuple[str, int, str]]:
+    """(language as written, first line number, dedented source) of every fenced block of
+    the README, in order; the lines outside them are appended to ``prose`` if given. A
+    block closes at a fence of its own character, at least as long, with no language."""
+    blocks, block = [], None
+    for number, line in enumerate(README.read_text(encoding="utf-8").splitlines(), 1):
+        m = FENCE.match(line)
+        if block is None:
+            if m:
+                block = (m.group(1), m.group(2), number + 1, [])
+            elif prose is not None:
+                prose.append(line)
+        elif m and m.group(1)[0] == block[0][0] and len(m.group(1)) >= len(block[0]) and not m.group(2):
+            blocks.append((block[1], block[2], textwrap.dedent("\n".join(block[3]) + "\n")))
+            block = None
+        else:
+            block[3].append(line)
+    assert block is None, f"README.md: the block opened at line {block[2] - 1} is never closed"
+    return blocks
+
+
 def python_blocks() -> list[tuple[int, str]]:
     """(first line number, source) of every ```python block of the README."""
-    blocks, lines, start = [], None, 0
-    for number, line in enumerate(README.read_text(encoding="utf-8").splitlines(), 1):
-        if lines is None:
-            if line.strip() == "```python":
-                lines, start = [], number + 1
-        elif line.strip() == "```":
-            blocks.append((start, "\n".join(lines) + "\n"))
-            lines = None
-        else:
-            lines.append(line)
-    assert lines is None, f"README.md: the ```python block at line {start} is never closed"
-    return blocks
+    return [(start, src) for language, start, src in fenced_blocks() if language == "python"]
+
+
+def test_every_block_names_a_language_this_file_knows():
+    """A Python example fenced as ```py, ```Python or ```python3, or left unlabelled,
+    would never run here: each block is ```python, ```bash or unlabelled output, and an
+    unlabelled one is not Python code."""
+    for language, start, src in fenced_blocks():
+        assert language in LANGUAGES, f"README.md:{start - 1}: a block fenced as {language!r}; use one of {sorted(LANGUAGES)}"
+        if language == "":
+            try:
+                tree = ast.parse(src)
+            except SyntaxError:
+                continue
+            assert not any(isinstance(n, (ast.Import, ast.ImportFrom, ast.Call)) for n in ast.walk(tree)), (
+                f"README.md:{start - 1}: an unlabelled block that is Python code; fence it as ```python")
 
 
 def example(name: str) -> tuple[int, str]:
@@ -100,7 +133,9 @@ def github_anchor(heading: str) -> str:
 def test_links_within_the_readme_resolve():
     """Every ``(#fragment)`` link names a heading of the README, and every relative link
     a file of the checkout."""
-    text = README.read_text(encoding="utf-8")
+    prose: list[str] = []
+    fenced_blocks(prose=prose)  # a "# comment" in a block is no heading
+    text = "\n".join(prose)
     anchors = {github_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
     fragments = re.findall(r"\]\(#([^)]+)\)", text)
     assert fragments, "the README links to none of its sections (its contents line)"
@@ -178,7 +213,7 @@ def test_simplifier(in_tmp, capsys):
     dims = ns["simp"].dims()
     assert printed == str(dims)
     assert set(dims) == {"0", "2"}
-    assert all(0 < d <= 500 for d in dims.values()), dims
+    assert all(0 < d < 500 for d in dims.values()), dims  # both hidden layers were pruned
     model = ns["model"]
     assert model[0].out_features == dims["0"] and model[2].in_features == dims["0"]
     assert model[2].out_features == dims["2"] and model[4].in_features == dims["2"]

@@ -434,7 +434,7 @@ def test_bert_trains_under_transformers_trainer(tmp_path, options):
     assert len(layers) == 13
     for layer in layers:
         stats = layer.selection_stats()
-        assert stats.rows == tokens if layer is not model.bert.pooler.dense else 2 * 32, stats.rows
+        assert stats.rows == (tokens if layer is not model.bert.pooler.dense else 2 * 32), stats.rows
         assert int(stats.hits.sum()) == stats.rows * layer.k_units  # unified top-k: k units per row
     # a converted layer's weight rows that were never kept did not move (AdamW, no weight decay)
     query = model.bert.encoder.layer[0].attention.self.query
