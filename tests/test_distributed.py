@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -225,9 +224,9 @@ SCENARIOS = {
 
 def worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=PG_TIMEOUT_S))
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=timedelta(seconds=PG_TIMEOUT_S),
+        "gloo", store=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S),
     )
     results = {}
     try:
@@ -242,18 +241,17 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every scenario's records, ``runs[name]`` = ``[rank 0's, rank 1's]``."""
     out = tmp_path_factory.mktemp("distributed")
     start = time.monotonic()
-    ctx = mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
+    # The rendezvous store is served from here, on a port the system picks and this
+    # process holds throughout: no port is released and picked again in between, where
+    # another test's processes (the README's torchrun example) could take it.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=PG_TIMEOUT_S))
+    ctx = mp.spawn(worker, args=(store.port, str(out)), nprocs=WORLD, join=False)
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() - start > DEADLINE_S:
