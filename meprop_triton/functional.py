@@ -482,7 +482,7 @@ def _gradients(grad_output, x, weight, k, backend, unified, selection, sparse, g
         gx, gw, gb, idx = _triton_backward(unified, selection, generator, grad, x2d, weight, k, needs)
     else:
         if not unified:
-            # Each row's set in topk's order: the products do not need it sorted.
+            # Each row's set, in any order (topk's, or sorted where numpy selects): the products do not need it sorted.
             if selection == "topk":
                 idx = reference.per_example_topk_indices(grad, k, sort=False)
             else:

@@ -263,6 +263,70 @@ def test_stable_order_is_a_stable_int64_sort(n, n_units, route, monkeypatch, gen
     assert torch.equal(order, torch.sort(units, stable=True).indices)
 
 
+def _rowwise_topk_definition(G: torch.Tensor, k: int) -> np.ndarray:
+    """Each row's k largest |G|, NaN and inf as +inf, ties to the lower index: a stable
+    descending argsort in fp64, indices sorted."""
+    a = np.abs(G.detach().double().numpy())
+    a[~np.isfinite(a)] = np.inf
+    return np.sort(np.argsort(-a, axis=1, kind="stable")[:, :k], axis=1)
+
+
+@pytest.mark.parametrize(
+    "shape_k",
+    [(50, 500, 20), (50, 500, 80), (50, 500, 499), (50, 500, 5), (3, 64, 2), (40, 7, 3), (0, 30, 4), (257, 1000, 100)],
+    ids=lambda s: "M%d-out%d-k%d" % s,
+)
+@pytest.mark.parametrize("route", ["as-is", "torch-only"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_per_example_topk_routes_give_the_definitions_sets(shape_k, route, dtype, monkeypatch, gen):
+    # numpy's partition of the packed keys where 64 k > out (torch's topk otherwise, or
+    # everywhere, "torch-only"): each row's set of the definition, and sorted ascending
+    # either way on the numpy route
+    M, out, k = shape_k
+    if route == "torch-only":
+        monkeypatch.setattr(reference, "_numpy_may_read", lambda t: False)
+    G = torch.randn(M, out, generator=gen).to(dtype)
+    if M >= 6:
+        G[1] = 0.0  # a row of ties
+        G[2, :: 3] = 0.5  # ties across the k-th place
+        G[3, 5], G[3, out - 1], G[4, 2], G[4, 0] = math.nan, math.inf, -math.inf, -math.nan
+        G[5, 1::2] = -0.0
+        G[5, ::4] = 1e-40 if dtype == torch.float32 else 0.0  # subnormal
+    want = _rowwise_topk_definition(G, k)
+    for sort in (True, False):
+        got = reference.per_example_topk_indices(G, k, sort=sort)
+        assert got.shape == (M, k) and got.dtype == torch.int64
+        if route == "as-is" and 64 * k > out:
+            assert torch.equal(got, torch.from_numpy(want))  # sorted whatever sort says
+        else:
+            assert np.array_equal(np.sort(got.numpy(), axis=1), want)
+    # a strided gradient and one that requires grad (a double backward's) give the same
+    Gt = G.t().contiguous().t().requires_grad_()
+    assert np.array_equal(reference.per_example_topk_indices(Gt, k).numpy(), want)
+
+
+def test_per_example_topk_takes_numpy_only_where_it_pays():
+    a = torch.rand(50, 500)
+    assert reference._numpy_row_topk(a, 20) is not None  # an MNIST layer at k = 20
+    assert reference._numpy_row_topk(a, 7) is None  # 64 k <= out: torch's partial sort
+    assert reference._numpy_row_topk(a, 500) is None
+    assert reference._numpy_row_topk(a.to("meta"), 20) is None
+    seen = []
+    torch.func.vmap(lambda r: (seen.append(reference._numpy_row_topk(r[None], 20)), r)[1])(a)
+    assert seen == [None]  # a batched tensor under torch.func: torch's topk
+
+
+@pytest.mark.parametrize("M,out,k", [(50, 500, 20), (13, 40, 6), (4, 300, 299)])
+def test_per_example_random_numpy_route_draws_the_sets_of_topk(M, out, k, monkeypatch):
+    # the same seed gives each row the same set on both routes (the k largest draws;
+    # the routes could differ only where two draws tie at the k-th place)
+    got = reference.per_example_random_indices(M, out, k, generator=torch.Generator().manual_seed(5), sort=False)
+    monkeypatch.setattr(reference, "_numpy_may_read", lambda t: False)
+    want = reference.per_example_random_indices(M, out, k, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got.sort(dim=1).values, want)
+    assert torch.equal(got, want)  # the numpy route returns them sorted
+
+
 def test_pairs_by_unit_groups_rows_in_order(gen):
     M, out, k = 50, 500, 80
     idx = torch.rand(M, out, generator=gen).topk(k, dim=1).indices  # any order within a row
