@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 __all__ = ["LinearBackwardTimer", "Training", "TURN_STEPS", "format_table", "interleave",
-           "write_json", "write_plot"]
+           "progress_writer", "report_results", "run_alone", "write_json", "write_plot"]
 
 
 class LinearBackwardTimer:
@@ -198,8 +198,9 @@ class Training:
     def after_step(self) -> None:
         """Called after each optimizer step (meSimp's checks)."""
 
-    def record(self, run: dict) -> dict:
-        """The run's record, completed by the subclass."""
+    def record(self, run: dict, final: bool = True) -> dict:
+        """The run's record, completed by the subclass (``final``: at the run's end, else
+        for an unfinished results file after an epoch)."""
         return run
 
     def close(self) -> None:
@@ -306,11 +307,28 @@ class Training:
             self.train_steps(None, bar)
         return self.end_epoch()
 
+    def snapshot(self) -> dict:
+        """The run's record over the epochs finished so far (at least one), as
+        :meth:`finish` gives it but without the parts only the end gives (meSimp's final
+        model): what an unfinished results file holds."""
+        return self.record(self._run(), final=False)
+
     def finish(self) -> dict:
         """Remove the timing hooks; the run's record for the JSON."""
         self.close()
+        run = self.record(self._run())
+        print(
+            f"{self.name}: best dev {run['dev_acc'] * 100:.2f}% at epoch {run['best_epoch']}: test "
+            f"{run['test_acc'] * 100:.2f}%; backprop {_seconds(run['backprop_time_s'])} s, backward "
+            f"{run['backward_time_s']:.2f} s, training {run['training_time_s']:.2f} s, "
+            f"epochs {self.seconds:.1f} s",
+            flush=True,
+        )
+        return run
+
+    def _run(self) -> dict:
         best, epochs = self.best, self.epochs
-        run = {
+        return {
             "method": self.name,
             "k": self.k,
             "dev_acc": best["dev_acc"],
@@ -320,18 +338,9 @@ class Training:
             "backward_time_s": sum(e["backward_time_s"] for e in epochs),
             # forward + backward + optimizer over every training step (evaluation excluded)
             "training_time_s": sum(e["train_s"] for e in epochs),
-            "epochs": epochs,
+            "epochs": list(epochs),
             "seconds": self.seconds,
         }
-        run = self.record(run)
-        print(
-            f"{self.name}: best dev {run['dev_acc'] * 100:.2f}% at epoch {run['best_epoch']}: test "
-            f"{run['test_acc'] * 100:.2f}%; backprop {_seconds(run['backprop_time_s'])} s, backward "
-            f"{run['backward_time_s']:.2f} s, training {run['training_time_s']:.2f} s, "
-            f"epochs {self.seconds:.1f} s",
-            flush=True,
-        )
-        return run
 
 
 def _minus(a, b):
@@ -344,12 +353,15 @@ def _total(values):
     return None if any(v is None for v in values) else sum(values)
 
 
-def run_alone(training: Training) -> dict:
-    """Train one run for all its epochs; its record."""
+def run_alone(training: Training, on_epoch=None) -> dict:
+    """Train one run for all its epochs; its record. ``on_epoch``: called after each
+    epoch but the last with ``[training.snapshot()]``."""
     print(f"{training.name}:", flush=True)
     try:
-        for _ in range(training.n_epochs):
+        for epoch in range(training.n_epochs):
             training.run_epoch()
+            if on_epoch is not None and epoch + 1 < training.n_epochs:
+                on_epoch([training.snapshot()])
     except BaseException:
         training.close()
         raise
@@ -357,9 +369,10 @@ def run_alone(training: Training) -> dict:
 
 
 def interleave(trainings: list[Training], *, progress: bool | None = None,
-               turn_steps: int = TURN_STEPS) -> list[dict]:
+               turn_steps: int = TURN_STEPS, on_epoch=None) -> list[dict]:
     """Train the runs taking turns every ``turn_steps`` minibatches; their records, in
-    order. Each epoch ends with every run's evaluation, in order."""
+    order. Each epoch ends with every run's evaluation, in order, then (but after the
+    last) ``on_epoch`` with the runs' snapshots, when given."""
     width = max(len(t.name) for t in trainings)
     for t in trainings:
         t.label = f"{t.name:<{width}}  "
@@ -377,6 +390,8 @@ def interleave(trainings: list[Training], *, progress: bool | None = None,
                     running = [t for t in running if not t.train_steps(turn_steps, bar)]
             for t in trainings:
                 t.end_epoch()
+            if on_epoch is not None and epoch + 1 < n_epochs:
+                on_epoch([t.snapshot() for t in trainings])
     except BaseException:
         for t in trainings:
             t.close()
@@ -585,17 +600,53 @@ def _device_description(device: torch.device) -> str:
     return f"cpu: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def progress_writer(args, config: dict, device: torch.device, t_start: float, done: list | None = None):
+    """The ``on_epoch`` of :func:`run_alone` / :func:`interleave` that rewrites the
+    ``--json`` file (``args.json_path``) after each epoch, unfinished (``done``: runs
+    finished before, listed first); None without ``--json``."""
+    if not args.json_path:
+        return None
+
+    def save(runs: list[dict]) -> None:
+        runs = [*(done or ()), *runs]
+        write_json(args.json_path, runs, config, device, format_table(runs, args.optimizer, device.type),
+                   time.perf_counter() - t_start, complete=False)
+
+    return save
+
+
+def report_results(args, runs: list[dict], config: dict | None, device: torch.device, t_start: float) -> None:
+    """Print the results table and the wall time since ``t_start``; write the finished
+    ``--json`` file (``config`` gets the load average at the end)."""
+    table = format_table(runs, args.optimizer, device.type)
+    total = time.perf_counter() - t_start
+    print()
+    print(table)
+    print()
+    print(f"total wall time {total:.1f} s", flush=True)
+    if args.json_path:
+        config["loadavg_end"] = _loadavg()
+        path = write_json(args.json_path, runs, config, device, table, total)
+        print(f"wrote {path}")
+
+
 def write_json(path, runs: list[dict], config: dict, device: torch.device, table: str,
-               total_seconds: float) -> Path:
-    """The results file: ``runs``, ``config``, ``device``, ``table``, ``total_seconds``."""
+               total_seconds: float, *, complete: bool = True) -> Path:
+    """The results file: ``runs``, ``config``, ``device``, ``table``, ``total_seconds``,
+    ``complete`` (False in the file the commands rewrite after each epoch, whose runs
+    hold the epochs finished so far). Written to a temporary file beside ``path`` and
+    renamed over it, so a run stopped while writing leaves the previous file whole."""
     result = {
         "runs": runs,
         "config": config,
         "device": _device_description(device),
         "table": table,
         "total_seconds": total_seconds,
+        "complete": complete,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    part = path.with_name(f".{path.name}.part")
+    part.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(part, path)
     return path

@@ -64,10 +64,10 @@ from .harness import (
     _nonnegative_int,
     _positive_int,
     _sync,
-    format_table,
     interleave,
+    progress_writer,
+    report_results,
     run_alone,
-    write_json,
     write_plot,
 )
 from .harness import Training as _Training
@@ -198,7 +198,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep one optimizer for the whole run")
     p.set_defaults(reset_optimizer=True)
     p.add_argument("--json", dest="json_path", metavar="PATH", default=None,
-                   help="write the results as JSON to PATH")
+                   help="write the results as JSON to PATH (rewritten after each epoch with "
+                   "\"complete\": false, so a stopped run keeps its finished epochs)")
     p.add_argument("--plot", dest="plot_path", metavar="PATH", default=None,
                    help="draw test accuracy per epoch and backprop time per run into a PNG")
     args = p.parse_args(argv)
@@ -446,7 +447,7 @@ class Training(_Training):
     def epoch_suffix(self, record: dict) -> str:
         return f"; {_format_dims(record['dims'], self.full_width)}" if "dims" in record else ""
 
-    def record(self, run: dict) -> dict:
+    def record(self, run: dict, final: bool = True) -> dict:
         args, k = self.args, self.k
         run = {
             "method": run["method"],
@@ -456,7 +457,7 @@ class Training(_Training):
             "sparse_grad": args.sparse_grad if k else False,
             **{key: value for key, value in run.items() if key not in ("method", "k")},
         }
-        if self.simp is not None:
+        if self.simp is not None and final:
             run.update(self._simplify_record())
             print(
                 f"{self.name}: final {_format_dims(run['final_dims'], self.full_width)} (mean "
@@ -538,20 +539,22 @@ def time_inference(models: dict, x: torch.Tensor, batch: int, device: torch.devi
 
 
 def train_run(args, data: dict, k, device: torch.device, *, progress: bool | None = None,
-              simplify: bool = False) -> dict:
+              simplify: bool = False, on_epoch=None) -> dict:
     """Train one model (dense when ``k`` is 0; meSimp with ``simplify``) for all its
-    epochs; the run's record."""
-    return run_alone(Training(args, data, k, device, progress=progress, simplify=simplify))
+    epochs; the run's record (``on_epoch``: see :func:`harness.run_alone`)."""
+    return run_alone(Training(args, data, k, device, progress=progress, simplify=simplify), on_epoch)
 
 
 def train_interleaved(args, data: dict, ks, device: torch.device, *,
-                      progress: bool | None = None, turn_steps: int = TURN_STEPS) -> list[dict]:
+                      progress: bool | None = None, turn_steps: int = TURN_STEPS,
+                      on_epoch=None) -> list[dict]:
     """Train one run per k, taking turns every ``turn_steps`` minibatches; their records,
     in ``ks``' order. Each epoch ends with every run's evaluation, in ``ks``' order.
-    An entry ``(k, True)`` of ``ks`` is a meSimp run."""
+    An entry ``(k, True)`` of ``ks`` is a meSimp run (``on_epoch``: see
+    :func:`harness.interleave`)."""
     trainings = [Training(args, data, k, device, progress=progress, simplify=simplify)
                  for k, simplify in map(_run_spec, ks)]
-    return interleave(trainings, progress=progress, turn_steps=turn_steps)
+    return interleave(trainings, progress=progress, turn_steps=turn_steps, on_epoch=on_epoch)
 
 
 # -------------------------------------------------------------------------- reports
@@ -601,17 +604,7 @@ def main(argv=None) -> None:
     if args.warmup_steps:
         warm_s = warm_up(args, data, ks, device)
         print(f"warm-up: {args.warmup_steps} untimed steps per method ({warm_s:.1f} s)", flush=True)
-    if len(ks) > 1:
-        runs = train_interleaved(args, data, ks, device)
-    else:
-        runs = [train_run(args, data, k, device, simplify=simplify) for k, simplify in map(_run_spec, ks)]
-    table = format_table(runs, args.optimizer, device.type)
-    total = time.perf_counter() - t_start
-    print()
-    print(table)
-    print()
-    print(f"total wall time {total:.1f} s", flush=True)
-
+    config = None
     if args.json_path:
         config = {
             key: getattr(args, key)
@@ -627,10 +620,17 @@ def main(argv=None) -> None:
             torch_threads=torch.get_num_threads(), platform=platform.platform(),
             malloc_keeps_freed_memory=kept, flush_denormals=flushed,
             # 1-minute load average before and after: timings on a shared machine need it
-            loadavg_start=load_start, loadavg_end=_loadavg(),
+            loadavg_start=load_start, loadavg_end=None,
         )
-        path = write_json(args.json_path, runs, config, device, table, total)
-        print(f"wrote {path}")
+    done: list[dict] = []  # the runs finished so far, one after the other
+    on_epoch = progress_writer(args, config, device, t_start, done)
+    if len(ks) > 1:
+        runs = train_interleaved(args, data, ks, device, on_epoch=on_epoch)
+    else:
+        for k, simplify in map(_run_spec, ks):
+            done.append(train_run(args, data, k, device, simplify=simplify, on_epoch=on_epoch))
+        runs = done
+    report_results(args, runs, config, device, t_start)
     if args.plot_path:
         title = (f"MNIST MLP {arch}, {args.n_epoch} epoch{'s' if args.n_epoch != 1 else ''}, minibatch {args.d_minibatch}, "
                  f"{args.optimizer}; {_device_description(device)}")

@@ -76,10 +76,10 @@ from .harness import (
     _nonnegative_int,
     _positive_int,
     _sync,
-    format_table,
     interleave,
+    progress_writer,
+    report_results,
     run_alone,
-    write_json,
     write_plot,
 )
 from .harness import Training as _Training
@@ -307,7 +307,7 @@ class Training(_Training):
             total += len(tags)
         return correct / total
 
-    def record(self, run: dict) -> dict:
+    def record(self, run: dict, final: bool = True) -> dict:
         return {
             "method": run["method"],
             "k": run["k"],
@@ -379,7 +379,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="on a CPU, leave denormal floats as they are (by default the process "
                         "flushes them to zero: see meprop_triton.utils.flush_denormals)")
     p.add_argument("--json", dest="json_path", metavar="PATH", default=None,
-                   help="write the results as JSON to PATH")
+                   help="write the results as JSON to PATH (rewritten after each epoch with "
+                   "\"complete\": false, so a stopped run keeps its finished epochs)")
     p.add_argument("--plot", dest="plot_path", metavar="PATH", default=None,
                    help="draw test accuracy per epoch and the times per run into a PNG")
     args = p.parse_args(argv)
@@ -433,14 +434,7 @@ def main(argv=None) -> None:
     if args.warmup_steps:
         print(f"warm-up: {args.warmup_steps} untimed steps per run ({warm_up(args, data, specs, device):.1f} s)",
               flush=True)
-    trainings = [Training(args, data, k, device, plain=plain) for k, plain in specs]
-    runs = interleave(trainings) if len(trainings) > 1 else [run_alone(trainings[0])]
-    table = format_table(runs, args.optimizer, device.type)
-    total = time.perf_counter() - t_start
-    print()
-    print(table)
-    print()
-    print(f"total wall time {total:.1f} s", flush=True)
+    config = None
     if args.json_path:
         config = {key: getattr(args, key) for key in (
             "corpus", "tagset", "max_sentences", "epochs", "hidden", "batch_size", "k", "unified",
@@ -453,10 +447,13 @@ def main(argv=None) -> None:
             unseen_tag_tokens=data["unseen_tag_tokens"], unseen_tags=data["unseen_tags"],
             torch=torch.__version__, meprop_triton=__version__, python=platform.python_version(),
             torch_threads=torch.get_num_threads(), platform=platform.platform(),
-            malloc_keeps_freed_memory=kept, flush_denormals=flushed, loadavg_start=load_start, loadavg_end=_loadavg(),
+            malloc_keeps_freed_memory=kept, flush_denormals=flushed, loadavg_start=load_start, loadavg_end=None,
         )
-        path = write_json(args.json_path, runs, config, device, table, total)
-        print(f"wrote {path}")
+
+    on_epoch = progress_writer(args, config, device, t_start)
+    trainings = [Training(args, data, k, device, plain=plain) for k, plain in specs]
+    runs = interleave(trainings, on_epoch=on_epoch) if len(trainings) > 1 else [run_alone(trainings[0], on_epoch)]
+    report_results(args, runs, config, device, t_start)
     if args.plot_path:
         write_plot(args.plot_path, runs, f"POS tagging, LSTM {args.hidden}, {args.epochs} epoch(s), "
                    f"minibatch {args.batch_size}, {args.optimizer}; {_device_description(device)}")

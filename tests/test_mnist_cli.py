@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from meprop_triton import MePropLinear, data, mnist
+from meprop_triton import MePropLinear, data, harness, mnist
 
 N_TRAIN, N_TEST, N_DEV = 240, 60, 40
 # --no-keep-freed-memory: the CLI runs inside the test process, whose malloc is left alone
@@ -513,3 +513,45 @@ def test_plot_without_a_suffix_is_the_png_matplotlib_writes(tmp_path):
     that file's."""
     a = mnist.parse_args(["--plot", str(tmp_path / "sub" / "curves")])
     assert a.plot_path == str(tmp_path / "sub" / "curves.png")
+
+
+def _stop_in_epoch(monkeypatch, stop_at: int):
+    """Make training stop (as Ctrl-C would) when a run starts its ``stop_at``-th epoch."""
+    start = harness.Training.start_epoch
+
+    def start_epoch(self):
+        if len(self.epochs) + 1 == stop_at:
+            raise KeyboardInterrupt
+        start(self)
+
+    monkeypatch.setattr(harness.Training, "start_epoch", start_epoch)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [pytest.param(["--k", "8"], id="one-run"), pytest.param(["--k", "8", "--compare"], id="compare"),
+     pytest.param(["--simplify", "--k", "8", "--train-cycle", "1"], id="mesimp")],
+)
+def test_json_after_each_epoch_keeps_a_stopped_runs_epochs(extra, tmp_path, capsys, fake, monkeypatch, quick_inference):
+    # --json is rewritten after each epoch ("complete": false); a run stopped in its
+    # third epoch leaves the first two in the file, with the table so far
+    out = tmp_path / "r.json"
+    _stop_in_epoch(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        mnist.main([*TINY, "--n_epoch", "4", *extra, "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and result["config"]["n_epoch"] == 4
+    assert len(result["runs"]) == (2 if "--compare" in extra else 1)
+    for run in result["runs"]:
+        assert [e["epoch"] for e in run["epochs"]] == [1, 2]
+        assert run["training_time_s"] == pytest.approx(sum(e["train_s"] for e in run["epochs"]))
+        assert run["best_epoch"] in (1, 2) and "final_dims" not in run  # meSimp's end only at the end
+    assert result["runs"][-1]["k"] == 8 and "| Method (Adam, CPU) |" in result["table"]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
+    # the finished run's file says complete
+    monkeypatch.undo()
+    monkeypatch.setattr(mnist, "load_mnist", lambda data_dir=None, **kw: fake_mnist())
+    monkeypatch.setattr(mnist, "N_DEV", N_DEV)
+    monkeypatch.setattr(mnist, "INFERENCE_REPS", 2)
+    result, _ = run_cli([*TINY, "--n_epoch", "2", *extra], tmp_path, capsys)
+    assert result["complete"] is True and [len(r["epochs"]) for r in result["runs"]] == [2] * len(result["runs"])

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from meprop_triton import datasets, pos
+from meprop_triton import datasets, harness, pos
 
 TINY = ["--hidden", "16", "--epochs", "1", "--warmup-steps", "0", "--no-keep-freed-memory",
         "--no-flush-denormals"]
@@ -189,3 +189,31 @@ def test_tagger_shares_initial_weights(tmp_path):
     assert type(b.lstm) is torch.nn.LSTM and type(a.lstm).__name__ == "MePropLSTM"
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert na == nb and torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("compare", [False, True], ids=["one-run", "compare"])
+def test_json_after_each_epoch_keeps_a_stopped_runs_epochs(compare, tmp_path, monkeypatch):
+    # as meprop-mnist's: rewritten after each epoch ("complete": false) until the end
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "out" / "r.json"
+    start = harness.Training.start_epoch
+
+    def start_epoch(self):
+        if len(self.epochs) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C in the third epoch
+        start(self)
+
+    monkeypatch.setattr(harness.Training, "start_epoch", start_epoch)
+    argv = ["--corpus", str(corpus), "--k", "3", "--max-sentences", "40", *TINY, "--epochs", "3",
+            *(["--compare"] if compare else []), "--json", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        pos.main(argv)
+    r = json.loads(out.read_text())
+    assert r["complete"] is False and r["config"]["epochs"] == 3
+    assert [[e["epoch"] for e in run["epochs"]] for run in r["runs"]] == [[1, 2]] * (2 if compare else 1)
+    assert r["runs"][-1]["lstm"] == "MePropLSTM" and "| Method (Adam, CPU) |" in r["table"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.json"]
+    monkeypatch.undo()
+    pos.main(argv)
+    r = json.loads(out.read_text())
+    assert r["complete"] is True and [len(run["epochs"]) for run in r["runs"]] == [3] * (2 if compare else 1)
