@@ -241,22 +241,24 @@ def _row_topk_of_nonnegative(a: Tensor, k: int, sort: bool) -> Tensor:
 
 
 def _numpy_row_topk(a: Tensor, k: int) -> Tensor | None:
-    """:func:`_row_topk_of_nonnegative` by numpy, sorted, where that is the faster route;
-    else None.
+    """:func:`_row_topk_of_nonnegative` by numpy, sorted and contiguous, where that is
+    the faster route (an fp32 ``a`` on which :func:`_numpy_may_read`, k over 1/64 of
+    the units); else None.
 
-    torch's CPU ``topk`` takes a partial sort per row where ``64 * k <= out`` and is
-    quick there. Above it, its per-row selection over (value, index) pairs costs about
-    2.3 us a row of 500 (115 us for an MNIST layer's 50 x 500 at k = 20 on a 2-core Xeon
-    VM), where numpy's in-place ``partition`` of the same int64 keys takes 30 us (its
-    SIMD selection on x86). The indices come back sorted: numpy's order within the top
-    k may depend on the CPU's vector width, and the order is the order a backward sums
-    in.
+    torch's CPU ``topk`` copies each row into (value, index) pairs and selects on them:
+    with a partial sort where ``64 * k <= out`` (quick for so small a k at MNIST's
+    sizes), else with ``nth_element``, about 2.3 us a row of 500 (115 us for an MNIST
+    layer's 50 x 500 at k = 20 on a 2-core Xeon VM). numpy's in-place ``partition`` of
+    the same int64 keys takes 30 us there, with its SIMD selection (x86 with AVX2 or
+    AVX-512; without them about as slow as torch). The indices come back sorted:
+    numpy's order within the top k may depend on the CPU's vector width, and the order
+    is the order a backward sums in.
     """
     M, out = a.shape
-    if not (out < 64 * k and k < out and _numpy_may_read(a)):
+    if not (out < 64 * k and k < out and a.dtype == torch.float32 and _numpy_may_read(a)):
         return None
-    key = a.detach().view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
-    key |= torch.arange(out - 1, -1, -1)
+    key = a.view(torch.int32).to(torch.int64, memory_format=torch.contiguous_format).bitwise_left_shift_(32)
+    key |= torch.arange(out - 1, -1, -1, device=a.device)
     keys = key.numpy()  # a fresh array: partitioned in place
     keys.partition(out - k, axis=1)
     cols = (out - 1) - (keys[:, out - k :] & 0xFFFFFFFF)
@@ -394,7 +396,9 @@ def per_example_backward(
         return None, None, grad_b
     vals = grad.gather(1, idx)
     grad_x = grad_w = None
-    if _masked_gemm_pays(M, idx.shape[1], out):
+    # (torch's older vmap cannot run the row sums' grouping: an internal assert in its
+    # fallback for indexing; the masked GEMMs batch.)
+    if _masked_gemm_pays(M, idx.shape[1], out) or is_legacy_batched(grad):
         masked = torch.zeros_like(grad).scatter_(1, idx, vals)
         grad_x = masked @ weight if need_input else None
         grad_w = masked.t() @ x if need_weight else None

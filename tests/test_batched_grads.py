@@ -26,10 +26,13 @@ def _batched_equals_a_loop(layer, x, params, n=4):
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (2, 3, 5)], ids=["2-D", "3-D"])
-@pytest.mark.parametrize("opts", [{}, {"unified": False}, {"k": 7}], ids=["unified", "per-example", "dense-k"])
+@pytest.mark.parametrize("opts", [{}, {"unified": False}, {"k": 7}, {"unified": False, "out": 40}],
+                         ids=["unified", "per-example", "dense-k", "per-example-row-sums"])
 def test_linear_batched_backward_is_a_loop_of_backwards(opts, shape):
+    # (out 40, k 2: a single per-example backward takes the row sums, not the masked GEMMs)
     torch.manual_seed(0)
-    layer = MePropLinear(5, 7, **{"k": 2, **opts}, dtype=torch.float64)
+    opts = {"k": 2, "out": 7, **opts}
+    layer = MePropLinear(5, opts.pop("out"), **opts, dtype=torch.float64)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     _batched_equals_a_loop(layer, x, [x, layer.weight, layer.bias])
 
@@ -74,17 +77,19 @@ def test_triton_backend_batched_backward_takes_the_torch_path(kind, monkeypatch)
             torch.testing.assert_close(b[i], s)
 
 
+@pytest.mark.parametrize("nf", [7, 40], ids=["masked", "row-sums"])
 @pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
-def test_conv1d_batched_backward_is_a_loop_of_backwards(unified):
+def test_conv1d_batched_backward_is_a_loop_of_backwards(unified, nf):
     torch.manual_seed(0)
-    layer = MePropConv1D(7, 5, k=2, unified=unified, dtype=torch.float64)
+    layer = MePropConv1D(nf, 5, k=2, unified=unified, dtype=torch.float64)
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     _batched_equals_a_loop(layer, x, [x, layer.weight, layer.bias])
 
 
-def test_jacobian_vectorized_equals_the_loop():
+@pytest.mark.parametrize("opts", [{}, {"unified": False}], ids=["unified", "per-example"])
+def test_jacobian_vectorized_equals_the_loop(opts):
     torch.manual_seed(0)
-    layer = MePropLinear(5, 7, k=2, dtype=torch.float64)
+    layer = MePropLinear(5, 40, k=2, **opts, dtype=torch.float64)
     x = torch.randn(3, 5, dtype=torch.float64)
     fast = torch.autograd.functional.jacobian(layer, x, vectorize=True)
     slow = torch.autograd.functional.jacobian(layer, x)

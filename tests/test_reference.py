@@ -273,7 +273,8 @@ def _rowwise_topk_definition(G: torch.Tensor, k: int) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "shape_k",
-    [(50, 500, 20), (50, 500, 80), (50, 500, 499), (50, 500, 5), (3, 64, 2), (40, 7, 3), (0, 30, 4), (257, 1000, 100)],
+    [(50, 500, 20), (50, 500, 80), (50, 500, 499), (50, 500, 5), (3, 64, 2), (40, 7, 3), (0, 30, 4), (257, 1000, 100),
+     (6, 70_000, 2_000)],
     ids=lambda s: "M%d-out%d-k%d" % s,
 )
 @pytest.mark.parametrize("route", ["as-is", "torch-only"])
@@ -292,17 +293,24 @@ def test_per_example_topk_routes_give_the_definitions_sets(shape_k, route, dtype
         G[3, 5], G[3, out - 1], G[4, 2], G[4, 0] = math.nan, math.inf, -math.inf, -math.nan
         G[5, 1::2] = -0.0
         G[5, ::4] = 1e-40 if dtype == torch.float32 else 0.0  # subnormal
+        if k + 3 < out:  # k infs and a NaN after them: NaN counts as +inf, the lower indices win
+            G[0, :k] = math.inf
+            G[0, k + 1], G[0, k + 3] = math.nan, -math.inf
     want = _rowwise_topk_definition(G, k)
     for sort in (True, False):
         got = reference.per_example_topk_indices(G, k, sort=sort)
         assert got.shape == (M, k) and got.dtype == torch.int64
         if route == "as-is" and 64 * k > out:
-            assert torch.equal(got, torch.from_numpy(want))  # sorted whatever sort says
+            assert torch.equal(got, torch.from_numpy(want)) and got.is_contiguous()  # sorted whatever sort says
         else:
             assert np.array_equal(np.sort(got.numpy(), axis=1), want)
     # a strided gradient and one that requires grad (a double backward's) give the same
     Gt = G.t().contiguous().t().requires_grad_()
-    assert np.array_equal(reference.per_example_topk_indices(Gt, k).numpy(), want)
+    got = reference.per_example_topk_indices(Gt, k)
+    assert np.array_equal(got.numpy(), want) and got.is_contiguous()
+    if M:  # every row the same (an expanded gradient, stride 0)
+        assert np.array_equal(reference.per_example_topk_indices(G[2:3].expand(M, out), k).numpy(),
+                              np.repeat(want[2:3], M, axis=0))
 
 
 def test_per_example_topk_takes_numpy_only_where_it_pays():
@@ -311,9 +319,28 @@ def test_per_example_topk_takes_numpy_only_where_it_pays():
     assert reference._numpy_row_topk(a, 7) is None  # 64 k <= out: torch's partial sort
     assert reference._numpy_row_topk(a, 500) is None
     assert reference._numpy_row_topk(a.to("meta"), 20) is None
+    assert reference._numpy_row_topk(a.double(), 20) is None  # fp32 keys only
     seen = []
     torch.func.vmap(lambda r: (seen.append(reference._numpy_row_topk(r[None], 20)), r)[1])(a)
     assert seen == [None]  # a batched tensor under torch.func: torch's topk
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.float16, torch.bfloat16], ids=["fp64", "fp16", "bf16"])
+def test_per_example_selection_under_another_default_dtype_or_device(default):
+    # torch.rand draws in the default dtype (the torch route then, as before); a default
+    # device (here meta) does not reach the CPU tensors made inside
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        idx = reference.per_example_random_indices(50, 501, 20, generator=torch.Generator().manual_seed(1))
+        assert idx.shape == (50, 20) and bool((idx.diff(dim=1) > 0).all()) and int(idx.max()) < 501
+    finally:
+        torch.set_default_dtype(before)
+    G = torch.randn(50, 500)
+    want = reference.per_example_topk_indices(G, 20)
+    with torch.device("meta"):
+        assert torch.equal(reference.per_example_topk_indices(G, 20), want)
+        assert reference.per_example_random_indices(50, 500, 20, device="cpu").device.type == "cpu"
 
 
 @pytest.mark.parametrize("M,out,k", [(50, 500, 20), (13, 40, 6), (4, 300, 299)])
