@@ -15,12 +15,14 @@ JSON file (:func:`write_json`).
 from __future__ import annotations
 
 import argparse
-
+import contextlib
 import json
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -444,6 +446,8 @@ def _seconds(value) -> str:
 def _simplify_columns(run: dict) -> str:
     if not run.get("simplify"):
         return " - | - | - | - |"
+    if "final_dims" not in run:  # an unfinished run: its sizes so far, no inference timed yet
+        return f" {', '.join(map(str, run['epochs'][-1]['dims']))} | - | - | - |"
     return (f" {', '.join(map(str, run['final_dims']))} | {run['inference_time_full_s'] * 1e3:.1f} | "
             f"{run['inference_time_s'] * 1e3:.1f} | {run['inference_speedup']:.2f}x |")
 
@@ -606,11 +610,18 @@ def progress_writer(args, config: dict, device: torch.device, t_start: float, do
     finished before, listed first); None without ``--json``."""
     if not args.json_path:
         return None
+    failed = []
 
     def save(runs: list[dict]) -> None:
         runs = [*(done or ()), *runs]
-        write_json(args.json_path, runs, config, device, format_table(runs, args.optimizer, device.type),
-                   time.perf_counter() - t_start, complete=False)
+        try:
+            write_json(args.json_path, runs, config, device, format_table(runs, args.optimizer, device.type),
+                       time.perf_counter() - t_start, complete=False)
+        except OSError as e:  # training goes on; the file is written again after the next epoch and at the end
+            if not failed:
+                print(f"warning: could not write the unfinished results to {args.json_path}: {e}",
+                      file=sys.stderr, flush=True)
+            failed.append(e)
 
     return save
 
@@ -633,9 +644,13 @@ def report_results(args, runs: list[dict], config: dict | None, device: torch.de
 def write_json(path, runs: list[dict], config: dict, device: torch.device, table: str,
                total_seconds: float, *, complete: bool = True) -> Path:
     """The results file: ``runs``, ``config``, ``device``, ``table``, ``total_seconds``,
-    ``complete`` (False in the file the commands rewrite after each epoch, whose runs
-    hold the epochs finished so far). Written to a temporary file beside ``path`` and
-    renamed over it, so a run stopped while writing leaves the previous file whole."""
+    ``complete`` (False in the file the commands rewrite after each epoch but the last,
+    whose runs hold the epochs finished so far).
+
+    A regular file (``path`` itself, or the file a symbolic link ``path`` points to) is
+    written to a temporary file beside it, with the old file's permissions, and renamed
+    over it, so a run stopped while writing leaves the previous file whole; anything
+    else (a device such as ``/dev/stdout``) is written directly."""
     result = {
         "runs": runs,
         "config": config,
@@ -644,9 +659,26 @@ def write_json(path, runs: list[dict], config: dict, device: torch.device, table
         "total_seconds": total_seconds,
         "complete": complete,
     }
+    text = json.dumps(result, indent=2) + "\n"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f".{path.name}.part")
-    part.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(part, path)
+    target = path.resolve()
+    if target.exists() and not target.is_file():
+        path.write_text(text)
+        return path
+    fd, part = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        if target.exists():
+            shutil.copymode(target, part)
+        else:  # as a plain open() would make it (mkstemp's is 0o600)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(part, 0o666 & ~umask)
+        os.replace(part, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
     return path

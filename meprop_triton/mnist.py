@@ -198,8 +198,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep one optimizer for the whole run")
     p.set_defaults(reset_optimizer=True)
     p.add_argument("--json", dest="json_path", metavar="PATH", default=None,
-                   help="write the results as JSON to PATH (rewritten after each epoch with "
-                   "\"complete\": false, so a stopped run keeps its finished epochs)")
+                   help="write the results as JSON to PATH (also after each epoch but the last, "
+                   "with \"complete\": false, so a stopped run keeps its finished epochs)")
     p.add_argument("--plot", dest="plot_path", metavar="PATH", default=None,
                    help="draw test accuracy per epoch and backprop time per run into a PNG")
     args = p.parse_args(argv)
@@ -457,7 +457,9 @@ class Training(_Training):
             "sparse_grad": args.sparse_grad if k else False,
             **{key: value for key, value in run.items() if key not in ("method", "k")},
         }
-        if self.simp is not None and final:
+        if self.simp is not None and not final:  # an unfinished results file: the history so far
+            run.update(self._simplify_history())
+        elif self.simp is not None:
             run.update(self._simplify_record())
             print(
                 f"{self.name}: final {_format_dims(run['final_dims'], self.full_width)} (mean "
@@ -469,6 +471,23 @@ class Training(_Training):
                 flush=True,
             )
         return run
+
+    def _simplify_history(self) -> dict:
+        """meSimp's settings and what it did over the epochs finished so far."""
+        args = self.args
+        return {
+            "simplify": True,
+            "prune": args.prune,
+            "train_cycle": args.train_cycle,
+            "prune_checks_per_epoch": args.prune_checks_per_epoch,
+            "reset_optimizer": args.reset_optimizer,
+            "full_dims": [args.d_hidden] * len(self.dims()),
+            "dims_at_best_epoch": self.best["dims"],
+            "dims_history": list(self.dims_history),
+            "optimizer_resets": list(self.optimizer_resets),
+            "checks": list(self.checks),
+            "prune_time_s": sum(e["prune_s"] for e in self.epochs),
+        }
 
     def _simplify_record(self) -> dict:
         """meSimp's part of the run's record: the dimensions over training, and the final
@@ -489,22 +508,12 @@ class Training(_Training):
             self.rng = _rng_state(device)
         last = self.epochs[-1]
         return {
-            "simplify": True,
-            "prune": args.prune,
-            "train_cycle": args.train_cycle,
-            "prune_checks_per_epoch": args.prune_checks_per_epoch,
-            "reset_optimizer": args.reset_optimizer,
-            "full_dims": [args.d_hidden] * len(dims),
+            **self._simplify_history(),
             "final_dims": dims,
             "final_mean_dim": sum(dims) / len(dims),
-            "dims_at_best_epoch": self.best["dims"],
             # the model as trained to the end (test_acc is at the best dev epoch, as for every run)
             "final_dev_acc": last["dev_acc"],
             "final_test_acc": last["test_acc"],
-            "dims_history": self.dims_history,
-            "optimizer_resets": self.optimizer_resets,
-            "checks": self.checks,
-            "prune_time_s": sum(e["prune_s"] for e in self.epochs),
             "inference_batch": batch,
             "inference_reps": len(times["simplified"]),
             "inference_time_s": float(np.median(times["simplified"])),

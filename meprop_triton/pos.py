@@ -379,8 +379,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="on a CPU, leave denormal floats as they are (by default the process "
                         "flushes them to zero: see meprop_triton.utils.flush_denormals)")
     p.add_argument("--json", dest="json_path", metavar="PATH", default=None,
-                   help="write the results as JSON to PATH (rewritten after each epoch with "
-                   "\"complete\": false, so a stopped run keeps its finished epochs)")
+                   help="write the results as JSON to PATH (also after each epoch but the last, "
+                   "with \"complete\": false, so a stopped run keeps its finished epochs)")
     p.add_argument("--plot", dest="plot_path", metavar="PATH", default=None,
                    help="draw test accuracy per epoch and the times per run into a PNG")
     args = p.parse_args(argv)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import struct
 import subprocess
@@ -530,28 +531,88 @@ def _stop_in_epoch(monkeypatch, stop_at: int):
 @pytest.mark.parametrize(
     "extra",
     [pytest.param(["--k", "8"], id="one-run"), pytest.param(["--k", "8", "--compare"], id="compare"),
-     pytest.param(["--simplify", "--k", "8", "--train-cycle", "1"], id="mesimp")],
+     pytest.param(["--simplify", "--k", "8", "--train-cycle", "1"], id="mesimp"),
+     pytest.param(["--simplify", "--k", "8", "--train-cycle", "1", "--compare"], id="compare-mesimp")],
 )
 def test_json_after_each_epoch_keeps_a_stopped_runs_epochs(extra, tmp_path, capsys, fake, monkeypatch, quick_inference):
-    # --json is rewritten after each epoch ("complete": false); a run stopped in its
-    # third epoch leaves the first two in the file, with the table so far
+    # --json is also written after each epoch but the last ("complete": false): a run
+    # stopped in its third epoch leaves its first two epochs there, as the finished
+    # two-epoch run has them, and writing it changes nothing in the training
+    mnist.main([*TINY, "--n_epoch", "2", *extra])
+    plain = capsys.readouterr().out
+    finished, printed = run_cli([*TINY, "--n_epoch", "2", *extra], tmp_path / "done", capsys)
+    assert finished["complete"] is True
+    epoch_lines = re.compile(r"epoch +\d/2: loss (\S+), dev (\S+)%, test (\S+)%")
+    assert epoch_lines.findall(plain) == epoch_lines.findall(printed)  # without --json, the same training
     out = tmp_path / "r.json"
-    _stop_in_epoch(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        mnist.main([*TINY, "--n_epoch", "4", *extra, "--json", str(out)])
-    result = json.loads(out.read_text())
-    assert result["complete"] is False and result["config"]["n_epoch"] == 4
-    assert len(result["runs"]) == (2 if "--compare" in extra else 1)
-    for run in result["runs"]:
-        assert [e["epoch"] for e in run["epochs"]] == [1, 2]
+    with monkeypatch.context() as m:
+        _stop_in_epoch(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            mnist.main([*TINY, "--n_epoch", "4", *extra, "--json", str(out)])
+    capsys.readouterr()
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and partial["config"]["n_epoch"] == 4
+    assert len(partial["runs"]) == len(finished["runs"]) == 1 + ("--compare" in extra) + ("--compare" in extra and "--simplify" in extra)
+    for run, done in zip(partial["runs"], finished["runs"]):
+        assert run["method"] == done["method"]
+        for e, d in zip(run["epochs"], done["epochs"], strict=True):
+            assert {n: e[n] for n in ("epoch", "loss", "dev_acc", "test_acc", "dims") if n in d} == {
+                n: d[n] for n in ("epoch", "loss", "dev_acc", "test_acc", "dims") if n in d}
+        best = max(run["epochs"], key=lambda e: (e["dev_acc"], -e["epoch"]))
+        assert (run["best_epoch"], run["dev_acc"], run["test_acc"]) == (best["epoch"], best["dev_acc"], best["test_acc"])
         assert run["training_time_s"] == pytest.approx(sum(e["train_s"] for e in run["epochs"]))
-        assert run["best_epoch"] in (1, 2) and "final_dims" not in run  # meSimp's end only at the end
-    assert result["runs"][-1]["k"] == 8 and "| Method (Adam, CPU) |" in result["table"]
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
-    # the finished run's file says complete
-    monkeypatch.undo()
-    monkeypatch.setattr(mnist, "load_mnist", lambda data_dir=None, **kw: fake_mnist())
-    monkeypatch.setattr(mnist, "N_DEV", N_DEV)
-    monkeypatch.setattr(mnist, "INFERENCE_REPS", 2)
-    result, _ = run_cli([*TINY, "--n_epoch", "2", *extra], tmp_path, capsys)
-    assert result["complete"] is True and [len(r["epochs"]) for r in result["runs"]] == [2] * len(result["runs"])
+        assert run["backprop_time_s"] == pytest.approx(sum(e["backprop_time_s"] for e in run["epochs"]))
+        if run.get("simplify"):  # meSimp's history so far; its final model only at the end
+            assert (run["dims_history"], run["checks"]) == (done["dims_history"], done["checks"])
+            assert "final_dims" not in run and "inference_time_s" not in run
+    assert "| Method (Adam, CPU) |" in partial["table"]
+    if "--simplify" in extra:  # the sizes so far in the table, no inference times yet
+        assert f"| {', '.join(map(str, partial['runs'][-1]['epochs'][-1]['dims']))} | - | - | - |" in partial["table"]
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["r.json"]  # no temporary file left
+
+
+def test_write_json_keeps_a_link_the_mode_and_the_old_file_when_stopped(tmp_path, monkeypatch):
+    # (the results file, written whole: to a temporary file renamed over the target)
+    write = lambda path, n: harness.write_json(path, [{"n": n}], {}, torch.device("cpu"), "", 0.0)  # noqa: E731
+    target = tmp_path / "results" / "r.json"
+    write(target, 1)
+    target.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    write(link, 2)  # through a link: the file it points to, the link kept
+    assert link.is_symlink() and json.loads(target.read_text())["runs"] == [{"n": 2}]
+    assert target.stat().st_mode & 0o777 == 0o640
+    fresh = tmp_path / "fresh.json"
+    write(fresh, 0)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes a file
+    harness.write_json(os.devnull, [], {}, torch.device("cpu"), "", 0.0)  # a device: written directly
+    assert os.path.exists(os.devnull) and not os.path.isfile(os.devnull)
+
+    def stopped(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write(target, 3)  # stopped before the rename: the old file whole, no temporary left
+    assert json.loads(target.read_text())["runs"] == [{"n": 2}]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["r.json"]
+
+
+def test_an_unfinished_file_that_cannot_be_written_warns_and_training_goes_on(tmp_path, capsys, fake, monkeypatch):
+    write = harness.write_json
+    calls = []
+
+    def failing(path, runs, config, device, table, total, *, complete=True):
+        calls.append(complete)
+        if not complete:
+            raise OSError(28, "No space left on device")
+        return write(path, runs, config, device, table, total, complete=complete)
+
+    monkeypatch.setattr(harness, "write_json", failing)
+    mnist.main([*TINY, "--n_epoch", "3", "--k", "8", "--json", str(tmp_path / "r.json")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert calls == [False, False, True] and result["complete"] is True and len(result["runs"][0]["epochs"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("warning: could not write the unfinished results") == 1 and "No space left" in err
