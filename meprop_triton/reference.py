@@ -116,7 +116,9 @@ def _weight_grad_zeros(shape, like: Tensor) -> Tensor:
     """
     numel = math.prod(shape)
     nbytes = numel * like.element_size()
-    if like.device.type != "cpu" or nbytes < _LAZY_ZEROS_BYTES or torch.compiler.is_compiling():
+    if nbytes < _LAZY_ZEROS_BYTES or not _numpy_may_read(like):
+        # (not a plain CPU tensor, or one traced or transformed: torch's older vmap would
+        # refuse to copy its batched rows into the plain tensor numpy makes)
         return like.new_zeros(shape)
     raw = np.zeros(nbytes, dtype=np.uint8)
     return torch.from_numpy(raw).view(like.dtype).view(shape)

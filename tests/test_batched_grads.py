@@ -116,3 +116,17 @@ def test_settings_that_cannot_be_batched_are_refused_with_the_way_out(make, what
         torch.autograd.grad(out, [x], torch.randn(2, *out.shape), is_grads_batched=True)
     # torch.func.vmap is offered only where it runs the setting
     assert ("torch.func.vmap" in str(caught.value)) == ("random" in what or "track_selection" in what)
+
+
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
+def test_batched_backward_of_a_layer_past_the_lazy_zeros_size(unified, monkeypatch):
+    # (a weight of 32 MiB or more: a single backward takes its zeros from numpy's lazily
+    # mapped pages, which torch's older vmap cannot copy batched rows into; the
+    # threshold lowered here so that a small layer takes that route)
+    from meprop_triton import reference
+
+    monkeypatch.setattr(reference, "_LAZY_ZEROS_BYTES", 0)
+    torch.manual_seed(0)
+    layer = MePropLinear(5, 40, k=2, unified=unified, dtype=torch.float64)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    _batched_equals_a_loop(layer, x, [x, layer.weight, layer.bias])
