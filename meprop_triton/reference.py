@@ -57,8 +57,10 @@ def _abs_column_sums(grad: Tensor) -> Tensor:
     rows = max(1, _SCORE_CHUNK // max(out, 1))
     if M <= rows:
         return grad.abs().sum(0, dtype=dtype)
-    scores = torch.zeros(out, dtype=_score_dtype(grad.dtype), device=grad.device)
-    for start in range(0, M, rows):
+    # (the first block's sums start the total: under torch's older vmap a plain tensor of
+    # zeros could not take a batched gradient's sums in place)
+    scores = grad[:rows].abs().sum(0, dtype=dtype)
+    for start in range(rows, M, rows):
         scores += grad[start : start + rows].abs().sum(0, dtype=dtype)
     return scores
 

@@ -118,15 +118,18 @@ def test_settings_that_cannot_be_batched_are_refused_with_the_way_out(make, what
     assert ("torch.func.vmap" in str(caught.value)) == ("random" in what or "track_selection" in what)
 
 
+@pytest.mark.parametrize("setting", ["_LAZY_ZEROS_BYTES", "_SCORE_CHUNK"])
 @pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
-def test_batched_backward_of_a_layer_past_the_lazy_zeros_size(unified, monkeypatch):
-    # (a weight of 32 MiB or more: a single backward takes its zeros from numpy's lazily
-    # mapped pages, which torch's older vmap cannot copy batched rows into; the
-    # threshold lowered here so that a small layer takes that route)
+def test_batched_backward_past_a_size_threshold(unified, setting, monkeypatch):
+    # Routes a single backward takes past a size, with the threshold lowered so that a
+    # small layer takes them: a weight of 32 MiB or more gets its zeros from numpy's
+    # lazily mapped pages, and a gradient of over 2^18 elements is scored a block of
+    # rows at a time; torch's older vmap could not copy batched rows into the first's
+    # plain tensor, nor add them into the second's plain zeros.
     from meprop_triton import reference
 
-    monkeypatch.setattr(reference, "_LAZY_ZEROS_BYTES", 0)
+    monkeypatch.setattr(reference, setting, 0 if setting == "_LAZY_ZEROS_BYTES" else 40)
     torch.manual_seed(0)
     layer = MePropLinear(5, 40, k=2, unified=unified, dtype=torch.float64)
-    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     _batched_equals_a_loop(layer, x, [x, layer.weight, layer.bias])
