@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -666,16 +665,11 @@ def write_json(path, runs: list[dict], config: dict, device: torch.device, table
     if target.exists() and not target.is_file():
         path.write_text(text)
         return path
-    fd, part = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    part = target.with_name(f".{target.name}.{os.getpid()}.part")  # (one per process writing)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        part.write_text(text)
         if target.exists():
             shutil.copymode(target, part)
-        else:  # as a plain open() would make it (mkstemp's is 0o600)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(part, 0o666 & ~umask)
         os.replace(part, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -237,11 +237,15 @@ def _row_topk_of_nonnegative(a: Tensor, k: int, sort: bool) -> Tensor:
     idx = _numpy_row_topk(a, k)
     if idx is not None:
         return idx
-    out = a.shape[1]
-    key = a.view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
-    key |= torch.arange(out - 1, -1, -1, device=a.device)
-    idx = torch.topk(key, k, dim=1, sorted=False).indices
+    idx = torch.topk(_packed_row_keys(a), k, dim=1, sorted=False).indices
     return idx.sort(dim=1).values if sort else idx
+
+
+def _packed_row_keys(a: Tensor) -> Tensor:
+    """``(a's bits << 32) | (out - 1 - column)`` as a fresh contiguous int64 tensor: for
+    non-negative fp32 ``a`` the keys order as the values, ties to the lower column."""
+    key = a.view(torch.int32).to(torch.int64, memory_format=torch.contiguous_format).bitwise_left_shift_(32)
+    return key.bitwise_or_(torch.arange(a.shape[1] - 1, -1, -1, device=a.device))
 
 
 def _numpy_row_topk(a: Tensor, k: int) -> Tensor | None:
@@ -261,9 +265,7 @@ def _numpy_row_topk(a: Tensor, k: int) -> Tensor | None:
     M, out = a.shape
     if not (out < 64 * k and k < out and a.dtype == torch.float32 and _numpy_may_read(a)):
         return None
-    key = a.view(torch.int32).to(torch.int64, memory_format=torch.contiguous_format).bitwise_left_shift_(32)
-    key |= torch.arange(out - 1, -1, -1, device=a.device)
-    keys = key.numpy()  # a fresh array: partitioned in place
+    keys = _packed_row_keys(a).numpy()  # a fresh array: partitioned in place
     keys.partition(out - k, axis=1)
     cols = (out - 1) - (keys[:, out - k :] & 0xFFFFFFFF)
     cols.sort(axis=1)
