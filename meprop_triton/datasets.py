@@ -332,10 +332,6 @@ def _brown_cache_problem(folder: Path) -> str | None:
     return None
 
 
-def _brown_cached(folder: Path) -> bool:
-    return _brown_cache_problem(folder) is None
-
-
 def _check_brown_file(path: Path) -> None:
     if not read_tagged_file(path):
         raise CorpusFormatError(f"{path}: no sentences")

