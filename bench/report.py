@@ -198,6 +198,9 @@ def training_table(data: dict) -> list[str]:
                 after = (f", after {e['pretrain_steps']} steps, denormals {kept} (in Adam's state: "
                          f"meProp {e.get('denormal_share_meprop', 0) * 100:.1f}%, dense "
                          f"{e.get('denormal_share_dense', 0) * 100:.1f}%)")
+            if e.get("host_launch_us") is not None and e.get("dense_host_launch_us") is not None:
+                after += (f"; host time per step, dense / meProp: {e['dense_host_launch_us'] / 1e3:.2f} / "
+                          f"{e['host_launch_us'] / 1e3:.2f} ms")
             label, k = fmt_shape(e['shape'], None), f"k={e.get('k')}"
             if e.get("model"):  # a real model (bench/test_bench_zoo_step.py): its name, tokens, and each half
                 label = f"{e['shape_name']}, {e['shape'][0]} tokens"

@@ -12,8 +12,11 @@ the machine lands on both sides of a ratio.
   that freeing and refaulting gradient buffers does not depend on what ran in between.
 * CUDA: as ``triton.testing.do_bench`` does: warm-up, then each call between two CUDA
   events with the L2 cache flushed before it, all events read after one synchronize, the
-  median kept. A short spin kernel between the flush and the start event keeps the GPU
-  busy while the host queues the call, so the events time the GPU's work alone. The functions take turns within every repetition. pytest-benchmark's own
+  median kept. A spin kernel between the flush and the start event keeps the GPU busy
+  while the host queues the call, so the events time the GPU's work alone: it lasts
+  1.5 times the slowest function's host time (measured first), at least ~200 us. (With
+  a fixed ~200 us, the first H200 run timed a GPU waiting on a 0.5-1 ms eager host side
+  as part of the meProp backward.) The functions take turns within every repetition. pytest-benchmark's own
   record of the candidate (host wall time of a call plus a synchronize) is kept too, but
   ``extra_info['time_median_s']`` (the events' median) is the number the report uses.
 
@@ -39,12 +42,16 @@ from typing import Callable
 import torch
 
 _L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MiB)
-#: GPU clock cycles of a spin kernel queued after each L2 flush, before the start event
-#: (about 200 us at an H100's / H200's 1.98 GHz): the host meanwhile queues the call's
-#: launches, so the events time the GPU's work, not a GPU waiting on Python, autograd and
-#: launch overheads (an eager meProp backward's host side is about 120 us; that time is
-#: reported apart, as ``host_launch_us``).
+#: GPU clock cycles of the spin kernel queued after each L2 flush, before the start event,
+#: at the least (about 200 us at an H100's / H200's 1.98 GHz): the host meanwhile queues
+#: the call's launches, so the events time the GPU's work, not a GPU waiting on Python,
+#: autograd and launch overheads. ``measure`` lengthens it to 1.5 times the slowest
+#: function's host time (an eager meProp backward's host side took 0.5-1 ms on the H200
+#: machine); that time is reported apart, as ``host_launch_us``.
 _HOST_LEAD_CYCLES = 400_000
+#: GPU clock rate the spin's cycles are counted in (an H100's / H200's boost clock; a
+#: slower clock only makes the spin longer).
+_SPIN_HZ = 2.0e9
 _flush_buffer: dict = {}
 
 
@@ -57,10 +64,10 @@ def _flush_l2(device: torch.device) -> None:
 
 def _cuda_samples(
     fns: list[Callable], device: torch.device, *, warmup_ms: float, rep_ms: float,
-    min_rounds: int, max_rounds: int,
+    min_rounds: int, max_rounds: int, lead_cycles: int = _HOST_LEAD_CYCLES,
 ) -> tuple[list[list[float]], int]:
     """Seconds of each call of each function, per round (CUDA events, interleaved, L2
-    flushed)."""
+    flushed, a spin of ``lead_cycles`` GPU cycles before each start event)."""
     for fn in fns:  # compile / autotune outside the timing
         fn()
     torch.cuda.synchronize(device)
@@ -85,7 +92,7 @@ def _cuda_samples(
     for r in range(rounds):
         for i, fn in enumerate(fns):
             _flush_l2(device)
-            torch.cuda._sleep(_HOST_LEAD_CYCLES)
+            torch.cuda._sleep(lead_cycles)
             starts[i][r].record()
             fn()
             ends[i][r].record()
@@ -181,17 +188,24 @@ def measure(
 
     if device.type == "cuda":
         names = [*baselines, candidate]
+        sync = functools.partial(torch.cuda.synchronize, device)
+        for n in names:  # compile / autotune before the host times
+            baselines.get(n, target)()
+        sync()
+        host = {n: host_launch_seconds(baselines.get(n, target), sync=sync) for n in names}
+        # The spin before each start event outlasts the slowest host side, so that the
+        # events time GPU work, not a GPU waiting on Python (at most ~20 ms).
+        lead = min(40_000_000, max(_HOST_LEAD_CYCLES, int(1.5 * max(host.values()) * _SPIN_HZ)))
         per_fn, rounds = _cuda_samples(
             [baselines.get(n, target) for n in names], device, warmup_ms=25.0, rep_ms=1e3 * budget_s,
-            min_rounds=max(min_rounds, 10), max_rounds=max_rounds,
+            min_rounds=max(min_rounds, 10), max_rounds=max_rounds, lead_cycles=lead,
         )
         samples = dict(zip(names, per_fn))
-        sync = functools.partial(torch.cuda.synchronize, device)
-        host = {n: host_launch_seconds(baselines.get(n, target), sync=sync) for n in names}
         host_info = {
             ("host_launch_us" if n == candidate else f"{n}_host_launch_us"): round(t * 1e6, 2)
             for n, t in host.items()
         }
+        host_info["host_lead_us"] = round(lead / _SPIN_HZ * 1e6, 1)
         # pytest-benchmark's own record: host wall time including a synchronize.
         benchmark.pedantic(synced, rounds=min(rounds, 20), warmup_rounds=1)
         timer = "cuda-events (median, interleaved, L2 flushed before each call)"

@@ -260,17 +260,17 @@ def _per_example_products(
 #:   dense GEMMs of cuBLAS on tensor cores: the same sums with zeros added. Taken only
 #:   for the top-k op's own selection (distinct, in-range indices).
 #:
-#: The crossover is an estimate, to be checked on a GPU (bench/ times both): the gather
-#: kernels reach maybe 20 TFLOP/s of useful work on an H100/H200 (FP32 FMA peak ~67,
-#: less the L2 re-reads), the dense GEMMs ~600 TFLOP/s in bf16/fp16 (~300 in tf32, ~50
-#: in plain fp32) while doing out/k times the work, plus ~4 bytes per G element for the
-#: masked copy. So the masked route wins once k/out exceeds about 20/600 = 1/30 in
-#: 16-bit, 1/15 in tf32 and 2/5 in plain fp32, on enough rows (M >= 256) that the GEMMs
-#: are not latency-bound. At M = 8192, in = out = 4096, bf16, k = 5%: ~1.4 ms gathered
-#: against ~0.95 ms masked; at k = 1%: ~0.28 ms gathered.
+#: The crossover, measured on an H200 (bench/results/gpu-h200-2026-12-04, bf16, M = 8192,
+#: in = out = 4096): the gather kernels reach only about 1 TFLOP/s of useful work there
+#: (5.4 ms at k = 1 %, 10.2 ms at 5 %, 28.5 ms at 25 %), while the masked route costs
+#: about the dense GEMMs' time plus the per-row selection and the masked copy whatever k
+#: is (1.33-1.37 ms at k = 1-5 %). So the masked route wins once k/out exceeds about the
+#: ratio of those rates: 1/600 in 16-bit (dense GEMMs ~600 TFLOP/s), 1/300 in tf32
+#: (~300) and 1/50 in plain fp32 (~50), on enough rows (M >= 256) that the GEMMs are not
+#: latency-bound.
 PER_EXAMPLE_ROUTE = "auto"
 MASKED_MIN_ROWS = 256
-MASKED_MIN_SHARE = {"16bit": 1 / 30, "tf32": 1 / 15, "fp32": 2 / 5}
+MASKED_MIN_SHARE = {"16bit": 1 / 600, "tf32": 1 / 300, "fp32": 1 / 50}
 
 
 def per_example_route(M: int, n_out: int, k: int, dtype: torch.dtype) -> str:

@@ -531,22 +531,24 @@ def test_masked_route(dtype, need, rng, device, monkeypatch):
 
 
 def test_per_example_route_rule(monkeypatch):
-    """The masked route from k/out >= 1/30 (16-bit), 1/15 (tf32), 2/5 (plain fp32), on
-    >= 256 rows; the gather kernels otherwise; a forced route wins."""
+    """The masked route from k/out >= 1/600 (16-bit), 1/300 (tf32), 1/50 (plain fp32), on
+    >= 256 rows (the H200's crossover); the gather kernels otherwise; a forced route wins."""
     from meprop_triton import triton_ops as T
 
     route = T.per_example_route
     assert route(8192, 4096, 205, torch.bfloat16) == "masked"
-    assert route(8192, 4096, 41, torch.bfloat16) == "gather"
+    assert route(8192, 4096, 41, torch.bfloat16) == "masked"
+    assert route(8192, 4096, 7, torch.bfloat16) == "masked"
+    assert route(8192, 4096, 6, torch.bfloat16) == "gather"
     assert route(100, 4096, 2048, torch.float16) == "gather"
     tf32 = torch.backends.cuda.matmul.allow_tf32  # not a plain attribute: set and restore
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
-        assert route(8192, 4096, 205, torch.float32) == "gather"
-        assert route(8192, 4096, 410, torch.float32) == "masked"
+        assert route(8192, 4096, 13, torch.float32) == "gather"
+        assert route(8192, 4096, 14, torch.float32) == "masked"
         torch.backends.cuda.matmul.allow_tf32 = False
-        assert route(8192, 4096, 410, torch.float32) == "gather"
-        assert route(8192, 4096, 2048, torch.float32) == "masked"
+        assert route(8192, 4096, 81, torch.float32) == "gather"
+        assert route(8192, 4096, 82, torch.float32) == "masked"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     monkeypatch.setattr(T, "PER_EXAMPLE_ROUTE", "gather")
