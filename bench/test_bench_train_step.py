@@ -28,12 +28,6 @@ in the same run (``speedup_vs_dense``).
   gradients cannot flow back through autocast's cast of the weight (torch's
   ``to(options)`` refuses a sparse gradient), so this case would fail under autocast.
 
-* GPU, large, graphed (``test_train_step_graphed``): the same two models, each whole
-  step (forward, backward, Adam with ``capturable=True``) captured once in a CUDA graph
-  and replayed, as torch's whole-network capture recipe does. An eager step there
-  records its host time too (``host_launch_us``); where that exceeds the step's GPU
-  time, the step is bound by Python and launches, and a graph is what removes them.
-
 Targets are recorded in each case's ``extra_info`` by ``bench/targets.py``; they fail a
 run only under ``--assert-targets``.
 """
@@ -76,8 +70,6 @@ def mlp(dims, device, dtype, seed=0):
 
 
 def adam(params, opt):
-    if opt == "adam-capturable":
-        return torch.optim.Adam(params, lr=1e-3, capturable=True)
     return torch.optim.Adam(params, lr=1e-3, fused=True if opt == "adam-fused" else None)
 
 
@@ -114,40 +106,11 @@ def step_call(model, opts, batch, dims, device, dtype, seed=1):
     return rotating(calls)
 
 
-def graphed_step(model, opts, batch, dims, device, dtype, seed=1):
-    """The replay of one whole training step captured in a CUDA graph (static input and
-    labels; warmed up on a side stream first, as torch's notes on CUDA graphs ask)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, dims[0], generator=gen).to(device=device, dtype=dtype)
-    y = torch.randint(0, dims[-1], (batch,), generator=gen).to(device)
-
-    def step():
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        for o in opts:
-            o.step()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    for o in opts:
-        o.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def _info(benchmark, name, mode, grad, backend, opt="adam"):
     device, batch, dims, k, dtype, _ = MLPS[name]
     benchmark.group = f"train-step-{device}-mlp-{name}-" + "-".join(map(str, dims)) + f"-{opt}"
     k_units = resolve_k(k, dims[1])
-    optimizer = {"adam-fused": "Adam (fused)",
-                 "adam-capturable": "Adam (capturable); each whole step replayed from a CUDA graph"}.get(opt, "Adam")
+    optimizer = "Adam (fused)" if opt == "adam-fused" else "Adam"
     if mode != "dense" and grad == "sparse":
         optimizer = "SparseAdam (hidden layers) + Adam (classifier)"
     benchmark.extra_info.update(
@@ -215,20 +178,6 @@ def _record_speedup(benchmark, request, medians, target, **more) -> None:
             benchmark, request.config, target, {"speedup_vs_dense": speedup},
             context=f"meProp step {medians['meprop'] * 1e3:.2f} ms vs dense {medians['dense'] * 1e3:.2f} ms",
         )
-
-
-@pytest.mark.parametrize("name", [pytest.param("large", id="cuda-large-densegrad", marks=[needs_gpu])])
-def test_train_step_graphed(benchmark, request, name):
-    device, batch, dims, k, dtype, budget = MLPS[name]
-    opt = "adam-capturable"
-    _info(benchmark, name, "unified-topk", "dense", "triton", opt)
-    fns = {
-        "dense": graphed_step(*dense_setup(dims, device, dtype, opt), batch, dims, device, dtype),
-        "meprop": graphed_step(*meprop_setup(dims, device, dtype, k, False, opt), batch, dims, device, dtype),
-    }
-    medians = measure(benchmark, fns, candidate="meprop", device=device, budget_s=budget, min_rounds=10)
-    if medians is not None:
-        _record_speedup(benchmark, request, medians, None)
 
 
 PRETRAIN_STEPS = 1000  # past the ~750 steps after which Adam's moments of idle rows turn denormal
