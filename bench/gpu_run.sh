@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: install the checkout offline, record the environment, run
 # the CUDA tests, then the GPU benchmarks in order of importance (each group its own pytest
-# run writing its own JSON at once, so a run cut off keeps what it measured), the paper's
-# MNIST Table 8 run if time is left, the sm_90 code-generation report, and the Markdown /
-# PNG report over every JSON written. Everything stays inside --budget-s.
+# run writing its own JSON at once, so a run cut off keeps what it measured), each kernel
+# of the unified backward timed alone and each GEMM under every config
+# (bench/kernel_sweep.py), the paper's MNIST Table 8 run if time is left, the sm_90
+# code-generation report, and the Markdown / PNG report over every JSON written.
+# Everything stays inside --budget-s.
 #
 #   bash bench/gpu_run.sh [--budget-s N] [--out DIR] [--dry-run] [--tests-s N]
 #                         [--wheels DIR] [--mnist-dir DIR]
@@ -241,13 +243,14 @@ fi
 # The CUDA-graph (a whole training step's capture too: it faulted once on an H200), op,
 # eager-route and functional tests first, so that a cut-off run has checked them.
 # Files only, in this order: given a folder too, pytest collects its files in name order
-# (the duplicates dropped). host_glue.py's test runs on CPU tensors whatever the machine.
+# (the duplicates dropped). The tests of host_glue.py and kernel_sweep.py run on CPU
+# tensors whatever the machine (kernel_sweep.py itself runs as a step below).
 PRIORITY=(tests/kernels/test_cuda_graph.py tests/kernels/test_cuda_graph_step.py
           tests/kernels/test_triton_ops.py tests/kernels/test_eager_route.py
           tests/kernels/test_functional_triton.py)
 KERNEL_TESTS=("${PRIORITY[@]}")
 for f in tests/kernels/test_*.py; do
-    case " ${PRIORITY[*]} tests/kernels/test_host_glue.py " in *" $f "*) continue ;; esac
+    case " ${PRIORITY[*]} tests/kernels/test_host_glue.py tests/kernels/test_kernel_sweep.py " in *" $f "*) continue ;; esac
     KERNEL_TESTS+=("$f")
 done
 if [ "$DRY" = 1 ]; then  # the order pytest will collect them in on a GPU
@@ -341,7 +344,14 @@ EOF
     keep_json "$json"
 fi
 
-# --- 5. the paper's Table 8 (MNIST, h = 8192) if time is left ------------------------------
+# --- 5. each kernel alone, each GEMM under every config (bench/kernel_sweep.py) -----------
+if [ "$DRY" = 1 ]; then
+    run_step kernel-sweep 10 60 "$PY" bench/kernel_sweep.py --dry-run --json "$OUTDIR/kernel-sweep-dry.json"
+else
+    run_step kernel-sweep 40 100 "$PY" bench/kernel_sweep.py --json "$OUTDIR/kernel-sweep-$STAMP.json"
+fi
+
+# --- 6. the paper's Table 8 (MNIST, h = 8192) if time is left ------------------------------
 mnist_found() {  # the four files in folder $1 ("" for the cache), offline
     (cd / && "$PY" -c "import sys; from meprop_triton.data import load_mnist; load_mnist(sys.argv[1] or None, download=False, log=lambda s: None)" "$1") >/dev/null 2>&1
 }
@@ -367,7 +377,7 @@ else
     note mnist-table8 "skipped: no MNIST files offline (--mnist-dir, .mnist/ in the checkout, or the cache)"
 fi
 
-# --- 6. code generation for sm_90 (bench/codegen.py, when the checkout has it) --------------
+# --- 7. code generation for sm_90 (bench/codegen.py, when the checkout has it) --------------
 if [ -f bench/codegen.py ]; then
     run_step codegen-sm90 30 90 "$PY" bench/codegen.py --arch 90 --shape 8192 4096 4096 --k 205 \
         --dtype bfloat16 --json "$OUTDIR/codegen-sm90.json"
@@ -375,7 +385,7 @@ else
     note codegen-sm90 "skipped: bench/codegen.py is not in this checkout"
 fi
 
-# --- 7. the report over every JSON written --------------------------------------------------
+# --- 8. the report over every JSON written --------------------------------------------------
 echo
 RESERVE=0
 if [ ${#JSONS[@]} -gt 0 ]; then

@@ -1,0 +1,194 @@
+"""Each kernel of the unified Triton backward timed alone on a GPU, each GEMM under every
+launch config its autotuner may try (and grad_W under several split-K factors), with
+the config the autotuner picked: what to tune next, in one short run.
+
+``python bench/kernel_sweep.py [--shape M IN OUT] [--k K] [--dtype D] [--json PATH]
+[--dry-run]``
+
+On a GPU every timing is ``triton.testing.do_bench``'s median (L2 flushed before each
+call). Every config's output is checked against a float32 torch product of the same
+selection before it is timed, so a config that computes wrong numbers shows as such,
+not as a fast one. The first H200 run (bench/results/gpu-h200-2026-12-04) timed the
+kernels of the target shape (8192 x 4096 -> 4096, bf16, k = 205) at 2-4x their roofline
+estimates, with no record of the configs the autotuner chose; this tool is the next
+GPU session's first step. ``--dry-run`` runs the same steps on a CPU under Triton's
+interpreter at a tiny shape (timings meaningless; the checks are not): CI runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DRY_SHAPE = (48, 64, 80)
+DRY_K = 7
+
+
+def _args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", type=int, nargs=3, metavar=("M", "IN", "OUT"), default=None)
+    ap.add_argument("--k", type=int, default=None)
+    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="default bfloat16 (float32 in a dry run: the interpreter's bf16 dot is not exact)")
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="a tiny shape on a CPU under Triton's interpreter (checks the tool, times nothing)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    if args.dry_run:  # before triton is imported: the kernels are built for the interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["MEPROP_TRITON_TEST_CONFIG"] = "1"
+    if __package__ in (None, ""):
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import torch
+
+    M, n_in, n_out = args.shape or (DRY_SHAPE if args.dry_run else (8192, 4096, 4096))
+    k = args.k if args.k is not None else (DRY_K if args.dry_run else max(1, round(0.05 * n_out)))
+    if not 1 <= k <= n_out:
+        print(f"k must lie in [1, OUT={n_out}]; got {k}", file=sys.stderr)
+        return 2
+    if not args.dry_run and not torch.cuda.is_available():
+        print("kernel_sweep.py times kernels on a CUDA GPU; none is here (--dry-run checks the tool on a CPU)",
+              file=sys.stderr)
+        return 2
+    dtype = args.dtype or ("float32" if args.dry_run else "bfloat16")
+    rows = sweep(M, n_in, n_out, k, getattr(torch, dtype), dry=args.dry_run)
+    print(f"unified backward kernels, M={M} in={n_in} out={n_out} k={k} {dtype}"
+          f"{' (dry run: interpreter, timings meaningless)' if args.dry_run else ''}")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if r.get("ok") is False]
+    for r in bad:
+        print(f"WRONG NUMBERS: {r['kernel']} {r['config']}: max error {r['max_err']:.3g} (allowed {r['tol']:.3g})",
+              file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _config_name(cfg) -> str:
+    kw = cfg.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False) -> list[dict]:
+    """One row per timed call: ``kernel``, ``config``, ``us``, ``tflops``, ``gbps`` and,
+    for the GEMMs, ``max_err`` / ``tol`` / ``ok`` against a float32 torch product."""
+    import torch
+
+    from meprop_triton import triton_ops
+    from meprop_triton.kernels import _launch
+    from meprop_triton.kernels import matmul as mm
+
+    device = torch.device("cpu" if dry else "cuda")
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(M, n_out, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(M, n_in, generator=gen).to(device=device, dtype=dtype)
+    weight = torch.randn(n_out, n_in, generator=gen).to(device=device, dtype=dtype)
+    elem = grad.element_size()
+
+    if dry:
+        def timed(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e6
+    else:
+        import triton.testing
+
+        def timed(fn):
+            return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3
+
+    rows = []
+
+    def row(kernel, config, us, flops=0, nbytes=0, **more):
+        rows.append(dict(kernel=kernel, config=config, us=round(us, 2),
+                         tflops=round(flops / us / 1e6, 1) if flops else None,
+                         gbps=round(nbytes / us / 1e3, 1) if nbytes else None, **more))
+
+    idx, rest, _ = triton_ops.select_units(grad, k, return_rest=True, traceable=False)
+    g_sel = mm.gather_columns(grad, idx)
+    KP = g_sel.shape[1]
+    g_k = grad.float()[:, idx]
+    ref_x = g_k @ weight.float()[idx]
+    ref_w = torch.zeros(n_out, n_in, device=device)
+    ref_w[idx] = g_k.t() @ x.float()
+    # bf16 / fp16 results round to 8 / 11 bits; sums of k or M products of unit normals
+    tol = {torch.float32: 1e-3, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+
+    def check(out, ref):
+        err = (out.float() - ref).abs().max().item()
+        allowed = tol * max(1.0, ref.abs().max().item())
+        return dict(max_err=err, tol=allowed, ok=bool(err <= allowed))  # NaN fails
+
+    # selection: scores and top-k (one launch each up to MAX_RESIDENT units), compaction
+    row("selection (scores + top-k)", "-", timed(lambda: triton_ops.select_units(grad, k, traceable=False)),
+        nbytes=M * n_out * elem)
+    row("compaction G[:, S]", "-", timed(lambda: mm.gather_columns(grad, idx)), nbytes=M * (k + KP) * elem)
+
+    capability = _launch.capability(device)
+    smem = _launch.shared_memory_limit(device)
+    precision = mm.input_precision_for(dtype)
+    flops = 2 * M * k * n_in
+
+    out_x = torch.full((M, n_in), float("nan"), device=device, dtype=dtype)
+    for cfg in mm.grad_input_configs():
+        if not mm.keep_config(cfg, dtype, precision, capability, smem=smem):
+            continue
+        run = lambda cfg=cfg: mm.gathered_grad_input(grad, weight, idx, grad_selected=g_sel, out=out_x, config=cfg)  # noqa: E731
+        out_x.fill_(float("nan"))
+        run()
+        row("grad_x GEMM", _config_name(cfg), timed(run), flops,
+            (M * KP + k * n_in + M * n_in) * elem, **check(out_x, ref_x))
+
+    out_w = torch.full((n_out, n_in), float("nan"), device=device, dtype=dtype)
+    default_split = mm.weight_split(M, k, n_in, device)
+    splits = sorted({1, default_split, min(mm.MAX_SPLIT, 2 * default_split)})
+    for cfg in mm.grad_weight_configs():
+        if not mm.keep_config(cfg, dtype, precision, capability, smem=smem):
+            continue
+        for split in splits:
+            run = lambda cfg=cfg, split=split: mm.scattered_grad_weight(  # noqa: E731
+                grad, x, idx, rest, grad_selected=g_sel, out=out_w, config=cfg, split=split)
+            out_w.fill_(float("nan"))
+            run()
+            nbytes = (M * KP + M * n_in + n_out * n_in) * elem + (2 * split * k * n_in * 4 if split > 1 else 0)
+            row("grad_W GEMM + zero rows", f"{_config_name(cfg)} split {split}"
+                + (" (default)" if split == default_split else ""), timed(run), flops, nbytes, **check(out_w, ref_w))
+
+    whole = timed(lambda: triton_ops.unified_topk_backward(grad, x, weight, k))
+    row("whole backward (autotuned)", "-", whole, 2 * flops)
+    if not dry:  # what the autotuner chose for this shape, now that the whole backward ran
+        for which in ("grad_input", "grad_weight"):
+            cache = getattr(mm._autotuned(which), "cache", {})
+            picked = sorted({_config_name(c) for c in cache.values()})
+            rows[-1][f"autotuned_{which}"] = picked
+    row("dense grad_x (cuBLAS)", "-", timed(lambda: grad @ weight), 2 * M * n_out * n_in)
+    row("dense grad_W (cuBLAS)", "-", timed(lambda: grad.t() @ x), 2 * M * n_out * n_in)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'kernel':28s} {'config':32s} {'us':>9s} {'TFLOP/s':>8s} {'GB/s':>8s}  check"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        chk = "" if "ok" not in r else ("ok" if r["ok"] else f"WRONG ({r['max_err']:.3g})")
+        extra = "; ".join(f"{key}: {', '.join(v)}" for key, v in r.items() if key.startswith("autotuned_"))
+        lines.append(f"{r['kernel']:28s} {r['config']:32s} {r['us']:9.1f} "
+                     f"{r['tflops'] if r['tflops'] is not None else '-':>8} "
+                     f"{r['gbps'] if r['gbps'] is not None else '-':>8}  {chk}{'  ' + extra if extra else ''}")
+    gemms = [r for r in rows if r.get("ok") and r["kernel"].startswith(("grad_x", "grad_W"))]
+    for name in ("grad_x", "grad_W"):
+        best = min((r for r in gemms if r["kernel"].startswith(name)), key=lambda r: r["us"], default=None)
+        if best is not None:
+            lines.append(f"fastest {name}: {best['config']} ({best['us']:.1f} us)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""``bench/kernel_sweep.py``: every kernel of the unified backward timed alone and each
+GEMM under every config its autotuner may try, each config's numbers checked first. On a
+CPU its ``--dry-run`` runs the same steps under Triton's interpreter at a tiny shape, in a
+subprocess (the interpreter must be chosen before triton is imported). Times are never
+asserted; what is checked is that each config's output is checked, and that a wrong one
+fails the run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+import kernel_checks  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: sweep() in an interpreter child; with argv[1] == "wrong", grad_x's kernel call is
+#: followed by a change of one output element
+CHILD = """
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["MEPROP_TRITON_TEST_CONFIG"] = "1"
+sys.path.insert(0, sys.argv[2])
+import torch
+from bench import kernel_sweep
+from meprop_triton.kernels import matmul as mm
+if sys.argv[1] == "wrong":
+    real = mm.gathered_grad_input
+    def wrong(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[0, 0] += 1.0
+        return out
+    mm.gathered_grad_input = wrong
+print(json.dumps(kernel_sweep.sweep(40, 48, 70, 9, torch.float32, dry=True)))
+"""
+
+
+def _child(mode):
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(ROOT)], cwd=ROOT,
+                          env=kernel_checks.compiled_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_dry_run_checks_every_config_and_writes_json(tmp_path):
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "kernel_sweep.py"), "--dry-run", "--json", str(out)],
+        cwd=ROOT, env=kernel_checks.compiled_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    kernels = [r["kernel"] for r in rows]
+    assert kernels[:2] == ["selection (scores + top-k)", "compaction G[:, S]"]
+    gemms = [r for r in rows if r["kernel"].startswith(("grad_x", "grad_W"))]
+    assert {r["kernel"] for r in gemms} == {"grad_x GEMM", "grad_W GEMM + zero rows"}
+    assert all(r["ok"] is True and r["max_err"] <= r["tol"] for r in gemms)
+    # grad_W under each kept config and more than one split, the default marked
+    splits = {r["config"].split(" split ")[1] for r in gemms if r["kernel"].startswith("grad_W")}
+    assert len(splits) >= 2 and any("(default)" in s for s in splits)
+    assert "fastest grad_x:" in proc.stdout and "fastest grad_W:" in proc.stdout
+
+
+def test_a_config_with_wrong_numbers_is_flagged():
+    right = [r for r in _child("right") if r["kernel"] == "grad_x GEMM"]
+    wrong = [r for r in _child("wrong") if r["kernel"] == "grad_x GEMM"]
+    assert right and all(r["ok"] for r in right)
+    assert wrong and not any(r["ok"] for r in wrong)
+    assert all(r["max_err"] >= 0.5 for r in wrong)
+
+
+def test_without_a_gpu_the_real_run_refuses_clearly():
+    if kernel_checks.CUDA:
+        pytest.skip("a GPU is here: the real run would time it")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_sweep.py")], cwd=ROOT,
+                          env=kernel_checks.compiled_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "--dry-run" in proc.stderr
