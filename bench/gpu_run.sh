@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: install the checkout offline, record the environment, run
 # the CUDA tests, then the GPU benchmarks in order of importance (each group its own pytest
-# run writing its own JSON at once, so a run cut off keeps what it measured), each kernel
-# of the unified backward timed alone and each GEMM under every config
-# (bench/kernel_sweep.py), the paper's MNIST Table 8 run if time is left, the sm_90
+# run writing its own JSON at once, so a run cut off keeps what it measured; after the
+# first, each kernel of the unified backward timed alone and each GEMM under every config,
+# bench/kernel_sweep.py), the paper's MNIST Table 8 run if time is left, the sm_90
 # code-generation report, and the Markdown / PNG report over every JSON written.
 # Everything stays inside --budget-s.
 #
@@ -316,6 +316,13 @@ B=bench/test_bench_backward.py
 bench_group a-bf16-unified 30 180 \
     "cuda-bf16-large and (triton-unified-topk-densegrad or test_dense_backward or (test_selection and triton))" \
     "$B" bench/test_bench_selection.py
+# Each kernel alone, each GEMM under every config (bench/kernel_sweep.py): right after
+# the headline group, since it is what the kernels' tuning needs next.
+if [ "$DRY" = 1 ]; then
+    run_step kernel-sweep 10 60 "$PY" bench/kernel_sweep.py --dry-run --json "$OUTDIR/kernel-sweep-dry.json"
+else
+    run_step kernel-sweep 40 100 "$PY" bench/kernel_sweep.py --json "$OUTDIR/kernel-sweep-$STAMP.json"
+fi
 bench_group b-compact-vs-gather 15 60 "test_triton_gather_in_gemm" "$B"
 bench_group c-fp16-fp32-5pct 15 60 \
     "(cuda-fp16-large or cuda-fp32-large) and (triton-unified-topk-densegrad-k5pct or test_dense_backward)" "$B"
@@ -344,14 +351,7 @@ EOF
     keep_json "$json"
 fi
 
-# --- 5. each kernel alone, each GEMM under every config (bench/kernel_sweep.py) -----------
-if [ "$DRY" = 1 ]; then
-    run_step kernel-sweep 10 60 "$PY" bench/kernel_sweep.py --dry-run --json "$OUTDIR/kernel-sweep-dry.json"
-else
-    run_step kernel-sweep 40 100 "$PY" bench/kernel_sweep.py --json "$OUTDIR/kernel-sweep-$STAMP.json"
-fi
-
-# --- 6. the paper's Table 8 (MNIST, h = 8192) if time is left ------------------------------
+# --- 5. the paper's Table 8 (MNIST, h = 8192) if time is left ------------------------------
 mnist_found() {  # the four files in folder $1 ("" for the cache), offline
     (cd / && "$PY" -c "import sys; from meprop_triton.data import load_mnist; load_mnist(sys.argv[1] or None, download=False, log=lambda s: None)" "$1") >/dev/null 2>&1
 }
@@ -377,7 +377,7 @@ else
     note mnist-table8 "skipped: no MNIST files offline (--mnist-dir, .mnist/ in the checkout, or the cache)"
 fi
 
-# --- 7. code generation for sm_90 (bench/codegen.py, when the checkout has it) --------------
+# --- 6. code generation for sm_90 (bench/codegen.py, when the checkout has it) --------------
 if [ -f bench/codegen.py ]; then
     run_step codegen-sm90 30 90 "$PY" bench/codegen.py --arch 90 --shape 8192 4096 4096 --k 205 \
         --dtype bfloat16 --json "$OUTDIR/codegen-sm90.json"
@@ -385,7 +385,7 @@ else
     note codegen-sm90 "skipped: bench/codegen.py is not in this checkout"
 fi
 
-# --- 8. the report over every JSON written --------------------------------------------------
+# --- 7. the report over every JSON written --------------------------------------------------
 echo
 RESERVE=0
 if [ ${#JSONS[@]} -gt 0 ]; then
