@@ -129,6 +129,7 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False) ->
     # selection: scores and top-k (one launch each up to MAX_RESIDENT units), compaction
     row("selection (scores + top-k)", "-", timed(lambda: triton_ops.select_units(grad, k, traceable=False)),
         nbytes=M * n_out * elem)
+    rows.extend(_selection_sweep(grad, k, idx, timed))
     row("compaction G[:, S]", "-", timed(lambda: mm.gather_columns(grad, idx)), nbytes=M * (k + KP) * elem)
 
     capability = _launch.capability(device)
@@ -173,6 +174,63 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False) ->
     return rows
 
 
+#: Candidate blocks of the scores' first pass (BLOCK_M, BLOCK_N, num_warps): it reads G
+#: once and is bandwidth-bound; the H200 run timed the shipped 32 x 128 x 4 warps at
+#: 1.6 TB/s, a third of the copy bandwidth.
+SCORE_BLOCKS = [(32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8), (16, 512, 4), (32, 512, 8), (128, 128, 8)]
+#: Candidate (RADIX_BITS, num_warps) of the resident top-k program (37 us at 4,096 units
+#: on the H200, one program).
+TOPK_VARIANTS = [(8, 8), (8, 4), (8, 16), (4, 8), (4, 16)]
+
+
+def _selection_sweep(grad, k: int, idx, timed) -> list[dict]:
+    """The scores' first pass under :data:`SCORE_BLOCKS` and the top-k program under
+    :data:`TOPK_VARIANTS` (where the units fit it), each checked first: the partial sums
+    against a float32 torch column sum, the selection against the shipped config's."""
+    import torch
+
+    from meprop_triton.kernels import scores as sc
+    from meprop_triton.kernels import topk as tk
+
+    M, n = grad.shape
+    out = []
+    ref = grad.float().abs().sum(0)
+    shipped_scores, shipped_topk = sc.configs, tk.configs
+    base = shipped_scores()
+    try:
+        for bm, bn, warps in SCORE_BLOCKS:
+            cand = [{"partial": {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps}, "finish": base[0]["finish"]}]
+            sc.configs = lambda cand=cand: cand
+            parts = sc.column_score_parts(grad)
+            err = (parts[0].sum(0) - ref).abs().max().item()
+            tol = 1e-4 * max(1.0, ref.abs().max().item())
+            us = timed(lambda: sc.column_score_parts(grad))
+            out.append(dict(kernel="column scores, first pass", config=f"{bm}x{bn} w{warps} split {parts.shape[1]}"
+                            + (" (shipped)" if cand[0]["partial"] == base[0]["partial"] else ""),
+                            us=round(us, 2), tflops=None, gbps=round(M * n * grad.element_size() / us / 1e3, 1),
+                            max_err=err, tol=tol, ok=bool(err <= tol)))
+        sc.configs = shipped_scores
+        if n <= tk.MAX_RESIDENT:
+            parts = sc.column_score_parts(grad)
+            bias = torch.empty(n, dtype=grad.dtype, device=grad.device)
+            listed = shipped_topk()
+            for bits, warps in TOPK_VARIANTS:
+                cand = [dict(c) for c in listed]
+                cand[1].update(RADIX_BITS=bits, num_warps=warps)
+                tk.configs = lambda cand=cand: cand
+                got = tk.topk_from_parts(parts, k, bias)
+                same = bool(torch.equal(got, idx))
+                us = timed(lambda: tk.topk_from_parts(parts, k, bias))
+                shipped = (bits, warps) == (listed[1]["RADIX_BITS"], listed[1]["num_warps"])
+                out.append(dict(kernel="top-k program (from parts)", config=f"radix {bits} bits w{warps}"
+                                + (" (shipped)" if shipped else ""), us=round(us, 2), tflops=None,
+                                gbps=round(parts.numel() * 4 / us / 1e3, 1),
+                                max_err=0.0 if same else float("inf"), tol=0.0, ok=same))
+    finally:
+        sc.configs, tk.configs = shipped_scores, shipped_topk
+    return out
+
+
 def table(rows: list[dict]) -> str:
     head = f"{'kernel':28s} {'config':32s} {'us':>9s} {'TFLOP/s':>8s} {'GB/s':>8s}  check"
     lines = [head, "-" * len(head)]
@@ -182,8 +240,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['kernel']:28s} {r['config']:32s} {r['us']:9.1f} "
                      f"{r['tflops'] if r['tflops'] is not None else '-':>8} "
                      f"{r['gbps'] if r['gbps'] is not None else '-':>8}  {chk}{'  ' + extra if extra else ''}")
-    gemms = [r for r in rows if r.get("ok") and r["kernel"].startswith(("grad_x", "grad_W"))]
-    for name in ("grad_x", "grad_W"):
+    gemms = [r for r in rows if r.get("ok") and r["kernel"].startswith(("grad_x", "grad_W", "column", "top-k"))]
+    for name in ("grad_x", "grad_W", "column scores", "top-k"):
         best = min((r for r in gemms if r["kernel"].startswith(name)), key=lambda r: r["us"], default=None)
         if best is not None:
             lines.append(f"fastest {name}: {best['config']} ({best['us']:.1f} us)")
