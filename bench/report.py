@@ -201,6 +201,9 @@ def training_table(data: dict) -> list[str]:
             if e.get("host_launch_us") is not None and e.get("dense_host_launch_us") is not None:
                 after += (f"; host time per step, dense / meProp: {e['dense_host_launch_us'] / 1e3:.2f} / "
                           f"{e['host_launch_us'] / 1e3:.2f} ms")
+            if e.get("eager_loop_speedup_vs_dense") is not None:
+                after += (f"; an eager loop's step, dense / meProp: {e['dense_eager_loop_us'] / 1e3:.2f} / "
+                          f"{e['eager_loop_us'] / 1e3:.2f} ms ({fmt_x(e['eager_loop_speedup_vs_dense'])})")
             label, k = fmt_shape(e['shape'], None), f"k={e.get('k')}"
             if e.get("model"):  # a real model (bench/test_bench_zoo_step.py): its name, tokens, and each half
                 label = f"{e['shape_name']}, {e['shape'][0]} tokens"
@@ -288,18 +291,20 @@ def gpu_table(data: dict) -> list[str]:
         if not (r["group"].startswith("backward-") or r["group"].startswith("triton-gather-")):
             continue
         dense_host = e.get("dense_host_launch_us")
+        loop = e.get("eager_loop_us")
         lines.append(
             f"| {fmt_shape(e.get('shape', []), None, e)} | {e.get('dtype')} | {e.get('backend')} | "
             f"{e.get('mode')} | {fmt_k(e)} | {fmt_time(r['t'])} | {e['host_launch_us']:.1f} us | "
             f"{fmt_time(e.get('dense_median_s'))} | "
-            f"{'-' if dense_host is None else f'{dense_host:.1f} us'} | {fmt_x(e.get('speedup_vs_dense'))} |"
+            f"{'-' if dense_host is None else f'{dense_host:.1f} us'} | {fmt_x(e.get('speedup_vs_dense'))} | "
+            f"{'-' if loop is None else f'{loop:.1f} us'} | {fmt_x(e.get('eager_loop_speedup_vs_dense'))} |"
         )
     if not lines:
         return []
     return [
         "| shape | dtype | backend | mode | k | GPU time | host launch | dense GPU time "
-        "| dense host launch | speedup vs dense |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| dense host launch | speedup vs dense | eager loop, per call | eager loop speedup |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         *lines,
     ]
 
@@ -414,7 +419,10 @@ def markdown(data: dict, png: str | None) -> str:
             "launch`: the CPU wall time of one eager call, `perf_counter` around it with no "
             "synchronize between calls (median of 25 in a row): what Python, autograd and the "
             "kernel launches cost. Where it is near or above the GPU time, the GPU waits on "
-            "the host (a CUDA graph removes that).",
+            "the host (a CUDA graph or torch.compile removes most of that). `eager loop`: the "
+            "same 25 calls' wall time per call, the synchronize after the last included: what "
+            "an eager training loop sees, about the larger of the two; its speedup is the dense "
+            "loop's over the meProp loop's.",
             "",
             *gpu,
             "",

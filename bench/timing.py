@@ -23,7 +23,9 @@ the machine lands on both sides of a ratio.
 On a GPU every function's host time is recorded too (``host_launch_us``, and
 ``<baseline>_host_launch_us``): the CPU wall time of one eager call, which only launches
 the work (:func:`host_launch_seconds`: ``perf_counter`` around each call, no synchronize
-between calls, one after them all). Where it exceeds the GPU time the GPU waits on Python,
+between calls, one after them all); and the same run's wall time per call, the final
+synchronize included (``eager_loop_us``, ``<baseline>_eager_loop_us``, and
+``eager_loop_speedup_vs_dense``): what an eager training loop sees. Where it exceeds the GPU time the GPU waits on Python,
 autograd and launch overheads, and only a CUDA graph can help.
 
 A speedup is the median over rounds of the two calls' ratio within a round
@@ -110,18 +112,29 @@ def host_launch_seconds(fn: Callable, *, calls: int = 25, sync: Callable[[], Non
     kept small enough that the launch queue does not fill (which would make a launch wait
     on the GPU).
     """
+    return host_and_loop_seconds(fn, calls=calls, sync=sync)[0]
+
+
+def host_and_loop_seconds(
+    fn: Callable, *, calls: int = 25, sync: Callable[[], None] | None = None
+) -> tuple[float, float]:
+    """``(host, loop)``: :func:`host_launch_seconds`'s median host time of one call, and
+    the wall time per call of the whole run of ``calls`` calls, from the first call's
+    start to the end of the ``sync`` after the last. ``loop`` is what an eager training
+    loop sees: on a GPU about the larger of a call's host time and its GPU time."""
     if calls < 1:
         raise ValueError(f"calls must be at least 1; got {calls}")
     if sync is not None:
         sync()
     times = []
+    first = time.perf_counter()
     for _ in range(calls):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     if sync is not None:
         sync()
-    return statistics.median(times)
+    return statistics.median(times), (time.perf_counter() - first) / calls
 
 
 class Timings(dict):
@@ -192,7 +205,8 @@ def measure(
         for n in names:  # compile / autotune before the host times
             baselines.get(n, target)()
         sync()
-        host = {n: host_launch_seconds(baselines.get(n, target), sync=sync) for n in names}
+        host_loop = {n: host_and_loop_seconds(baselines.get(n, target), sync=sync) for n in names}
+        host = {n: h for n, (h, _) in host_loop.items()}
         # The spin before each start event outlasts the slowest host side, so that the
         # events time GPU work, not a GPU waiting on Python (at most ~20 ms).
         lead = min(40_000_000, max(_HOST_LEAD_CYCLES, int(1.5 * max(host.values()) * _SPIN_HZ)))
@@ -206,6 +220,13 @@ def measure(
             for n, t in host.items()
         }
         host_info["host_lead_us"] = round(lead / _SPIN_HZ * 1e6, 1)
+        # What an eager loop of calls takes per call (host and GPU overlapping), each side
+        host_info.update({
+            ("eager_loop_us" if n == candidate else f"{n}_eager_loop_us"): round(loop * 1e6, 2)
+            for n, (_, loop) in host_loop.items()
+        })
+        if "dense" in host_loop and candidate != "dense":
+            host_info["eager_loop_speedup_vs_dense"] = round(host_loop["dense"][1] / host_loop[candidate][1], 3)
         # pytest-benchmark's own record: host wall time including a synchronize.
         benchmark.pedantic(synced, rounds=min(rounds, 20), warmup_rounds=1)
         timer = "cuda-events (median, interleaved, L2 flushed before each call)"

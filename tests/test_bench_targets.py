@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: bench/ is not installed
 from bench import report, targets  # noqa: E402
 from bench.targets import Target, check_targets  # noqa: E402
-from bench.timing import host_launch_seconds  # noqa: E402
+from bench.timing import host_and_loop_seconds, host_launch_seconds  # noqa: E402
 
 
 class FakeBenchmark:
@@ -182,6 +182,27 @@ def test_host_launch_syncs_only_around_the_calls():
     assert sleep <= t < sleep + 0.05
     with pytest.raises(ValueError, match="calls must be at least 1"):
         host_launch_seconds(fn, calls=0)
+
+
+def test_the_eager_loop_time_counts_the_final_sync():
+    """A GPU still busy after the last launch (a sync that waits) shows in the loop's time
+    per call, not in the host time of a call."""
+    events = []
+    sleep, tail, calls = 0.002, 0.03, 5
+
+    def fn():
+        events.append("call")
+        time.sleep(sleep)
+
+    def sync():
+        events.append("sync")
+        if len(events) > 1:  # the one after the calls: the GPU's work left
+            time.sleep(tail)
+
+    host, loop = host_and_loop_seconds(fn, calls=calls, sync=sync)
+    assert events == ["sync"] + ["call"] * calls + ["sync"]
+    assert sleep <= host < sleep + 0.01
+    assert sleep + tail / calls <= loop < sleep + tail / calls + 0.02
 
 
 def test_assert_targets_option_is_registered(pytestconfig):
