@@ -138,29 +138,42 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False) ->
     flops = 2 * M * k * n_in
 
     out_x = torch.full((M, n_in), float("nan"), device=device, dtype=dtype)
-    for cfg in mm.grad_input_configs():
-        if not mm.keep_config(cfg, dtype, precision, capability, smem=smem):
-            continue
-        run = lambda cfg=cfg: mm.gathered_grad_input(grad, weight, idx, grad_selected=g_sel, out=out_x, config=cfg)  # noqa: E731
-        out_x.fill_(float("nan"))
-        run()
-        row("grad_x GEMM", _config_name(cfg), timed(run), flops,
-            (M * KP + k * n_in + M * n_in) * elem, **check(out_x, ref_x))
+    def attempt(kernel, config, run, out, ref, flops, nbytes):
+        """Run once (compiling), check, then time; a config that fails to build or run
+        (shared memory, registers) is a row with its error, not the end of the sweep."""
+        out.fill_(float("nan"))
+        try:
+            run()
+        except Exception as e:  # noqa: BLE001 - an exploratory config may not build here
+            rows.append(dict(kernel=kernel, config=config, us=None, tflops=None, gbps=None,
+                             error=f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
+            return
+        row(kernel, config, timed(run), flops, nbytes, **check(out, ref))
+
+    def candidates(shipped, extra):
+        """Shipped configs the autotuner may try here, then exploratory ones it does not
+        have (marked), each kept only where :func:`keep_config` allows it."""
+        for cfg, tag in [(c, "") for c in shipped] + [(c, " (not shipped)") for c in extra]:
+            if mm.keep_config(cfg, dtype, precision, capability, smem=smem):
+                yield cfg, tag
+
+    out_x = torch.full((M, n_in), float("nan"), device=device, dtype=dtype)
+    for cfg, tag in candidates(mm.grad_input_configs(), _extra(*EXTRA_GRAD_INPUT_SPECS)):
+        attempt("grad_x GEMM", _config_name(cfg) + tag,
+                lambda cfg=cfg: mm.gathered_grad_input(grad, weight, idx, grad_selected=g_sel, out=out_x, config=cfg),
+                out_x, ref_x, flops, (M * KP + k * n_in + M * n_in) * elem)
 
     out_w = torch.full((n_out, n_in), float("nan"), device=device, dtype=dtype)
     default_split = mm.weight_split(M, k, n_in, device)
     splits = sorted({1, default_split, min(mm.MAX_SPLIT, 2 * default_split)})
-    for cfg in mm.grad_weight_configs():
-        if not mm.keep_config(cfg, dtype, precision, capability, smem=smem):
-            continue
+    for cfg, tag in candidates(mm.grad_weight_configs(), _extra(*EXTRA_GRAD_WEIGHT_SPECS)):
         for split in splits:
-            run = lambda cfg=cfg, split=split: mm.scattered_grad_weight(  # noqa: E731
-                grad, x, idx, rest, grad_selected=g_sel, out=out_w, config=cfg, split=split)
-            out_w.fill_(float("nan"))
-            run()
             nbytes = (M * KP + M * n_in + n_out * n_in) * elem + (2 * split * k * n_in * 4 if split > 1 else 0)
-            row("grad_W GEMM + zero rows", f"{_config_name(cfg)} split {split}"
-                + (" (default)" if split == default_split else ""), timed(run), flops, nbytes, **check(out_w, ref_w))
+            attempt("grad_W GEMM + zero rows",
+                    f"{_config_name(cfg)} split {split}" + (" (default)" if split == default_split else "") + tag,
+                    lambda cfg=cfg, split=split: mm.scattered_grad_weight(
+                        grad, x, idx, rest, grad_selected=g_sel, out=out_w, config=cfg, split=split),
+                    out_w, ref_w, flops, nbytes)
 
     whole = timed(lambda: triton_ops.unified_topk_backward(grad, x, weight, k))
     row("whole backward (autotuned)", "-", whole, 2 * flops)
@@ -172,6 +185,20 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False) ->
     row("dense grad_x (cuBLAS)", "-", timed(lambda: grad @ weight), 2 * M * n_out * n_in)
     row("dense grad_W (cuBLAS)", "-", timed(lambda: grad.t() @ x), 2 * M * n_out * n_in)
     return rows
+
+
+def _extra(*specs):
+    import triton
+
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in specs]
+
+
+#: Exploratory GEMM configs the autotuners do not have (BLOCK_M, BLOCK_N, BLOCK_K, warps,
+#: stages): larger tiles and deeper K steps. grad_x's reduction is only k (~208) deep, so
+#: each output tile is mostly its epilogue; grad_W's tile is bounded for its split-K.
+EXTRA_GRAD_INPUT_SPECS = [(256, 128, 64, 8, 3), (128, 128, 128, 8, 2), (128, 256, 128, 8, 2), (64, 256, 64, 4, 3)]
+EXTRA_GRAD_WEIGHT_SPECS = [(128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 64, 128, 8, 3)]
 
 
 #: Candidate blocks of the scores' first pass (BLOCK_M, BLOCK_N, num_warps): it reads G
@@ -232,12 +259,15 @@ def _selection_sweep(grad, k: int, idx, timed) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'kernel':28s} {'config':32s} {'us':>9s} {'TFLOP/s':>8s} {'GB/s':>8s}  check"
+    head = f"{'kernel':28s} {'config':48s} {'us':>9s} {'TFLOP/s':>8s} {'GB/s':>8s}  check"
     lines = [head, "-" * len(head)]
     for r in rows:
         chk = "" if "ok" not in r else ("ok" if r["ok"] else f"WRONG ({r['max_err']:.3g})")
         extra = "; ".join(f"{key}: {', '.join(v)}" for key, v in r.items() if key.startswith("autotuned_"))
-        lines.append(f"{r['kernel']:28s} {r['config']:32s} {r['us']:9.1f} "
+        if r.get("error"):
+            lines.append(f"{r['kernel']:28s} {r['config']:48s} {'-':>9s} {'-':>8s} {'-':>8s}  failed: {r['error']}")
+            continue
+        lines.append(f"{r['kernel']:28s} {r['config']:48s} {r['us']:9.1f} "
                      f"{r['tflops'] if r['tflops'] is not None else '-':>8} "
                      f"{r['gbps'] if r['gbps'] is not None else '-':>8}  {chk}{'  ' + extra if extra else ''}")
     gemms = [r for r in rows if r.get("ok") and r["kernel"].startswith(("grad_x", "grad_W", "column", "top-k"))]

@@ -21,7 +21,7 @@ import kernel_checks  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 
 #: sweep() in an interpreter child; with argv[1] == "wrong", grad_x's kernel call is
-#: followed by a change of one output element
+#: followed by a change of one output element; with "fail", grad_W raises at split 2
 CHILD = """
 import json, os, sys
 os.environ["TRITON_INTERPRET"] = "1"
@@ -37,6 +37,13 @@ if sys.argv[1] == "wrong":
         out[0, 0] += 1.0
         return out
     mm.gathered_grad_input = wrong
+if sys.argv[1] == "fail":
+    real_w = mm.scattered_grad_weight
+    def failing(*args, split=None, **kwargs):
+        if split == 2:
+            raise RuntimeError("out of resource: shared memory, Required: 300000")
+        return real_w(*args, split=split, **kwargs)
+    mm.scattered_grad_weight = failing
 print(json.dumps(kernel_sweep.sweep(40, 48, 70, 9, torch.float32, dry=True)))
 """
 
@@ -79,6 +86,16 @@ def test_a_config_with_wrong_numbers_is_flagged():
     assert right and all(r["ok"] for r in right)
     assert wrong and not any(r["ok"] for r in wrong)
     assert all(r["max_err"] >= 0.5 for r in wrong)
+
+
+def test_a_config_that_fails_to_run_is_a_row_not_the_end():
+    rows = _child("fail")
+    failed = [r for r in rows if r.get("error")]
+    assert failed and all(" split 2" in r["config"] and "out of resource" in r["error"] for r in failed)
+    assert all(r["us"] is None and "ok" not in r for r in failed)
+    # the sweep went on: grad_W at split 1 and everything after it
+    assert any(r["kernel"].startswith("grad_W") and r.get("ok") for r in rows)
+    assert rows[-1]["kernel"] == "dense grad_W (cuBLAS)"
 
 
 def test_without_a_gpu_the_real_run_refuses_clearly():
