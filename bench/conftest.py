@@ -136,9 +136,14 @@ def _git_commit() -> dict:
 
 def pytest_benchmark_update_commit_info(config, commit_info):
     """pytest-benchmark reads the commit from git; a copy without ``.git`` has
-    ``bench/COMMIT`` instead."""
+    ``bench/COMMIT`` instead. Where both are there and differ, the file's is kept too
+    (``commit_file``): the H200 machine's copy of ``.git`` named the commit the session
+    began at, while the tree sent, and ``bench/COMMIT`` written with it, were newer."""
+    recorded = recorded_commit()
     if commit_info.get("id") in (None, "", "unversioned"):  # pytest-benchmark's word for no git
-        commit_info.update(recorded_commit())
+        commit_info.update(recorded)
+    elif recorded and recorded["id"] != commit_info.get("id"):
+        commit_info["commit_file"] = recorded["id"]
 
 
 #: Environment variable naming a JSON-lines file to which every finished benchmark case is

@@ -204,21 +204,27 @@ env = {
 }
 # A copy of the working tree without .git (as a GPU machine may get it): bench/COMMIT,
 # written beside the checkout before it was sent (bench/README.md), says what it is.
+# Where both are there and differ, the file's is kept too: the H200 machine's copy of
+# .git once named the commit its session began at, while the tree sent was newer.
+try:
+    with open(os.path.join(root, "bench", "COMMIT")) as f:
+        lines = f.read().split("\n")
+    recorded = (lines[0].strip() or None, any(line.strip() for line in lines[1:]))
+except OSError:
+    recorded = None
 commit = run("git", "rev-parse", "HEAD")
 if commit is not None:
     status = run("git", "status", "--porcelain", "--untracked-files=no")
     env["commit"], env["uncommitted_changes"] = commit, None if status is None else bool(status)
     env["commit_source"] = "git"
+    if recorded is not None and recorded[0] not in (None, commit):
+        env["commit_file"] = recorded[0]
+elif recorded is not None:
+    env["commit"], env["uncommitted_changes"] = recorded
+    env["commit_source"] = "bench/COMMIT"
 else:
-    try:
-        with open(os.path.join(root, "bench", "COMMIT")) as f:
-            lines = f.read().split("\n")
-        env["commit"] = lines[0].strip() or None
-        env["uncommitted_changes"] = any(line.strip() for line in lines[1:])
-        env["commit_source"] = "bench/COMMIT"
-    except OSError:
-        env["commit"] = env["uncommitted_changes"] = None
-        env["commit_source"] = "unknown: no git repository and no bench/COMMIT"
+    env["commit"] = env["uncommitted_changes"] = None
+    env["commit_source"] = "unknown: no git repository and no bench/COMMIT"
 
 with open(out, "w") as f:
     json.dump(env, f, indent=2)

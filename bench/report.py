@@ -91,6 +91,8 @@ def header(data: dict) -> list[str]:
         pass
     commit = ci.get("id") or "?"
     commit = commit[:10] + (" (uncommitted changes)" if ci.get("dirty") else "")
+    if ci.get("commit_file"):
+        commit += f"; bench/COMMIT, written with the tree sent, says {ci['commit_file'][:10]}"
     lines = [
         f"**Machine:** {machine_line(data)}  ",
         f"**Software:** torch {me.get('torch', '?')}, triton {me.get('triton', '?')}, "

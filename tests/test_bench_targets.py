@@ -263,6 +263,26 @@ def test_recorded_commit_names_a_copy_without_git(tmp_path):
     assert info == {} or info.get("id")
 
 
+def test_a_commit_file_that_differs_from_git_is_kept_beside_it(monkeypatch):
+    """The H200 machine's .git named the session's first commit while the tree sent was
+    newer: bench/COMMIT's id is kept next to git's, and the report shows both."""
+    from bench import conftest, report
+
+    monkeypatch.setattr(conftest, "recorded_commit", lambda path=None: {"id": "newer1234567", "dirty": True,
+                                                                         "source": "bench/COMMIT"})
+    info = {"id": "older7654321", "dirty": True}
+    conftest.pytest_benchmark_update_commit_info(None, info)
+    assert info == {"id": "older7654321", "dirty": True, "commit_file": "newer1234567"}
+    same = {"id": "newer1234567", "dirty": False}
+    conftest.pytest_benchmark_update_commit_info(None, same)
+    assert "commit_file" not in same  # git and the file agree: nothing added
+    none = {"id": "unversioned"}
+    conftest.pytest_benchmark_update_commit_info(None, none)
+    assert none["id"] == "newer1234567" and none["source"] == "bench/COMMIT"
+    head = "\n".join(report.header({"commit_info": info, "machine_info": {}, "benchmarks": []}))
+    assert "older76543 (uncommitted changes); bench/COMMIT, written with the tree sent, says newer12345" in head
+
+
 def test_codegen_table_of_failed_compiles_only():
     """Every compile failed (e.g. no writable Triton cache): the table still prints."""
     from bench import codegen
