@@ -111,13 +111,14 @@ def test_every_launch_is_reported(records):
 @pytest.mark.parametrize("k,route", [(5, "gather"), (40, "masked")])
 def test_per_example_mode_reports_its_kernels(tmp_path, k, route):
     """``--mode per-example`` records the per-example launches, and which route the
-    products take on a GPU at the shape: the gather kernels at k = 1%; at 8% (bf16) the
-    masked copy and cuBLAS, where the report still shows the gather kernels' code (and
-    runs no torch op on the indices of a launch it only recorded)."""
+    products take on a GPU at the shape: the gather kernels at k = 5 of 4,096 units
+    (below 1/600 in bf16, ``triton_ops.per_example_route``); at k = 40 the masked copy and
+    cuBLAS, where the report still shows the gather kernels' code (and runs no torch op
+    on the indices of a launch it only recorded)."""
     out = tmp_path / "pe.json"
     env = kernel_checks.compiled_env()
     cmd = [
-        sys.executable, str(ROOT / "bench" / "codegen.py"), "--arch", "90", "--shape", "1024", "512", "512",
+        sys.executable, str(ROOT / "bench" / "codegen.py"), "--arch", "90", "--shape", "1024", "512", "4096",
         "--k", str(k), "--mode", "per-example", "--json", str(out),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
