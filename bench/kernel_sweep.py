@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -58,18 +59,29 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     dtype = args.dtype or ("float32" if args.dry_run else "bfloat16")
-    rows = sweep(M, n_in, n_out, k, getattr(torch, dtype), dry=args.dry_run)
     print(f"unified backward kernels, M={M} in={n_in} out={n_out} k={k} {dtype}"
-          f"{' (dry run: interpreter, timings meaningless)' if args.dry_run else ''}")
+          f"{' (dry run: interpreter, timings meaningless)' if args.dry_run else ''}", flush=True)
+    rows: list[dict] = []
+    stopped = None
+    try:  # each row printed as it is measured; the JSON written however the sweep ends
+        sweep(M, n_in, n_out, k, getattr(torch, dtype), dry=args.dry_run, rows=rows,
+              emit=lambda r: print(table([r], summary=False).splitlines()[-1], flush=True))
+    except KeyboardInterrupt:  # gpu_run.sh's time cap: keep what was measured
+        stopped = "stopped by an interrupt (a time cap) before the end"
+    except Exception as e:  # noqa: BLE001 - a CUDA fault: keep the rows before it
+        stopped = f"stopped by {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    finally:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": rows, "stopped": stopped}, f, indent=1)
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    if stopped:
+        print(f"kernel_sweep.py: {stopped}; {len(rows)} rows kept", file=sys.stderr)
     bad = [r for r in rows if r.get("ok") is False]
     for r in bad:
-        print(f"WRONG NUMBERS: {r['kernel']} {r['config']}: max error {r['max_err']:.3g} (allowed {r['tol']:.3g})",
+        print(f"WRONG NUMBERS: {r['kernel']} {r['config']}: max error {r['max_err']} (allowed {r['tol']})",
               file=sys.stderr)
-    return 1 if bad else 0
+    return 1 if bad or stopped else 0
 
 
 def _config_name(cfg) -> str:
@@ -77,39 +89,55 @@ def _config_name(cfg) -> str:
     return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
 
 
-def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False) -> list[dict]:
+def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False,
+          rows: list | None = None, emit=None) -> list[dict]:
     """One row per timed call: ``kernel``, ``config``, ``us``, ``tflops``, ``gbps`` and,
-    for the GEMMs, ``max_err`` / ``tol`` / ``ok`` against a float32 torch product."""
+    where there is something to check, ``max_err`` / ``tol`` / ``ok`` (the GEMMs against
+    a float32 torch product, the selection's candidates against a torch column sum or
+    the shipped config's selection), or ``error`` for a candidate that did not build or
+    run. Appended to ``rows`` (returned) as each is measured, each passed to ``emit``."""
     import torch
 
     from meprop_triton import triton_ops
     from meprop_triton.kernels import _launch
     from meprop_triton.kernels import matmul as mm
 
+    rows = [] if rows is None else rows
     device = torch.device("cpu" if dry else "cuda")
+    if not dry:  # the autotuner's own choice for the whole backward, whatever the environment says
+        _launch.FORCE_SINGLE_CONFIG = False
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(M, n_out, generator=gen).to(device=device, dtype=dtype)
     x = torch.randn(M, n_in, generator=gen).to(device=device, dtype=dtype)
     weight = torch.randn(n_out, n_in, generator=gen).to(device=device, dtype=dtype)
     elem = grad.element_size()
+    timed = _timer(device, dry)
 
-    if dry:
-        def timed(fn):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e6
-    else:
-        import triton.testing
-
-        def timed(fn):
-            return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3
-
-    rows = []
+    def add(r):
+        rows.append(r)
+        if emit is not None:
+            emit(r)
 
     def row(kernel, config, us, flops=0, nbytes=0, **more):
-        rows.append(dict(kernel=kernel, config=config, us=round(us, 2),
-                         tflops=round(flops / us / 1e6, 1) if flops else None,
-                         gbps=round(nbytes / us / 1e3, 1) if nbytes else None, **more))
+        add(dict(kernel=kernel, config=config, us=round(us, 2),
+                 tflops=round(flops / us / 1e6, 1) if flops else None,
+                 gbps=round(nbytes / us / 1e3, 1) if nbytes else None, **more))
+
+    def attempt(kernel, config, run, checked, flops=0, nbytes=0):
+        """Run once (compiling) and check, then time; a candidate that fails to build or
+        run (shared memory, registers, a fault) is a row with its error."""
+        try:
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # an asynchronous fault belongs to this candidate
+            result = checked()
+        except Exception as e:  # noqa: BLE001 - an exploratory config may not build here
+            add(dict(kernel=kernel, config=config, us=None, tflops=None, gbps=None,
+                     error=f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
+            if device.type == "cuda" and "illegal" in str(e).lower():
+                raise  # the CUDA context is lost: nothing after this can run
+            return
+        row(kernel, config, timed(run), flops, nbytes, **result)
 
     idx, rest, _ = triton_ops.select_units(grad, k, return_rest=True, traceable=False)
     g_sel = mm.gather_columns(grad, idx)
@@ -121,34 +149,21 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False) ->
     # bf16 / fp16 results round to 8 / 11 bits; sums of k or M products of unit normals
     tol = {torch.float32: 1e-3, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
 
-    def check(out, ref):
+    def check(out, ref, rel=tol):
         err = (out.float() - ref).abs().max().item()
-        allowed = tol * max(1.0, ref.abs().max().item())
+        allowed = rel * max(1.0, ref.abs().max().item())
         return dict(max_err=err, tol=allowed, ok=bool(err <= allowed))  # NaN fails
 
-    # selection: scores and top-k (one launch each up to MAX_RESIDENT units), compaction
-    row("selection (scores + top-k)", "-", timed(lambda: triton_ops.select_units(grad, k, traceable=False)),
-        nbytes=M * n_out * elem)
-    rows.extend(_selection_sweep(grad, k, idx, timed))
+    # selection as the backward runs it (scores, then top-k with the rest), compaction
+    row("selection (scores + top-k)", "-",
+        timed(lambda: triton_ops.select_units(grad, k, return_rest=True, traceable=False)), nbytes=M * n_out * elem)
+    _selection_sweep(grad, k, idx, attempt, check)
     row("compaction G[:, S]", "-", timed(lambda: mm.gather_columns(grad, idx)), nbytes=M * (k + KP) * elem)
 
     capability = _launch.capability(device)
     smem = _launch.shared_memory_limit(device)
     precision = mm.input_precision_for(dtype)
     flops = 2 * M * k * n_in
-
-    out_x = torch.full((M, n_in), float("nan"), device=device, dtype=dtype)
-    def attempt(kernel, config, run, out, ref, flops, nbytes):
-        """Run once (compiling), check, then time; a config that fails to build or run
-        (shared memory, registers) is a row with its error, not the end of the sweep."""
-        out.fill_(float("nan"))
-        try:
-            run()
-        except Exception as e:  # noqa: BLE001 - an exploratory config may not build here
-            rows.append(dict(kernel=kernel, config=config, us=None, tflops=None, gbps=None,
-                             error=f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
-            return
-        row(kernel, config, timed(run), flops, nbytes, **check(out, ref))
 
     def candidates(shipped, extra):
         """Shipped configs the autotuner may try here, then exploratory ones it does not
@@ -157,34 +172,66 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False) ->
             if mm.keep_config(cfg, dtype, precision, capability, smem=smem):
                 yield cfg, tag
 
-    out_x = torch.full((M, n_in), float("nan"), device=device, dtype=dtype)
+    out_x = torch.empty((M, n_in), device=device, dtype=dtype)
     for cfg, tag in candidates(mm.grad_input_configs(), _extra(*EXTRA_GRAD_INPUT_SPECS)):
-        attempt("grad_x GEMM", _config_name(cfg) + tag,
-                lambda cfg=cfg: mm.gathered_grad_input(grad, weight, idx, grad_selected=g_sel, out=out_x, config=cfg),
-                out_x, ref_x, flops, (M * KP + k * n_in + M * n_in) * elem)
+        def run_x(cfg=cfg):
+            return mm.gathered_grad_input(grad, weight, idx, grad_selected=g_sel, out=out_x, config=cfg)
+        out_x.fill_(float("nan"))  # a config that writes nothing cannot pass
+        attempt("grad_x GEMM", _config_name(cfg) + tag, run_x, lambda: check(out_x, ref_x),
+                flops, (M * KP + k * n_in + M * n_in) * elem)
 
-    out_w = torch.full((n_out, n_in), float("nan"), device=device, dtype=dtype)
+    out_w = torch.empty((n_out, n_in), device=device, dtype=dtype)
     default_split = mm.weight_split(M, k, n_in, device)
     splits = sorted({1, default_split, min(mm.MAX_SPLIT, 2 * default_split)})
     for cfg, tag in candidates(mm.grad_weight_configs(), _extra(*EXTRA_GRAD_WEIGHT_SPECS)):
         for split in splits:
+            def run_w(cfg=cfg, split=split):
+                return mm.scattered_grad_weight(grad, x, idx, rest, grad_selected=g_sel, out=out_w,
+                                                config=cfg, split=split)
             nbytes = (M * KP + M * n_in + n_out * n_in) * elem + (2 * split * k * n_in * 4 if split > 1 else 0)
+            out_w.fill_(float("nan"))
             attempt("grad_W GEMM + zero rows",
                     f"{_config_name(cfg)} split {split}" + (" (default)" if split == default_split else "") + tag,
-                    lambda cfg=cfg, split=split: mm.scattered_grad_weight(
-                        grad, x, idx, rest, grad_selected=g_sel, out=out_w, config=cfg, split=split),
-                    out_w, ref_w, flops, nbytes)
+                    run_w, lambda: check(out_w, ref_w), flops, nbytes)
 
     whole = timed(lambda: triton_ops.unified_topk_backward(grad, x, weight, k))
-    row("whole backward (autotuned)", "-", whole, 2 * flops)
+    more = {}
     if not dry:  # what the autotuner chose for this shape, now that the whole backward ran
         for which in ("grad_input", "grad_weight"):
             cache = getattr(mm._autotuned(which), "cache", {})
-            picked = sorted({_config_name(c) for c in cache.values()})
-            rows[-1][f"autotuned_{which}"] = picked
+            more[f"autotuned_{which}"] = sorted({_config_name(c) for c in cache.values()})
+    row("whole backward (autotuned)", "-", whole, 2 * flops, **more)
     row("dense grad_x (cuBLAS)", "-", timed(lambda: grad @ weight), 2 * M * n_out * n_in)
     row("dense grad_W (cuBLAS)", "-", timed(lambda: grad.t() @ x), 2 * M * n_out * n_in)
     return rows
+
+
+def _timer(device, dry: bool):
+    """Microseconds of one call: on a GPU the median of CUDA events around each call with
+    L2 flushed and a spin before it that outlasts the call's host side
+    (``bench/timing.py``, as the benchmarks time); ``triton.testing.do_bench`` has only
+    its L2 flush ahead of each call, shorter than the backward's Python there. In a dry
+    run, one call's wall time."""
+    if dry:
+        def timed(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e6
+        return timed
+
+    import torch
+
+    from bench import timing
+
+    def timed(fn):
+        fn()
+        torch.cuda.synchronize(device)
+        host = timing.host_launch_seconds(fn, calls=10, sync=lambda: torch.cuda.synchronize(device))
+        lead = max(timing._HOST_LEAD_CYCLES, int(1.5 * host * timing._SPIN_HZ))
+        samples, _ = timing._cuda_samples([fn], device, warmup_ms=5.0, rep_ms=30.0, min_rounds=10,
+                                          max_rounds=200, lead_cycles=lead)
+        return statistics.median(samples[0]) * 1e6
+    return timed
 
 
 def _extra(*specs):
@@ -210,32 +257,31 @@ SCORE_BLOCKS = [(32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8), (16, 512
 TOPK_VARIANTS = [(8, 8), (8, 4), (8, 16), (4, 8), (4, 16)]
 
 
-def _selection_sweep(grad, k: int, idx, timed) -> list[dict]:
+def _selection_sweep(grad, k: int, idx, attempt, check) -> None:
     """The scores' first pass under :data:`SCORE_BLOCKS` and the top-k program under
-    :data:`TOPK_VARIANTS` (where the units fit it), each checked first: the partial sums
-    against a float32 torch column sum, the selection against the shipped config's."""
+    :data:`TOPK_VARIANTS` (where the units fit it), each through ``attempt``: the partial
+    sums checked against a float32 torch column sum, the selection against the shipped
+    config's (exactly)."""
     import torch
 
     from meprop_triton.kernels import scores as sc
     from meprop_triton.kernels import topk as tk
 
     M, n = grad.shape
-    out = []
     ref = grad.float().abs().sum(0)
     shipped_scores, shipped_topk = sc.configs, tk.configs
     base = shipped_scores()
+    nbytes = M * n * grad.element_size()
     try:
         for bm, bn, warps in SCORE_BLOCKS:
             cand = [{"partial": {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps}, "finish": base[0]["finish"]}]
             sc.configs = lambda cand=cand: cand
-            parts = sc.column_score_parts(grad)
-            err = (parts[0].sum(0) - ref).abs().max().item()
-            tol = 1e-4 * max(1.0, ref.abs().max().item())
-            us = timed(lambda: sc.column_score_parts(grad))
-            out.append(dict(kernel="column scores, first pass", config=f"{bm}x{bn} w{warps} split {parts.shape[1]}"
-                            + (" (shipped)" if cand[0]["partial"] == base[0]["partial"] else ""),
-                            us=round(us, 2), tflops=None, gbps=round(M * n * grad.element_size() / us / 1e3, 1),
-                            max_err=err, tol=tol, ok=bool(err <= tol)))
+            split = sc._slices(M, n, None, grad.device)[0]
+            got = {}
+            attempt("column scores, first pass", f"{bm}x{bn} w{warps} split {split}"
+                    + (" (shipped)" if cand[0]["partial"] == base[0]["partial"] else ""),
+                    lambda got=got: got.update(parts=sc.column_score_parts(grad)),
+                    lambda got=got: check(got["parts"][0].sum(0), ref, rel=1e-4), nbytes=nbytes)
         sc.configs = shipped_scores
         if n <= tk.MAX_RESIDENT:
             parts = sc.column_score_parts(grad)
@@ -245,24 +291,25 @@ def _selection_sweep(grad, k: int, idx, timed) -> list[dict]:
                 cand = [dict(c) for c in listed]
                 cand[1].update(RADIX_BITS=bits, num_warps=warps)
                 tk.configs = lambda cand=cand: cand
-                got = tk.topk_from_parts(parts, k, bias)
-                same = bool(torch.equal(got, idx))
-                us = timed(lambda: tk.topk_from_parts(parts, k, bias))
+                got = {}
+
+                def same(got=got):
+                    ok = bool(torch.equal(got["idx"][0], idx))
+                    return dict(max_err=0.0 if ok else None, tol=0.0, ok=ok)
+
                 shipped = (bits, warps) == (listed[1]["RADIX_BITS"], listed[1]["num_warps"])
-                out.append(dict(kernel="top-k program (from parts)", config=f"radix {bits} bits w{warps}"
-                                + (" (shipped)" if shipped else ""), us=round(us, 2), tflops=None,
-                                gbps=round(parts.numel() * 4 / us / 1e3, 1),
-                                max_err=0.0 if same else float("inf"), tol=0.0, ok=same))
+                attempt("top-k program (from parts)", f"radix {bits} bits w{warps}" + (" (shipped)" if shipped else ""),
+                        lambda got=got: got.update(idx=tk.topk_from_parts(parts, k, bias, return_rest=True)),
+                        same, nbytes=parts.numel() * 4)
     finally:
         sc.configs, tk.configs = shipped_scores, shipped_topk
-    return out
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], summary: bool = True) -> str:
     head = f"{'kernel':28s} {'config':48s} {'us':>9s} {'TFLOP/s':>8s} {'GB/s':>8s}  check"
     lines = [head, "-" * len(head)]
     for r in rows:
-        chk = "" if "ok" not in r else ("ok" if r["ok"] else f"WRONG ({r['max_err']:.3g})")
+        chk = "" if "ok" not in r else ("ok" if r["ok"] else f"WRONG (max error {r['max_err']})")
         extra = "; ".join(f"{key}: {', '.join(v)}" for key, v in r.items() if key.startswith("autotuned_"))
         if r.get("error"):
             lines.append(f"{r['kernel']:28s} {r['config']:48s} {'-':>9s} {'-':>8s} {'-':>8s}  failed: {r['error']}")
@@ -270,6 +317,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['kernel']:28s} {r['config']:48s} {r['us']:9.1f} "
                      f"{r['tflops'] if r['tflops'] is not None else '-':>8} "
                      f"{r['gbps'] if r['gbps'] is not None else '-':>8}  {chk}{'  ' + extra if extra else ''}")
+    if not summary:
+        return "\n".join(lines)
     gemms = [r for r in rows if r.get("ok") and r["kernel"].startswith(("grad_x", "grad_W", "column", "top-k"))]
     for name in ("grad_x", "grad_W", "column scores", "top-k"):
         best = min((r for r in gemms if r["kernel"].startswith(name)), key=lambda r: r["us"], default=None)

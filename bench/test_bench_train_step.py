@@ -30,6 +30,10 @@ in the same run (``speedup_vs_dense``).
   back through autocast's cast of the weight (torch's ``to(options)`` refuses a sparse
   gradient), so this case would fail under autocast.
 
+* GPU, large, graphed (``test_train_step_graphed``): the same two models, each whole
+  step (forward, backward, Adam with ``capturable=True``) captured once in a CUDA graph
+  and replayed, as torch's whole-network capture recipe does: the GPU's work alone.
+
 Targets are recorded in each case's ``extra_info`` by ``bench/targets.py``; they fail a
 run only under ``--assert-targets``.
 """
@@ -233,3 +237,70 @@ def test_train_step_after_training(benchmark, request, flush):
     )
     if medians is not None:
         _record_speedup(benchmark, request, medians, target)
+
+
+class _GraphedStep:
+    """The replay of one whole training step captured in a CUDA graph, holding everything
+    the graph reads and writes (model, optimizers, static input and labels): freed, their
+    memory could go back to the driver while the graph still points at it. (The first
+    H200 run's version of this case returned only ``graph.replay`` and hit an illegal
+    memory access.)"""
+
+    def __init__(self, graph, *keep):
+        self.graph, self.keep = graph, keep
+
+    def __call__(self):
+        self.graph.replay()
+
+
+def graphed_step(model, opts, batch, dims, device, dtype, seed=1) -> _GraphedStep:
+    """One step (static input and labels) captured as torch's whole-network recipe does:
+    warmed up on a side stream, gradients set to None, then captured."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dims[0], generator=gen).to(device=device, dtype=dtype)
+    y = torch.randint(0, dims[-1], (batch,), generator=gen).to(device)
+
+    def step():
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        for o in opts:
+            o.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return _GraphedStep(graph, model, opts, x, y)
+
+
+@pytest.mark.parametrize("name", [pytest.param("large", id="cuda-large-densegrad", marks=[needs_gpu])])
+def test_train_step_graphed(benchmark, request, name):
+    """The GPU step with both models' whole steps replayed from CUDA graphs (Adam with
+    ``capturable=True``): no host time left on either side, the GPU's work alone. Last
+    in this file, and gpu_run.sh runs the forward benchmark before this file: a fault
+    here would end every CUDA test after it in the process."""
+    device, batch, dims, k, dtype, budget = MLPS[name]
+    _info(benchmark, name, "unified-topk", "dense", "triton", "adam")
+    benchmark.extra_info["optimizer"] = "Adam (capturable); each whole step replayed from a CUDA graph"
+    benchmark.group += "-graphed"
+
+    def capturable(params, _opt):
+        return torch.optim.Adam(params, lr=1e-3, capturable=True)
+
+    dense_model = mlp(dims, device, dtype)
+    meprop_model = convert(mlp(dims, device, dtype), k=k, exclude=["4"])
+    fns = {
+        "dense": graphed_step(dense_model, [capturable(dense_model.parameters(), None)], batch, dims, device, dtype),
+        "meprop": graphed_step(meprop_model, [capturable(meprop_model.parameters(), None)], batch, dims, device, dtype),
+    }
+    medians = measure(benchmark, fns, candidate="meprop", device=device, budget_s=budget, min_rounds=10)
+    if medians is not None:
+        _record_speedup(benchmark, request, medians, None)

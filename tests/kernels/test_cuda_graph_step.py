@@ -3,7 +3,11 @@ replayed, against the same steps run eagerly: the dense MLP and the converted on
 
 The first H200 run (bench/results/gpu-h200-2026-12-04) hit an illegal memory access in
 such a capture of the benchmark's MLP (4096-4096-4096-10, 8192 tokens, bf16, autotuned
-kernels), and did not show whether in the dense or the meProp model's. So each case runs
+kernels), and did not show whether in the dense or the meProp model's. A review found a
+likely cause in the benchmark itself: its helper returned only the graph's ``replay``,
+so the models, optimizers and inputs the graph reads were freed, and the next capture's
+``empty_cache`` could hand their memory back to the driver. Here everything the graph
+reads stays alive until the comparison. So each case runs
 in a child process of its own that synchronizes after each phase and prints it first:
 a fault there fails that case with the phase it reached, and cannot poison the CUDA
 context of the tests after it. Needs a real GPU; skips elsewhere.
@@ -126,9 +130,14 @@ def test_training_step_captured_in_a_cuda_graph(kind, size):
     # the small case with the kernels' one test config; the large one autotuned, as the
     # benchmark whose capture failed
     env["MEPROP_TRITON_TEST_CONFIG"] = "1" if size == "small" else "0"
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, kind, size], env=env, capture_output=True, text=True, timeout=600
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, kind, size], env=env, capture_output=True, text=True, timeout=600
+        )
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        phases = [line for line in out.splitlines() if line.startswith("phase: ")]
+        pytest.fail(f"{kind} {size}: no end after 600 s, in {phases[-1] if phases else 'start-up'}")
     phases = [line for line in proc.stdout.splitlines() if line.startswith("phase: ")]
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("ok"), (
         f"{kind} {size}: exit {proc.returncode} in {phases[-1] if phases else 'start-up'}\n"

@@ -21,7 +21,8 @@ import kernel_checks  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 
 #: sweep() in an interpreter child; with argv[1] == "wrong", grad_x's kernel call is
-#: followed by a change of one output element; with "fail", grad_W raises at split 2
+#: followed by a change of one output element; with "fail", grad_W raises at split 2;
+#: with "interrupt", the command line is stopped in grad_W as a time cap stops it
 CHILD = """
 import json, os, sys
 os.environ["TRITON_INTERPRET"] = "1"
@@ -44,6 +45,11 @@ if sys.argv[1] == "fail":
             raise RuntimeError("out of resource: shared memory, Required: 300000")
         return real_w(*args, split=split, **kwargs)
     mm.scattered_grad_weight = failing
+if sys.argv[1] == "interrupt":  # a time cap's SIGINT in the middle of grad_W
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    mm.scattered_grad_weight = interrupted
+    sys.exit(kernel_sweep.main(["--dry-run", "--shape", "40", "48", "70", "--k", "9", "--json", sys.argv[3]]))
 print(json.dumps(kernel_sweep.sweep(40, 48, 70, 9, torch.float32, dry=True)))
 """
 
@@ -62,7 +68,9 @@ def test_the_dry_run_checks_every_config_and_writes_json(tmp_path):
         cwd=ROOT, env=kernel_checks.compiled_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    saved = json.loads(out.read_text())
+    assert saved["stopped"] is None
+    rows = saved["rows"]
     kernels = [r["kernel"] for r in rows]
     assert kernels[0] == "selection (scores + top-k)" and "compaction G[:, S]" in kernels
     # the selection's two kernels under each candidate, the shipped one marked, all checked
@@ -96,6 +104,20 @@ def test_a_config_that_fails_to_run_is_a_row_not_the_end():
     # the sweep went on: grad_W at split 1 and everything after it
     assert any(r["kernel"].startswith("grad_W") and r.get("ok") for r in rows)
     assert rows[-1]["kernel"] == "dense grad_W (cuBLAS)"
+
+
+def test_a_sweep_stopped_by_its_time_cap_keeps_its_rows(tmp_path):
+    out = tmp_path / "cut.json"
+    proc = subprocess.run([sys.executable, "-c", CHILD, "interrupt", str(ROOT), str(out)], cwd=ROOT,
+                          env=kernel_checks.compiled_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "stopped by an interrupt" in proc.stderr
+    saved = json.loads(out.read_text())
+    assert saved["stopped"].startswith("stopped by an interrupt")
+    kernels = [r["kernel"] for r in saved["rows"]]
+    assert "grad_x GEMM" in kernels and not any(k.startswith("grad_W") for k in kernels)
+    # each row was printed as it was measured, before the stop
+    assert proc.stdout.count("grad_x GEMM") >= 2 * kernels.count("grad_x GEMM")
 
 
 def test_without_a_gpu_the_real_run_refuses_clearly():
