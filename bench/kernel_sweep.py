@@ -5,8 +5,9 @@ the config the autotuner picked: what to tune next, in one short run.
 ``python bench/kernel_sweep.py [--shape M IN OUT] [--k K] [--dtype D] [--json PATH]
 [--dry-run]``
 
-On a GPU every timing is ``triton.testing.do_bench``'s median (L2 flushed before each
-call). Every config's output is checked against a float32 torch product of the same
+On a GPU every timing is the median of CUDA events around calls with L2 flushed and a
+spin before each that outlasts the call's host side (``bench/timing.py``, as the
+benchmarks time). Every config's output is checked against a float32 torch product of the same
 selection before it is timed, so a config that computes wrong numbers shows as such,
 not as a fast one. The first H200 run (bench/results/gpu-h200-2026-12-04) timed the
 kernels of the target shape (8192 x 4096 -> 4096, bf16, k = 205) at 2-4x their roofline
