@@ -169,8 +169,13 @@ def _candidates(launch: Launch):
     for cfg in configs:
         kw = dict(launch.kwargs) | dict(cfg.kwargs)
         kw.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        tag = "x".join(str(v) for v in cfg.kwargs.values()) + f"w{cfg.num_warps}s{cfg.num_stages}"
-        yield tag, kw
+        yield config_tag(cfg), kw
+
+
+def config_tag(cfg) -> str:
+    """A ``triton.Config`` as this report and ``kernel_sweep.py`` name it: its meta
+    values joined by ``x``, then warps and stages (``128x128x32x8w8s3``)."""
+    return "x".join(str(v) for v in cfg.kwargs.values()) + f"w{cfg.num_warps}s{cfg.num_stages}"
 
 
 def _programs(launch: Launch, kwargs: dict) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -85,11 +84,6 @@ def main(argv=None) -> int:
     return 1 if bad or stopped else 0
 
 
-def _config_name(cfg) -> str:
-    kw = cfg.kwargs
-    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
-
-
 def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False,
           rows: list | None = None, emit=None) -> list[dict]:
     """One row per timed call: ``kernel``, ``config``, ``us``, ``tflops``, ``gbps`` and,
@@ -99,6 +93,7 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False,
     run. Appended to ``rows`` (returned) as each is measured, each passed to ``emit``."""
     import torch
 
+    from bench.codegen import config_tag
     from meprop_triton import triton_ops
     from meprop_triton.kernels import _launch
     from meprop_triton.kernels import matmul as mm
@@ -178,7 +173,7 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False,
         def run_x(cfg=cfg):
             return mm.gathered_grad_input(grad, weight, idx, grad_selected=g_sel, out=out_x, config=cfg)
         out_x.fill_(float("nan"))  # a config that writes nothing cannot pass
-        attempt("grad_x GEMM", _config_name(cfg) + tag, run_x, lambda: check(out_x, ref_x),
+        attempt("grad_x GEMM", config_tag(cfg) + tag, run_x, lambda: check(out_x, ref_x),
                 flops, (M * KP + k * n_in + M * n_in) * elem)
 
     out_w = torch.empty((n_out, n_in), device=device, dtype=dtype)
@@ -192,7 +187,7 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False,
             nbytes = (M * KP + M * n_in + n_out * n_in) * elem + (2 * split * k * n_in * 4 if split > 1 else 0)
             out_w.fill_(float("nan"))
             attempt("grad_W GEMM + zero rows",
-                    f"{_config_name(cfg)} split {split}" + (" (default)" if split == default_split else "") + tag,
+                    f"{config_tag(cfg)} split {split}" + (" (default)" if split == default_split else "") + tag,
                     run_w, lambda: check(out_w, ref_w), flops, nbytes)
 
     whole = timed(lambda: triton_ops.unified_topk_backward(grad, x, weight, k))
@@ -200,7 +195,7 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False,
     if not dry:  # what the autotuner chose for this shape, now that the whole backward ran
         for which in ("grad_input", "grad_weight"):
             cache = getattr(mm._autotuned(which), "cache", {})
-            more[f"autotuned_{which}"] = sorted({_config_name(c) for c in cache.values()})
+            more[f"autotuned_{which}"] = sorted({config_tag(c) for c in cache.values()})
     row("whole backward (autotuned)", "-", whole, 2 * flops, **more)
     row("dense grad_x (cuBLAS)", "-", timed(lambda: grad @ weight), 2 * M * n_out * n_in)
     row("dense grad_W (cuBLAS)", "-", timed(lambda: grad.t() @ x), 2 * M * n_out * n_in)
@@ -220,18 +215,10 @@ def _timer(device, dry: bool):
             return (time.perf_counter() - t0) * 1e6
         return timed
 
-    import torch
-
-    from bench import timing
+    from bench.timing import cuda_median_seconds
 
     def timed(fn):
-        fn()
-        torch.cuda.synchronize(device)
-        host = timing.host_launch_seconds(fn, calls=10, sync=lambda: torch.cuda.synchronize(device))
-        lead = max(timing._HOST_LEAD_CYCLES, int(1.5 * host * timing._SPIN_HZ))
-        samples, _ = timing._cuda_samples([fn], device, warmup_ms=5.0, rep_ms=30.0, min_rounds=10,
-                                          max_rounds=200, lead_cycles=lead)
-        return statistics.median(samples[0]) * 1e6
+        return cuda_median_seconds(fn, device) * 1e6
     return timed
 
 

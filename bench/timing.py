@@ -69,10 +69,8 @@ def _cuda_samples(
     min_rounds: int, max_rounds: int, lead_cycles: int = _HOST_LEAD_CYCLES,
 ) -> tuple[list[list[float]], int]:
     """Seconds of each call of each function, per round (CUDA events, interleaved, L2
-    flushed, a spin of ``lead_cycles`` GPU cycles before each start event)."""
-    for fn in fns:  # compile / autotune outside the timing
-        fn()
-    torch.cuda.synchronize(device)
+    flushed, a spin of ``lead_cycles`` GPU cycles before each start event). The callers
+    have run each function once already (compiled, autotuned)."""
     # Estimate a round's cost from five back-to-back calls of each.
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
@@ -101,6 +99,24 @@ def _cuda_samples(
     torch.cuda.synchronize(device)
     samples = [[s.elapsed_time(e) / 1e3 for s, e in zip(starts[i], ends[i])] for i in range(len(fns))]
     return samples, rounds
+
+
+def lead_cycles(host_s: float) -> int:
+    """The spin before each timed call: 1.5 times the slowest host side ``host_s``
+    (seconds) in GPU cycles, at least :data:`_HOST_LEAD_CYCLES`, at most ~20 ms."""
+    return min(40_000_000, max(_HOST_LEAD_CYCLES, int(1.5 * host_s * _SPIN_HZ)))
+
+
+def cuda_median_seconds(fn: Callable, device: torch.device, *, rep_ms: float = 30.0) -> float:
+    """One function's median GPU time per call, timed as :func:`measure` times on a GPU
+    (its host time first, then CUDA events with L2 flushed and a spin that outlasts it)."""
+    fn()  # compile / autotune outside the timing
+    sync = functools.partial(torch.cuda.synchronize, device)
+    sync()
+    host = host_launch_seconds(fn, calls=10, sync=sync)
+    samples, _ = _cuda_samples([fn], device, warmup_ms=5.0, rep_ms=rep_ms, min_rounds=10, max_rounds=200,
+                               lead_cycles=lead_cycles(host))
+    return statistics.median(samples[0])
 
 
 def host_launch_seconds(fn: Callable, *, calls: int = 25, sync: Callable[[], None] | None = None) -> float:
@@ -208,8 +224,8 @@ def measure(
         host_loop = {n: host_and_loop_seconds(baselines.get(n, target), sync=sync) for n in names}
         host = {n: h for n, (h, _) in host_loop.items()}
         # The spin before each start event outlasts the slowest host side, so that the
-        # events time GPU work, not a GPU waiting on Python (at most ~20 ms).
-        lead = min(40_000_000, max(_HOST_LEAD_CYCLES, int(1.5 * max(host.values()) * _SPIN_HZ)))
+        # events time GPU work, not a GPU waiting on Python.
+        lead = lead_cycles(max(host.values()))
         per_fn, rounds = _cuda_samples(
             [baselines.get(n, target) for n in names], device, warmup_ms=25.0, rep_ms=1e3 * budget_s,
             min_rounds=max(min_rounds, 10), max_rounds=max_rounds, lead_cycles=lead,

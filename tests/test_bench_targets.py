@@ -184,6 +184,15 @@ def test_host_launch_syncs_only_around_the_calls():
         host_launch_seconds(fn, calls=0)
 
 
+def test_the_spin_before_a_timed_call_outlasts_its_host_side():
+    from bench import timing
+
+    assert timing.lead_cycles(0.0) == timing._HOST_LEAD_CYCLES  # never below ~200 us
+    # 1 ms of host time: a 1.5 ms spin at the clock the cycles are counted in
+    assert timing.lead_cycles(1e-3) == int(1.5e-3 * timing._SPIN_HZ)
+    assert timing.lead_cycles(1.0) == 40_000_000  # capped at ~20 ms
+
+
 def test_the_eager_loop_time_counts_the_final_sync():
     """A GPU still busy after the last launch (a sync that waits) shows in the loop's time
     per call, not in the host time of a call."""
