@@ -292,14 +292,10 @@ def test_train_step_graphed(benchmark, request, name):
     benchmark.extra_info["optimizer"] = "Adam (capturable); each whole step replayed from a CUDA graph"
     benchmark.group += "-graphed"
 
-    def capturable(params, _opt):
-        return torch.optim.Adam(params, lr=1e-3, capturable=True)
-
-    dense_model = mlp(dims, device, dtype)
-    meprop_model = convert(mlp(dims, device, dtype), k=k, exclude=["4"])
+    models = {"dense": mlp(dims, device, dtype), "meprop": convert(mlp(dims, device, dtype), k=k, exclude=["4"])}
     fns = {
-        "dense": graphed_step(dense_model, [capturable(dense_model.parameters(), None)], batch, dims, device, dtype),
-        "meprop": graphed_step(meprop_model, [capturable(meprop_model.parameters(), None)], batch, dims, device, dtype),
+        side: graphed_step(m, [torch.optim.Adam(m.parameters(), lr=1e-3, capturable=True)], batch, dims, device, dtype)
+        for side, m in models.items()
     }
     medians = measure(benchmark, fns, candidate="meprop", device=device, budget_s=budget, min_rounds=10)
     if medians is not None:
