@@ -124,6 +124,17 @@ def recording(arch: int):
         _launch.FORCE_SINGLE_CONFIG = single
 
 
+@contextlib.contextmanager
+def forced(module, name: str, value):
+    """Within: ``module.<name>`` is ``value`` (a route switch of ``triton_ops``, say)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
 def record_backward(M: int, n_in: int, n_out: int, k: int, dtype: torch.dtype, mode: str, arch: int) -> list:
     """The launches of one backward (grad of x, W and b) at this shape, recorded."""
     from meprop_triton import triton_ops
@@ -132,21 +143,18 @@ def record_backward(M: int, n_in: int, n_out: int, k: int, dtype: torch.dtype, m
     grad = torch.empty(M, n_out, dtype=dtype)
     x = torch.empty(M, n_in, dtype=dtype)
     weight = torch.empty(n_out, n_in, dtype=dtype)
-    with recording(arch) as rec:
-        if mode == "unified":
-            triton_ops._unified_topk_backward(grad, x, weight, k, True, True, True)
-        elif mode == "per-example":
-            # The Triton kernels' code whatever route "auto" would take (per_example_route):
-            # the masked route's products are cuBLAS GEMMs, and they would run here, as
-            # torch ops, on the indices of a top-k launch that was only recorded.
-            saved = triton_ops.PER_EXAMPLE_ROUTE
-            triton_ops.PER_EXAMPLE_ROUTE = "gather"
-            try:
-                triton_ops._per_example_topk_backward(grad, x, weight, k, True, True, True)
-            finally:
-                triton_ops.PER_EXAMPLE_ROUTE = saved
-        else:
-            raise ValueError(f"mode must be 'unified' or 'per-example'; got {mode!r}")
+    # The Triton kernels' code whatever route "auto" would take: the other routes'
+    # products are cuBLAS GEMMs (the unified default, UNIFIED_GEMMS; per-example's masked
+    # route, per_example_route), whose code no Triton compile shows, and which would run
+    # here, as torch ops, on the indices of a top-k launch that was only recorded.
+    if mode == "unified":
+        setting, route, run = "UNIFIED_GEMMS", "triton", triton_ops._unified_topk_backward
+    elif mode == "per-example":
+        setting, route, run = "PER_EXAMPLE_ROUTE", "gather", triton_ops._per_example_topk_backward
+    else:
+        raise ValueError(f"mode must be 'unified' or 'per-example'; got {mode!r}")
+    with recording(arch) as rec, forced(triton_ops, setting, route):
+        run(grad, x, weight, k, True, True, True)
     del gen
     return rec.launches
 
@@ -273,6 +281,11 @@ def usage(compiled) -> dict:
         out["regs"], out["spill_bytes"] = int(m.group(1)), int(m.group(2))
     out["spill_instructions"] = len(re.findall(r"\b(?:STL|LDL)\b", sass))
     out["wgmma_wait0"] = len(re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0", sass))
+    # asynchronous copies from global memory (cp.async, TMA), and the most copy groups a
+    # wait leaves in flight (``DEPBAR.LE SB0, n``: a software pipeline n + 1 stages deep)
+    out["async_copy_instructions"] = len(re.findall(r"\b(?:LDGSTS|UTMALDG)\b", sass))
+    depths = [int(d, 16) for d in re.findall(r"\bDEPBAR\.LE\s+SB0,\s*0x([0-9a-f]+)", sass)]
+    out["async_copies_in_flight"] = max(depths, default=0)
     return out
 
 

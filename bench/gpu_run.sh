@@ -322,20 +322,22 @@ B=bench/test_bench_backward.py
 bench_group a-bf16-unified 30 180 \
     "cuda-bf16-large and (triton-unified-topk-densegrad or test_dense_backward or (test_selection and triton))" \
     "$B" bench/test_bench_selection.py
-# Each kernel alone, each GEMM under every config (bench/kernel_sweep.py): right after
-# the headline group, since it is what the kernels' tuning needs next.
+# The unified products by cuBLAS (the default) vs by the Triton GEMMs, side by side.
+bench_group b-gemm-routes 20 90 "test_triton_gemm_routes" "$B"
+# the forward first: the graphed training step is the last case of its process
+bench_group f-train-step 15 75 "cuda" bench/test_bench_forward.py bench/test_bench_train_step.py
+# Each kernel alone, each GEMM under every config (bench/kernel_sweep.py): what the
+# kernels' tuning needs next.
 if [ "$DRY" = 1 ]; then
     run_step kernel-sweep 10 60 "$PY" bench/kernel_sweep.py --dry-run --json "$OUTDIR/kernel-sweep-dry.json"
 else
-    run_step kernel-sweep 40 150 "$PY" bench/kernel_sweep.py --json "$OUTDIR/kernel-sweep-$STAMP.json"
+    run_step kernel-sweep 40 120 "$PY" bench/kernel_sweep.py --json "$OUTDIR/kernel-sweep-$STAMP.json"
 fi
-bench_group b-compact-vs-gather 15 60 "test_triton_gather_in_gemm" "$B"
+bench_group d-table7 30 120 "table7" "$B"
 bench_group c-fp16-fp32-5pct 15 60 \
     "(cuda-fp16-large or cuda-fp32-large) and (triton-unified-topk-densegrad-k5pct or test_dense_backward)" "$B"
-bench_group d-table7 30 150 "table7" "$B"
 bench_group e-per-example 20 120 "cuda-bf16-large-triton-per-example-topk or test_triton_per_example_routes" "$B"
-# the forward first: the graphed training step is the last case of its process
-bench_group f-train-step 15 75 "cuda" bench/test_bench_forward.py bench/test_bench_train_step.py
+bench_group g-compact-vs-gather 15 60 "test_triton_gather_in_gemm" "$B"
 
 if [ "$DRY" = 1 ]; then  # two quick CPU cases timed for real, so that the report has a JSON
     json="$OUTDIR/cpu-smoke-$STAMP.json"

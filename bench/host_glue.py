@@ -20,6 +20,14 @@ pay. The unified path's host code runs no torch computation, only allocations, s
 nothing else is counted that a GPU would run asynchronously. Prints the median
 microseconds per call over 15 rounds of ``--calls`` calls, and the launches one call
 makes.
+
+It times the route whose every step is a Triton launch (``triton_ops.UNIFIED_GEMMS =
+"triton"``). The default route hands the two products to cuBLAS: its first three
+launches (scores, top-k, compaction) and their glue are the same, and the three GEMM
+launches become seven torch operations (``index_select``, ``zero_``, two ``mm``, a
+memset, ``index_copy_``, an allocation) which a CPU would run, not just dispatch, at
+this shape; their host cost is torch's dispatch, which ``gpu_run.sh`` measures with the
+rest (``host_launch_us``).
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and the package
 
 import torch
 
-from bench.codegen import DTYPES, recording
+from bench.codegen import DTYPES, forced, recording
 
 
 class _NoLaunch:
@@ -74,7 +82,11 @@ def measure(M: int, n_in: int, n_out: int, k: int, *, dtype=torch.bfloat16, call
 
     if not 1 <= k <= n_out:
         raise ValueError(f"k must lie in [1, OUT={n_out}]; got {k}")
-    fn = triton_ops.unified_topk_backward
+    with forced(triton_ops, "UNIFIED_GEMMS", "triton"):  # every step a Triton launch: see above
+        return _measure(triton_ops.unified_topk_backward, M, n_in, n_out, k, dtype, calls, rounds, arch)
+
+
+def _measure(fn, M, n_in, n_out, k, dtype, calls, rounds, arch):
     device = "cpu"
     grad = torch.empty(M, n_out, dtype=dtype, device=device)
     x = torch.empty(M, n_in, dtype=dtype, device=device)

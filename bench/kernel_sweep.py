@@ -93,7 +93,7 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False,
     run. Appended to ``rows`` (returned) as each is measured, each passed to ``emit``."""
     import torch
 
-    from bench.codegen import config_tag
+    from bench.codegen import config_tag, forced
     from meprop_triton import triton_ops
     from meprop_triton.kernels import _launch
     from meprop_triton.kernels import matmul as mm
@@ -190,13 +190,26 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False,
                     f"{config_tag(cfg)} split {split}" + (" (default)" if split == default_split else "") + tag,
                     run_w, lambda: check(out_w, ref_w), flops, nbytes)
 
-    whole = timed(lambda: triton_ops.unified_topk_backward(grad, x, weight, k))
-    more = {}
-    if not dry:  # what the autotuner chose for this shape, now that the whole backward ran
-        for which in ("grad_input", "grad_weight"):
-            cache = getattr(mm._autotuned(which), "cache", {})
-            more[f"autotuned_{which}"] = sorted({config_tag(c) for c in cache.values()})
-    row("whole backward (autotuned)", "-", whole, 2 * flops, **more)
+    # the cuBLAS route of triton_ops.UNIFIED_GEMMS on the same compacted G
+    attempt("grad_x, cuBLAS route", "W[S] copy + mm",
+            lambda: triton_ops._cublas_products(grad, x, weight, idx, True, False, g_sel=g_sel)[0],
+            lambda: check(triton_ops._cublas_products(grad, x, weight, idx, True, False, g_sel=g_sel)[0], ref_x),
+            flops, (M * KP + 2 * k * n_in + M * n_in) * elem)
+    attempt("grad_W, cuBLAS route", "mm + zeros + index_copy_",
+            lambda: triton_ops._cublas_products(grad, x, weight, idx, False, True, g_sel=g_sel)[1],
+            lambda: check(triton_ops._cublas_products(grad, x, weight, idx, False, True, g_sel=g_sel)[1], ref_w),
+            flops, (M * KP + M * n_in + 2 * k * n_in + n_out * n_in) * elem)
+
+    for route in ("triton", "cublas"):
+        with forced(triton_ops, "UNIFIED_GEMMS", route):
+            whole = timed(lambda: triton_ops.unified_topk_backward(grad, x, weight, k))
+        more = {}
+        if not dry and route == "triton":  # what the autotuner chose, now that it ran
+            for which in ("grad_input", "grad_weight"):
+                cache = getattr(mm._autotuned(which), "cache", {})
+                more[f"autotuned_{which}"] = sorted({config_tag(c) for c in cache.values()})
+        label = "Triton GEMMs, autotuned" if route == "triton" else "cuBLAS GEMMs"
+        row(f"whole backward ({label})", "-", whole, 2 * flops, **more)
     row("dense grad_x (cuBLAS)", "-", timed(lambda: grad @ weight), 2 * M * n_out * n_in)
     row("dense grad_W (cuBLAS)", "-", timed(lambda: grad.t() @ x), 2 * M * n_out * n_in)
     return rows

@@ -153,7 +153,8 @@ def fmt_mem(b) -> str:
 
 def notes(e: dict) -> str:
     parts = []
-    names = {"torch": "torch path", "topk": "torch.topk", "compacted": "compacted G[:, S]"}
+    names = {"torch": "torch path", "topk": "torch.topk", "compacted": "compacted G[:, S]",
+             "triton_gemms": "Triton GEMMs"}
     for key, value in e.items():
         if key.startswith("speedup_vs_") and key != "speedup_vs_dense" and value is not None:
             if isinstance(value, (int, float)):

@@ -240,23 +240,60 @@ def test_triton_per_example_routes(benchmark, k):
 
 
 @needs_gpu
-@pytest.mark.parametrize("k", (0.01, 0.05, 0.10, 0.25), ids=lambda k: f"cuda-bf16-large-{k_id(k)}")
-def test_triton_gather_in_gemm(benchmark, k):
-    """``triton_ops.COMPACT_GRAD``: G[:, S] compacted once (the default) vs gathered inside
-    each GEMM's loads (no temporary), at bf16, 8192 x 4096->4096, side by side."""
+@pytest.mark.parametrize("k", (0.01, 0.05, 0.10, 0.25, 0.50), ids=lambda k: f"cuda-bf16-large-{k_id(k)}")
+def test_triton_gemm_routes(benchmark, k):
+    """``triton_ops.UNIFIED_GEMMS``: the unified backward's two products by cuBLAS on the
+    compacted operands (the default) vs by the Triton GEMMs (autotuned), at bf16,
+    8192 x 4096->4096, side by side; ``faster_route`` records which won."""
     from meprop_triton import triton_ops
 
     device, shape_key, dt = "cuda", "large", "bf16"
     dtype, shape = DTYPES[dt], SHAPES[device][shape_key]
     M, d_in, d_out = shape
     meprop = layer_for(device, dtype, shape, backend="triton", k=k)
+    _info(benchmark, device, shape_key, dt, "triton", "unified-topk (cuBLAS GEMMs)", "dense", meprop.k_units, k)
+    benchmark.group = f"triton-gemm-routes-{device}-{dt}-{shape_key}-{shape_name(shape)}"
+    call = backward_call(meprop, device, dtype, shape)
+    fns = {
+        "dense": backward_call(layer_for(device, dtype, shape), device, dtype, shape),
+        "triton_gemms": _with_setting(triton_ops, "UNIFIED_GEMMS", "triton", call),
+        "meprop": _with_setting(triton_ops, "UNIFIED_GEMMS", "cublas", call),
+    }
+    medians = measure(benchmark, fns, candidate="meprop", device=device, budget_s=BUDGET_S[device, shape_key])
+    if medians is None:
+        return
+    benchmark.extra_info.update(
+        speedup_vs_dense=round(medians.paired["dense"], 3),
+        speedup_vs_triton_gemms=round(medians.paired["triton_gemms"], 3),
+        faster_route="cublas" if medians["meprop"] <= medians["triton_gemms"] else "triton",
+        **peak_memory(fns["meprop"], device),
+    )
+    benchmark.extra_info.update(
+        roofline(device, dtype, backward_flops(M, d_in, d_out, meprop.k_units),
+                 backward_bytes(M, d_in, d_out, meprop.k_units, dtype.itemsize), medians["meprop"])
+    )
+
+
+@needs_gpu
+@pytest.mark.parametrize("k", (0.01, 0.05, 0.10, 0.25), ids=lambda k: f"cuda-bf16-large-{k_id(k)}")
+def test_triton_gather_in_gemm(benchmark, k):
+    """``triton_ops.COMPACT_GRAD``, on the Triton GEMMs (``UNIFIED_GEMMS = "triton"``):
+    G[:, S] compacted once (the default) vs gathered inside each GEMM's loads (no
+    temporary), at bf16, 8192 x 4096->4096, side by side."""
+    from meprop_triton import triton_ops
+
+    device, shape_key, dt = "cuda", "large", "bf16"
+    dtype, shape = DTYPES[dt], SHAPES[device][shape_key]
+    M, d_in, d_out = shape
+    meprop = layer_for(device, dtype, shape, backend="triton", k=k)
+    triton_gemms = _with_setting(triton_ops, "UNIFIED_GEMMS", "triton", backward_call(meprop, device, dtype, shape))
     _info(benchmark, device, shape_key, dt, "triton", "unified-topk (G gathered in GEMM loads)",
           "dense", meprop.k_units, k)
     benchmark.group = f"triton-gather-{device}-{dt}-{shape_key}-{shape_name(shape)}"
     fns = {
         "dense": backward_call(layer_for(device, dtype, shape), device, dtype, shape),
-        "compacted": _with_setting(triton_ops, "COMPACT_GRAD", True, backward_call(meprop, device, dtype, shape)),
-        "meprop": _with_setting(triton_ops, "COMPACT_GRAD", False, backward_call(meprop, device, dtype, shape)),
+        "compacted": _with_setting(triton_ops, "COMPACT_GRAD", True, triton_gemms),
+        "meprop": _with_setting(triton_ops, "COMPACT_GRAD", False, triton_gemms),
     }
     medians = measure(benchmark, fns, candidate="meprop", device=device, budget_s=BUDGET_S[device, shape_key])
     if medians is None:

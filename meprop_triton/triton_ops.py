@@ -47,6 +47,40 @@ OP_NAME = "meprop_triton::unified_topk_backward"
 #: output column tile (in / BLOCK_N times per GEMM), against one compaction pass.
 COMPACT_GRAD = True
 
+#: How the two products of a unified backward run once ``G[:, S]`` is compacted:
+#:
+#: * ``"cublas"``: ``torch.mm`` on the compacted operands, cuBLAS on a GPU (torch's CPU
+#:   matmul under the interpreter). ``grad_x = G[:, S] @ W[S, :]`` with ``W[S, :]``
+#:   copied once into a ``(k, in)`` tensor (``index_select``, zero rows up to the padded
+#:   width); ``grad_W[S] = G[:, S]^T @ X`` into a ``(k, in)`` tensor, then ``grad_W`` is
+#:   one memset of zeros and an ``index_copy_`` of those rows. Small temporaries only:
+#:   ``(k, in)`` twice, nothing of size ``(M, out)``. The products are torch's own, as in
+#:   the dense ``nn.Linear`` backward: tf32 for fp32 where torch allows it, and in fp16 /
+#:   bf16 a reduction that cuBLAS may carry out in reduced precision where torch allows
+#:   it (``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` and its
+#:   fp16 twin).
+#: * ``"triton"``: kernels/matmul.py's GEMMs, which gather ``W``'s rows in their loads
+#:   and store ``grad_W``'s rows (zeros included) themselves.
+#:
+#: ``"auto"`` takes cuBLAS. Measured on an H200 (bench/results/gpu-h200-2026-12-04,
+#: bf16, M = 8192, in = out = 4096, k = 205), the Triton GEMMs took 65 us (grad_x) and
+#: 46 + 16 us (grad_W and its split-K sum): about 210 and 220 TFLOP/s of useful work,
+#: where cuBLAS ran the dense backward's two GEMMs at about 740 TFLOP/s, and at k = 50 %
+#: the whole Triton backward (738 us) was no faster than the dense one (728 us) with half
+#: its FLOPs. Each launch through Triton's Python launcher also cost far more host time
+#: there than a torch op. ``bench/test_bench_backward.py::test_triton_gemm_routes``
+#: times the two routes side by side.
+UNIFIED_GEMMS = "auto"
+
+
+def unified_gemm_route() -> str:
+    """``"cublas"`` or ``"triton"``: the route :data:`UNIFIED_GEMMS` asks for."""
+    if UNIFIED_GEMMS == "auto":
+        return "cublas"
+    if UNIFIED_GEMMS not in ("cublas", "triton"):
+        raise ValueError(f"triton_ops.UNIFIED_GEMMS must be 'auto', 'cublas' or 'triton'; got {UNIFIED_GEMMS!r}")
+    return UNIFIED_GEMMS
+
 
 def _no_indices(grad: Tensor) -> Tensor:
     return grad.new_empty(0, dtype=torch.int64)
@@ -79,24 +113,58 @@ def _unified_topk_backward(
     # selected set S (k,) ascending, empty when neither grad_x nor grad_W was asked for.
     idx = _no_indices(grad)
     if need_x or need_w:
-        idx, rest, grad_b = select_units(grad, k, return_rest=True)
-        g_sel = gather_columns(grad, idx, traceable=True) if COMPACT_GRAD else None
-        grad_x = (
-            gathered_grad_input(grad, weight, idx, grad_selected=g_sel, traceable=True)
-            if need_x
-            else grad.new_empty(0)
-        )
-        grad_w = (
-            scattered_grad_weight(grad, x, idx, rest, grad_selected=g_sel, traceable=True)
-            if need_w
-            else grad.new_empty(0)
-        )
+        route = unified_gemm_route()
+        idx, rest, grad_b = select_units(grad, k, return_rest=route == "triton")
+        grad_x, grad_w = _unified_products(route, grad, x, weight, idx, rest, need_x, need_w)
     else:
         grad_x, grad_w = grad.new_empty(0), grad.new_empty(0)  # outputs may not alias
         grad_b = column_scores_and_bias(grad, traceable=True)[1] if need_b else grad.new_empty(0)
     if not need_b:
         grad_b = grad.new_empty(0)
     return grad_x, grad_w, grad_b, idx
+
+
+def _unified_products(route, grad, x, weight, idx, rest, need_x, need_w):
+    """``(grad_x, grad_W)`` for the ascending selection ``idx`` (``rest``: the other
+    units, ascending; the Triton route's zero rows), empty where not needed."""
+    if route == "cublas":
+        return _cublas_products(grad, x, weight, idx, need_x, need_w)
+    g_sel = gather_columns(grad, idx, traceable=True) if COMPACT_GRAD else None
+    grad_x = (
+        gathered_grad_input(grad, weight, idx, grad_selected=g_sel, traceable=True)
+        if need_x
+        else grad.new_empty(0)
+    )
+    grad_w = (
+        scattered_grad_weight(grad, x, idx, rest, grad_selected=g_sel, traceable=True)
+        if need_w
+        else grad.new_empty(0)
+    )
+    return grad_x, grad_w
+
+
+def _cublas_products(grad, x, weight, idx, need_x, need_w, g_sel=None):
+    """The ``"cublas"`` route of :data:`UNIFIED_GEMMS`. ``G[:, S]`` comes compacted and
+    zero-padded to a multiple of 16 columns (``gather_columns``; ``g_sel``: already
+    made), so both products have an aligned reduction width; ``W[S, :]`` gets as many
+    rows, the padding ones zero (the padding adds exact zeros, even where W holds inf
+    or NaN elsewhere)."""
+    k = idx.shape[0]
+    if g_sel is None:
+        g_sel = gather_columns(grad, idx, traceable=True)  # (M, kp), kp = padded_width(k)
+    kp = g_sel.shape[1]
+    grad_x = grad_w = grad.new_empty(0)
+    if need_x:
+        w_sel = weight.new_empty((kp, weight.shape[1]))
+        torch.index_select(weight, 0, idx, out=w_sel[:k])
+        if kp > k:
+            w_sel[k:].zero_()
+        grad_x = torch.mm(g_sel, w_sel)
+    if need_w:
+        rows = torch.mm(g_sel.t(), x)  # (kp, in); rows past k are the padding's zeros
+        grad_w = weight.new_zeros(weight.shape)
+        grad_w.index_copy_(0, idx, rows[:k])
+    return grad_x, grad_w
 
 
 def _fake_unified_topk_backward(grad, x, weight, k, need_x, need_w, need_b):
@@ -334,18 +402,10 @@ def _unified_backward_from_indices(
     # compact them, ascending, and the others after them.
     marks = torch.zeros(n_out, dtype=torch.float32, device=grad.device)
     marks.index_fill_(0, idx, 1.0)
-    sel, rest = topk_indices(marks, k, return_rest=True, traceable=True)
-    g_sel = gather_columns(grad, sel, traceable=True) if COMPACT_GRAD else None
-    grad_x = (
-        gathered_grad_input(grad, weight, sel, grad_selected=g_sel, traceable=True)
-        if need_x
-        else grad.new_empty(0)
-    )
-    grad_w = (
-        scattered_grad_weight(grad, x, sel, rest, grad_selected=g_sel, traceable=True)
-        if need_w
-        else grad.new_empty(0)
-    )
+    route = unified_gemm_route()
+    sel = topk_indices(marks, k, return_rest=route == "triton", traceable=True)
+    sel, rest = sel if route == "triton" else (sel, None)
+    grad_x, grad_w = _unified_products(route, grad, x, weight, sel, rest, need_x, need_w)
     return grad_x, grad_w, _bias_only(grad, need_b)
 
 

@@ -52,3 +52,13 @@ def rng():
     return torch.Generator().manual_seed(31337)
 
 
+
+
+@pytest.fixture(params=["cublas", "triton"])
+def gemm_route(request, monkeypatch):
+    """Each unified route of ``triton_ops.UNIFIED_GEMMS`` in turn: torch.mm on the
+    compacted operands (cuBLAS on a GPU) and the Triton GEMMs."""
+    from meprop_triton import triton_ops
+
+    monkeypatch.setattr(triton_ops, "UNIFIED_GEMMS", request.param)
+    return request.param

@@ -102,9 +102,11 @@ def test_compiled_backward_calls_the_triton_op_and_is_traced_into_kernels(traced
         topk = "topk.topk_kernel" if case["out"] <= 4096 else "topk.radix_write_kernel"
         assert topk in names
     if key[0] == "linear" and key[1]:
-        # the compacted G[:, S] feeds both GEMMs; the weight GEMM only where it is needed
-        assert "matmul.gather_columns_kernel" in names and "matmul.grad_input_kernel" in names
-        assert ("matmul.grad_weight_kernel" in names) == (not case.get("frozen"))
+        # the compacted G[:, S] feeds both products, cuBLAS's by default
+        # (triton_ops.UNIFIED_GEMMS): torch.mm on the compacted operands, traced as aten ops
+        assert "matmul.gather_columns_kernel" in names and "aten.mm.default" in rec["other_ops"]
+        assert not {"matmul.grad_input_kernel", "matmul.grad_weight_kernel"} & set(names)
+        assert ("aten.index_copy.default" in rec["other_ops"]) == (not case.get("frozen"))
 
 
 def _few_units(case) -> bool:

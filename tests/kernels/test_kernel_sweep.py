@@ -79,10 +79,14 @@ def test_the_dry_run_checks_every_config_and_writes_json(tmp_path):
         assert len(cands) >= 3 and all(r["ok"] is True for r in cands), cands
         assert sum("(shipped)" in r["config"] for r in cands) == 1
     gemms = [r for r in rows if r["kernel"].startswith(("grad_x", "grad_W"))]
-    assert {r["kernel"] for r in gemms} == {"grad_x GEMM", "grad_W GEMM + zero rows"}
+    assert {r["kernel"] for r in gemms} == {
+        "grad_x GEMM", "grad_W GEMM + zero rows", "grad_x, cuBLAS route", "grad_W, cuBLAS route"
+    }
     assert all(r["ok"] is True and r["max_err"] <= r["tol"] for r in gemms)
+    # the whole backward under both routes of triton_ops.UNIFIED_GEMMS
+    assert {"whole backward (Triton GEMMs, autotuned)", "whole backward (cuBLAS GEMMs)"} <= set(kernels)
     # grad_W under each kept config and more than one split, the default marked
-    splits = {r["config"].split(" split ")[1] for r in gemms if r["kernel"].startswith("grad_W")}
+    splits = {r["config"].split(" split ")[1] for r in gemms if r["kernel"] == "grad_W GEMM + zero rows"}
     assert len(splits) >= 2 and any("(default)" in s for s in splits)
     for name in ("grad_x", "grad_W", "column scores", "top-k"):
         assert f"fastest {name}:" in proc.stdout

@@ -484,7 +484,7 @@ def test_per_example_random_op(dtype, rng, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("M,N,I", OP_SHAPES, ids=[str(s) for s in OP_SHAPES])
-def test_unified_random_op(M, N, I, dtype, rng, device):
+def test_unified_random_op(M, N, I, dtype, rng, device, gemm_route):
     """Unified random-k: reference.random_indices on the device, then the compacted
     GEMMs; the complement is made on the device. Sorted and unsorted selections."""
     skip_unsupported(dtype)

@@ -52,7 +52,7 @@ def make_grad(M, N, dtype, rng, device):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("M,N,I", [(1, 5, 3), (37, 130, 64), (7, 1000, 129)], ids=lambda v: str(v))
-def test_matches_reference(M, N, I, dtype, rng, device):
+def test_matches_reference(M, N, I, dtype, rng, device, gemm_route):
     skip_unsupported(dtype)
     G = make_grad(M, N, dtype, rng, device)
     X, W = randn((M, I), dtype, rng, device), randn((N, I), dtype, rng, device)
@@ -62,14 +62,14 @@ def test_matches_reference(M, N, I, dtype, rng, device):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("need", list(itertools.product([True, False], repeat=3)), ids=lambda n: "".join("xwb"[i] if v else "-" for i, v in enumerate(n)))
-def test_need_flags(need, rng, device):
+def test_need_flags(need, rng, device, gemm_route):
     G = make_grad(37, 130, torch.float32, rng, device)
     X, W = randn((37, 64), torch.float32, rng, device), randn((130, 64), torch.float32, rng, device)
     check_against_reference(G, X, W, 13, need)
 
 
 @pytest.mark.interpreter
-def test_strided_and_three_d(rng, device):
+def test_strided_and_three_d(rng, device, gemm_route):
     g3 = make_grad(5 * 7, 130, torch.float32, rng, device).reshape(5, 7, 130).transpose(0, 1)
     x3 = randn((5, 7, 64), torch.float32, rng, device).transpose(0, 1)
     W = randn((64, 130), torch.float32, rng, device).t()  # column-major weight
@@ -77,7 +77,7 @@ def test_strided_and_three_d(rng, device):
 
 
 @pytest.mark.interpreter
-def test_nan_grad_reaches_outputs(rng, device):
+def test_nan_grad_reaches_outputs(rng, device, gemm_route):
     from meprop_triton.triton_ops import unified_topk_backward
 
     G = randn((37, 130), torch.float32, rng, device) * 1e-3
@@ -86,6 +86,25 @@ def test_nan_grad_reaches_outputs(rng, device):
     gx, gw, gb = unified_topk_backward(G, X, W, 1)
     assert torch.isnan(gx).any() and torch.isnan(gw[99]).all() and torch.isnan(gb[99])
     assert (gw[:99] == 0).all() and (gw[100:] == 0).all()
+
+
+@pytest.mark.interpreter
+def test_nonfinite_unselected_weight_rows_stay_out(rng, device, gemm_route):
+    """W's unselected rows are never read: inf / NaN there leaves grad_x finite (the
+    cuBLAS route's padding rows are zeros it writes, not rows of W)."""
+    from meprop_triton.triton_ops import unified_topk_backward
+
+    G = make_grad(37, 130, torch.float32, rng, device)
+    X, W = randn((37, 64), torch.float32, rng, device), randn((130, 64), torch.float32, rng, device)
+    k = 13  # padded to 16: three padding rows
+    idx = reference.unified_topk_indices(G, k).cpu()
+    never = torch.ones(130, dtype=torch.bool)
+    never[idx] = False
+    W[never.nonzero()[0, 0]] = math.inf
+    W[never.nonzero()[1, 0]] = math.nan
+    gx, gw, _ = unified_topk_backward(G, X, W, k)
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    check_against_reference(G, X, W, k)
 
 
 @pytest.mark.interpreter
