@@ -58,7 +58,12 @@ def partial_kernel(
 
     acc_abs = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
+    # Software-pipelined (num_stages): the tiles of the next three steps are in flight
+    # as asynchronous copies (cp.async) while this one is added. A plain loop compiles
+    # to loads that ptxas staggers between the adds, one or two 16-byte loads in flight
+    # per thread (sm_90 SASS, triton 3.6 and 3.9), too few to stream G at full bandwidth:
+    # the H200 read it at 1.6 TB/s (41 us at 8192 x 4096, bf16).
+    for m0 in tl.range(row_start, row_end, BLOCK_M, num_stages=4):
         rows = m0 + rows0
         mask = (rows < row_end)[:, None] & col_ok[None, :]
         g = tl.load(g_ptr + rows[:, None] * stride_gm + col_off, mask=mask, other=0.0).to(tl.float32)
@@ -82,16 +87,33 @@ def finish_kernel(
     N, SPLIT,
     BLOCK_N: tl.constexpr,
 ):
-    """Sum the ``SPLIT`` fp32 partial rows in index order; map NaN to +inf; cast the bias."""
+    """Sum the ``SPLIT`` fp32 partial rows in index order; map NaN to +inf; cast the bias.
+
+    Four rows a step, their eight loads issued before the adds (one wait on memory per
+    step); the rows are still added one by one in order, and a row past SPLIT adds +0.0
+    to a sum that starts at +0.0, which changes no bit (``topk_kernel``'s ``FROM_PARTS``
+    sums the same way, to the same bits)."""
     pid = tl.program_id(0).to(tl.int64)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < N
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     b = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for i in range(0, SPLIT):
+    for i in range(0, SPLIT, 4):
         off = i * N + cols
-        s += tl.load(part_abs_ptr + off, mask=ok, other=0.0)
-        b += tl.load(part_sum_ptr + off, mask=ok, other=0.0)
+        # lanes of a row past SPLIT masked off (a limit of 0 columns)
+        ok1 = cols < tl.where(i + 1 < SPLIT, N, 0)
+        ok2 = cols < tl.where(i + 2 < SPLIT, N, 0)
+        ok3 = cols < tl.where(i + 3 < SPLIT, N, 0)
+        s0 = tl.load(part_abs_ptr + off, mask=ok, other=0.0)
+        s1 = tl.load(part_abs_ptr + off + N, mask=ok1, other=0.0)
+        s2 = tl.load(part_abs_ptr + off + 2 * N, mask=ok2, other=0.0)
+        s3 = tl.load(part_abs_ptr + off + 3 * N, mask=ok3, other=0.0)
+        b0 = tl.load(part_sum_ptr + off, mask=ok, other=0.0)
+        b1 = tl.load(part_sum_ptr + off + N, mask=ok1, other=0.0)
+        b2 = tl.load(part_sum_ptr + off + 2 * N, mask=ok2, other=0.0)
+        b3 = tl.load(part_sum_ptr + off + 3 * N, mask=ok3, other=0.0)
+        s = (((s + s0) + s1) + s2) + s3
+        b = (((b + b0) + b1) + b2) + b3
     s = tl.where(s == s, s, float("inf"))
     tl.store(score_ptr + cols, s, mask=ok)
     tl.store(bias_ptr + cols, b.to(bias_ptr.dtype.element_ty), mask=ok)

@@ -79,6 +79,18 @@ def test_no_spills_and_shared_memory_fits(records, dtype, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_scores_stream_g_through_a_pipeline(records, dtype):
+    """The scores' pass over G (the one read of G the selection makes) is a software
+    pipeline: cp.async copies of G's tiles, later steps' copies in flight while a step is
+    added up (a plain loop leaves one or two 16-byte loads in flight per thread)."""
+    for r in _of(records, dtype, 205, "scores.partial_kernel"):
+        if r.get("async_copy_instructions") is None:
+            pytest.skip("cuobjdump not available to read the SASS")
+        assert r["async_copy_instructions"] > 0, r
+        assert r["async_copies_in_flight"] >= 2, r
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_weight_fills_the_gpu_at_5_percent(records, dtype):
     for r in _of(records, dtype, 205, "matmul.grad_weight_kernel"):
         assert r["programs"] >= 132, f"{r['config']}: {r['programs']} programs"
