@@ -29,6 +29,11 @@ row slices (one slice per group of SMs, to read G at full bandwidth). Up to
 ``scores.finish_kernel`` would, and writes the bias gradient beside. That saves a
 launch and a pass over the scores, and gives the same bits.
 
+While that one program selects, the rest of the GPU is idle. ``topk_from_parts(...,
+zero=)`` puts more programs in the same launch to fill a tensor with zeros there: the
+unified backward's cuBLAS route has them write ``grad_W``'s zeros (its k rows are copied
+in afterwards), so that pass costs neither a launch nor time of its own.
+
 Above ``MAX_RESIDENT`` that one program would make the five dependent passes alone, on
 one SM (at n = 65,536: 320 dependent block loads). There the selection is spread over
 ``P = cdiv(n, BLOCK)`` programs instead (:func:`pick_config` chooses it for every
@@ -117,10 +122,10 @@ def _keys(s_ptr, i, N, stride_s):
 
 @triton.jit
 def topk_kernel(
-    s_ptr, idx_ptr, rest_ptr, bias_ptr,
-    N, K, stride_s, SPLIT,
+    s_ptr, idx_ptr, rest_ptr, bias_ptr, zero_ptr,
+    N, K, stride_s, SPLIT, ZERO_N,
     BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, WRITE_REST: tl.constexpr, RESIDENT: tl.constexpr,
-    FROM_PARTS: tl.constexpr = False,
+    FROM_PARTS: tl.constexpr = False, ZERO_BLOCK: tl.constexpr = 0,
 ):
     """``RESIDENT``: ``N <= BLOCK``, every key loaded once and kept in registers;
     otherwise each pass streams the scores in blocks of ``BLOCK``.
@@ -131,7 +136,37 @@ def topk_kernel(
     (the slices added in index order from zero, in fp32), writes the bias sums to
     ``bias_ptr`` in its dtype, and selects from the finished scores it holds: one launch
     and one pass over the scores fewer. Otherwise ``bias_ptr`` and ``SPLIT`` are unused.
+
+    ``ZERO_BLOCK > 0``: program 0 selects, and programs 1, 2, ... write zeros into the
+    ``ZERO_N`` contiguous elements at ``zero_ptr`` (``ZERO_BLOCK`` at a time, each
+    program every ``num_programs - 1``-th block), on the SMs that the one selecting
+    program leaves idle (the cuBLAS route's ``grad_W``, whose k rows are copied in
+    afterwards). Otherwise ``zero_ptr`` and ``ZERO_N`` are unused.
     """
+    if ZERO_BLOCK == 0:
+        _select(s_ptr, idx_ptr, rest_ptr, bias_ptr, N, K, stride_s, SPLIT,
+                BLOCK, RADIX_BITS, WRITE_REST, RESIDENT, FROM_PARTS)
+    else:
+        pid = tl.program_id(0)
+        if pid == 0:
+            _select(s_ptr, idx_ptr, rest_ptr, bias_ptr, N, K, stride_s, SPLIT,
+                    BLOCK, RADIX_BITS, WRITE_REST, RESIDENT, FROM_PARTS)
+        else:
+            step = (tl.num_programs(0) - 1).to(tl.int64) * ZERO_BLOCK
+            offs = (pid - 1).to(tl.int64) * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+            zero = tl.zeros([ZERO_BLOCK], dtype=zero_ptr.dtype.element_ty)
+            for _ in range(0, tl.cdiv(ZERO_N, step)):
+                tl.store(zero_ptr + offs, zero, mask=offs < ZERO_N)
+                offs += step
+
+
+@triton.jit
+def _select(
+    s_ptr, idx_ptr, rest_ptr, bias_ptr, N, K, stride_s, SPLIT,
+    BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, WRITE_REST: tl.constexpr, RESIDENT: tl.constexpr,
+    FROM_PARTS: tl.constexpr,
+):
+    """The selection of :func:`topk_kernel` (one program)."""
     BINS: tl.constexpr = 1 << RADIX_BITS
     ROUNDS: tl.constexpr = 32 // RADIX_BITS
     tl.static_assert(32 % RADIX_BITS == 0)
@@ -349,6 +384,12 @@ def _multi_program_topk(scores, n, k, out, rest_out, return_rest, cfg, traceable
 #: Earlier programs' count rows read at once by each program of ``radix_write_kernel``.
 SCAN_BLOCK = 128
 
+#: ``topk_from_parts(..., zero=)``: elements each zero-filling program writes a step
+#: (16 a thread of 8 warps), and how many such programs per SM, at most. The selecting
+#: program's registers leave room for one program per SM, so two waves.
+ZERO_BLOCK = 4096
+ZERO_PROGRAMS_PER_SM = 2
+
 
 def _k_and_outputs(n, k, return_rest, out, rest_out, device):
     """``k`` checked against ``n`` scores, and the index buffers (given ones checked)."""
@@ -397,10 +438,10 @@ def topk_indices(
     if cfg["RESIDENT"] and n > cfg["BLOCK"]:
         raise ValueError(f"config {cfg} holds {cfg['BLOCK']} keys in registers; n = {n}")
     _launch.launchable(topk_kernel, traceable)[(1,)](
-        scores, out, rest_out if return_rest else out, scores,
-        n, k, scores.stride(0), 1,
+        scores, out, rest_out if return_rest else out, scores, scores,
+        n, k, scores.stride(0), 1, 0,
         BLOCK=cfg["BLOCK"], RADIX_BITS=cfg["RADIX_BITS"], WRITE_REST=return_rest, RESIDENT=cfg["RESIDENT"],
-        FROM_PARTS=False,  # defaults too: torch.compile's analysis of the launch takes none
+        FROM_PARTS=False, ZERO_BLOCK=0,  # defaults too: torch.compile's analysis of the launch takes none
         num_warps=cfg["num_warps"],
     )
     return (out, rest_out) if return_rest else out
@@ -415,6 +456,7 @@ def topk_from_parts(
     out: torch.Tensor | None = None,
     rest_out: torch.Tensor | None = None,
     traceable: bool = False,
+    zero: torch.Tensor | None = None,
 ):
     """:func:`topk_indices` of the column scores that ``parts`` sum to, and their bias
     sums written to ``bias``, in one program (``n <= MAX_RESIDENT``).
@@ -425,7 +467,10 @@ def topk_from_parts(
     what ``scores.finish_kernel`` followed by :func:`topk_indices` gives, bit for bit:
     the selected indices (and with ``return_rest=True``, ``(idx, rest)``), and in
     ``bias`` the bias gradient. ``out`` / ``rest_out``: optional preallocated int64
-    buffers; ``traceable``: launch through ``torch.library.wrap_triton``.
+    buffers; ``traceable``: launch through ``torch.library.wrap_triton``. ``zero``: a
+    contiguous tensor of any float dtype that more programs of the same launch fill with
+    zeros while the one program selects (:data:`ZERO_BLOCK` elements a step, at most
+    :data:`ZERO_PROGRAMS_PER_SM` programs per SM).
     """
     if (
         not isinstance(parts, torch.Tensor) or parts.dim() != 3 or parts.shape[0] != 2
@@ -441,12 +486,18 @@ def topk_from_parts(
     _launch.check_float_tensor("bias", bias, 1)
     if bias.shape[0] != n or bias.device != parts.device or not bias.is_contiguous():
         raise ValueError(f"bias must be a contiguous ({n},) tensor on '{parts.device}'; got {tuple(bias.shape)} on '{bias.device}'")
+    zero_programs = 0
+    if zero is not None:
+        _launch.check_float_tensor("zero", zero, zero.dim())
+        if zero.device != parts.device or not zero.is_contiguous():
+            raise ValueError(f"zero must be a contiguous tensor on '{parts.device}'; got one on '{zero.device}'")
+        zero_programs = min(_launch.cdiv(zero.numel(), ZERO_BLOCK), ZERO_PROGRAMS_PER_SM * _launch.num_sms(parts.device))
     k, out, rest_out = _k_and_outputs(n, k, return_rest, out, rest_out, parts.device)
     cfg = configs()[1]
-    _launch.launchable(topk_kernel, traceable)[(1,)](
-        parts, out, rest_out if return_rest else out, bias,
-        n, k, 1, split,
+    _launch.launchable(topk_kernel, traceable)[(1 + zero_programs,)](
+        parts, out, rest_out if return_rest else out, bias, zero if zero_programs else bias,
+        n, k, 1, split, zero.numel() if zero_programs else 0,
         BLOCK=cfg["BLOCK"], RADIX_BITS=cfg["RADIX_BITS"], WRITE_REST=return_rest, RESIDENT=True,
-        FROM_PARTS=True, num_warps=cfg["num_warps"],
+        FROM_PARTS=True, ZERO_BLOCK=ZERO_BLOCK if zero_programs else 0, num_warps=cfg["num_warps"],
     )
     return (out, rest_out) if return_rest else out

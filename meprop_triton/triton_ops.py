@@ -52,8 +52,10 @@ COMPACT_GRAD = True
 #: * ``"cublas"``: ``torch.mm`` on the compacted operands, cuBLAS on a GPU (torch's CPU
 #:   matmul under the interpreter). ``grad_x = G[:, S] @ W[S, :]`` with ``W[S, :]``
 #:   copied once into a ``(k, in)`` tensor (``index_select``, zero rows up to the padded
-#:   width); ``grad_W[S] = G[:, S]^T @ X`` into a ``(k, in)`` tensor, then ``grad_W`` is
-#:   one memset of zeros and an ``index_copy_`` of those rows. Small temporaries only:
+#:   width); ``grad_W[S] = G[:, S]^T @ X`` into a ``(k, in)`` tensor and ``index_copy_``
+#:   of those rows into ``grad_W``, which the top-k launch has zero-filled by programs
+#:   beside its one selecting program (up to 4,096 units; on the SMs the selection
+#:   leaves idle: no pass of its own). Small temporaries only:
 #:   ``(k, in)`` twice, nothing of size ``(M, out)``. The products are torch's own, as in
 #:   the dense ``nn.Linear`` backward: tf32 for fp32 where torch allows it, and in fp16 /
 #:   bf16 a reduction that cuBLAS may carry out in reduced precision where torch allows
@@ -86,21 +88,26 @@ def _no_indices(grad: Tensor) -> Tensor:
     return grad.new_empty(0, dtype=torch.int64)
 
 
-def select_units(grad: Tensor, k: int, *, return_rest: bool = False, traceable: bool = True):
+def select_units(grad: Tensor, k: int, *, return_rest: bool = False, traceable: bool = True, zero=None):
     """``(idx, rest, grad_b)``: the unified top-k units of a 2-D ``grad`` (ascending; and
     the others, ascending, with ``return_rest``, else None) and the bias gradient
     ``grad.sum(0)``, from the kernels. Up to ``MAX_RESIDENT`` units the top-k program
     finishes the scores' row slices itself (one launch fewer than
     ``scores.finish_kernel`` then ``topk_indices``, the same bits). ``traceable``: the
-    launches go through ``wrap_triton`` (inside a ``triton_op``; False for direct calls)."""
+    launches go through ``wrap_triton`` (inside a ``triton_op``; False for direct calls).
+    ``zero``: a contiguous tensor filled with zeros on the way, by programs beside the
+    one that selects up to ``MAX_RESIDENT`` units (on SMs it leaves idle), else by
+    ``zero_()``."""
     M, n_out = grad.shape
     if M > 0 and n_out <= MAX_RESIDENT:
         grad_b = grad.new_empty(n_out)
         parts = column_score_parts(grad, traceable=traceable)
-        sel = topk_from_parts(parts, k, grad_b, return_rest=return_rest, traceable=traceable)
+        sel = topk_from_parts(parts, k, grad_b, return_rest=return_rest, traceable=traceable, zero=zero)
     else:
         scores, grad_b = column_scores_and_bias(grad, traceable=traceable)
         sel = topk_indices(scores, k, return_rest=return_rest, traceable=traceable)
+        if zero is not None:
+            zero.zero_()
     idx, rest = sel if return_rest else (sel, None)
     return idx, rest, grad_b
 
@@ -114,8 +121,10 @@ def _unified_topk_backward(
     idx = _no_indices(grad)
     if need_x or need_w:
         route = unified_gemm_route()
-        idx, rest, grad_b = select_units(grad, k, return_rest=route == "triton")
-        grad_x, grad_w = _unified_products(route, grad, x, weight, idx, rest, need_x, need_w)
+        # the cuBLAS route's grad_W: zero-filled beside the selection, its k rows copied in later
+        grad_w = weight.new_empty(weight.shape) if route == "cublas" and need_w else None
+        idx, rest, grad_b = select_units(grad, k, return_rest=route == "triton", zero=grad_w)
+        grad_x, grad_w = _unified_products(route, grad, x, weight, idx, rest, need_x, need_w, grad_w)
     else:
         grad_x, grad_w = grad.new_empty(0), grad.new_empty(0)  # outputs may not alias
         grad_b = column_scores_and_bias(grad, traceable=True)[1] if need_b else grad.new_empty(0)
@@ -124,11 +133,12 @@ def _unified_topk_backward(
     return grad_x, grad_w, grad_b, idx
 
 
-def _unified_products(route, grad, x, weight, idx, rest, need_x, need_w):
+def _unified_products(route, grad, x, weight, idx, rest, need_x, need_w, zeros=None):
     """``(grad_x, grad_W)`` for the ascending selection ``idx`` (``rest``: the other
-    units, ascending; the Triton route's zero rows), empty where not needed."""
+    units, ascending; the Triton route's zero rows), empty where not needed. ``zeros``:
+    the cuBLAS route's grad_W, already zero-filled (else it allocates one)."""
     if route == "cublas":
-        return _cublas_products(grad, x, weight, idx, need_x, need_w)
+        return _cublas_products(grad, x, weight, idx, need_x, need_w, grad_w=zeros)
     g_sel = gather_columns(grad, idx, traceable=True) if COMPACT_GRAD else None
     grad_x = (
         gathered_grad_input(grad, weight, idx, grad_selected=g_sel, traceable=True)
@@ -143,17 +153,18 @@ def _unified_products(route, grad, x, weight, idx, rest, need_x, need_w):
     return grad_x, grad_w
 
 
-def _cublas_products(grad, x, weight, idx, need_x, need_w, g_sel=None):
+def _cublas_products(grad, x, weight, idx, need_x, need_w, g_sel=None, grad_w=None):
     """The ``"cublas"`` route of :data:`UNIFIED_GEMMS`. ``G[:, S]`` comes compacted and
     zero-padded to a multiple of 16 columns (``gather_columns``; ``g_sel``: already
     made), so both products have an aligned reduction width; ``W[S, :]`` gets as many
     rows, the padding ones zero (the padding adds exact zeros, even where W holds inf
-    or NaN elsewhere)."""
+    or NaN elsewhere). ``grad_w``: a zero-filled ``(out, in)`` tensor to copy grad_W's
+    k rows into (else one is made)."""
     k = idx.shape[0]
     if g_sel is None:
         g_sel = gather_columns(grad, idx, traceable=True)  # (M, kp), kp = padded_width(k)
     kp = g_sel.shape[1]
-    grad_x = grad_w = grad.new_empty(0)
+    grad_x = grad.new_empty(0)
     if need_x:
         w_sel = weight.new_empty((kp, weight.shape[1]))
         torch.index_select(weight, 0, idx, out=w_sel[:k])
@@ -162,8 +173,11 @@ def _cublas_products(grad, x, weight, idx, need_x, need_w, g_sel=None):
         grad_x = torch.mm(g_sel, w_sel)
     if need_w:
         rows = torch.mm(g_sel.t(), x)  # (kp, in); rows past k are the padding's zeros
-        grad_w = weight.new_zeros(weight.shape)
+        if grad_w is None:
+            grad_w = weight.new_zeros(weight.shape)
         grad_w.index_copy_(0, idx, rows[:k])
+    else:
+        grad_w = grad.new_empty(0)
     return grad_x, grad_w
 
 

@@ -162,30 +162,35 @@ def builds() -> list[dict]:
                     "topk.topk_kernel",
                     f"topk-{'rest' if rest else 'norest'}-B{c['BLOCK']}R{c['RADIX_BITS']}"
                     f"{'-resident' if c['RESIDENT'] else ''}{'-strided' if strided else ''}",
-                    {"s_ptr": "*fp32", "idx_ptr": "*i64", "rest_ptr": "*i64", "bias_ptr": "*fp32"},
+                    {"s_ptr": "*fp32", "idx_ptr": "*i64", "rest_ptr": "*i64", "bias_ptr": "*fp32", "zero_ptr": "*fp32"},
                     ["N", "K", "stride_s"],
-                    {"SPLIT": 1, "BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"], "WRITE_REST": rest,
-                     "RESIDENT": c["RESIDENT"], "FROM_PARTS": False},
+                    {"SPLIT": 1, "ZERO_N": 0, "BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"], "WRITE_REST": rest,
+                     "RESIDENT": c["RESIDENT"], "FROM_PARTS": False, "ZERO_BLOCK": 0},
                     {"num_warps": c["num_warps"]},
                     **({} if strided else {"unit": ("stride_s",), "aligned": True}),
                 ))
             if not c["RESIDENT"]:
                 continue
             # the scores' row slices finished in the program (topk_from_parts): one slice
-            # (SPLIT specialised to 1) or several, the bias in each dtype
+            # (SPLIT specialised to 1) or several, the bias in each dtype; with the
+            # programs that zero-fill a tensor of that dtype beside the selection
+            # (zero=, the cuBLAS route's grad_W) or without
             for dt in ("fp32", "fp16", "bf16"):
                 for one_slice in (False, True):
-                    out.append(_build(
-                        "topk.topk_kernel",
-                        f"topk-parts-{dt}-{'rest' if rest else 'norest'}-B{c['BLOCK']}R{c['RADIX_BITS']}"
-                        f"{'-1slice' if one_slice else ''}",
-                        {"s_ptr": "*fp32", "idx_ptr": "*i64", "rest_ptr": "*i64", "bias_ptr": TL[dt]},
-                        ["N", "K", "stride_s"] + ([] if one_slice else ["SPLIT"]),
-                        {**({"SPLIT": 1} if one_slice else {}), "BLOCK": c["BLOCK"],
-                         "RADIX_BITS": c["RADIX_BITS"], "WRITE_REST": rest, "RESIDENT": True, "FROM_PARTS": True},
-                        {"num_warps": c["num_warps"]},
-                        unit=("stride_s",), aligned_ptrs=True,
-                    ))
+                    for zero in (False, True):
+                        out.append(_build(
+                            "topk.topk_kernel",
+                            f"topk-parts-{dt}-{'rest' if rest else 'norest'}-B{c['BLOCK']}R{c['RADIX_BITS']}"
+                            f"{'-1slice' if one_slice else ''}{'-zero' if zero else ''}",
+                            {"s_ptr": "*fp32", "idx_ptr": "*i64", "rest_ptr": "*i64", "bias_ptr": TL[dt],
+                             "zero_ptr": TL[dt]},
+                            ["N", "K", "stride_s"] + ([] if one_slice else ["SPLIT"]) + (["ZERO_N"] if zero else []),
+                            {**({"SPLIT": 1} if one_slice else {}), **({} if zero else {"ZERO_N": 0}),
+                             "BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"], "WRITE_REST": rest,
+                             "RESIDENT": True, "FROM_PARTS": True, "ZERO_BLOCK": topk.ZERO_BLOCK if zero else 0},
+                            {"num_warps": c["num_warps"]},
+                            unit=("stride_s",), aligned_ptrs=True,
+                        ))
     mm = [
         ("matmul.grad_input_kernel", "grad_input", matmul.grad_input_configs(),
          ("g_ptr", "w_ptr", "out_ptr"), ("idx_ptr",),

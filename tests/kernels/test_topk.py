@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernel_checks import DTYPE_IDS, DTYPES, poisoned
+from kernel_checks import DTYPE_IDS, DTYPES, poisoned, randn
 from meprop_triton import reference
 
 pytestmark = pytest.mark.interpreter
@@ -282,6 +282,28 @@ def test_from_parts_equals_finish_then_topk(M, n, kind, dtype, rng, device):
             assert torch.equal(bias.view(torch.int16 if dtype != torch.float32 else torch.int32),
                                want_b.view(torch.int16 if dtype != torch.float32 else torch.int32)), (split, k)
             assert torch.equal(topk_from_parts(parts, k, bias), want_idx)
+
+
+@pytest.mark.parametrize("numel", [1, 4095, 100_003], ids=["one", "under-a-block", "several-steps"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_from_parts_zero_fills_beside_the_selection(numel, dtype, rng, device):
+    """``zero=``: the programs beside the selecting one fill a NaN-poisoned tensor with
+    zeros, every element (several grid-stride steps at 100,003 elements, 25 blocks, on
+    at most 2 programs per SM: 8 off CUDA, 264 on an H200), and the
+    selection and bias come out as without it."""
+    from meprop_triton.kernels import topk
+    from meprop_triton.kernels.scores import column_score_parts
+
+    G = randn((37, 300), torch.float32, rng, device)
+    parts = column_score_parts(G, split=3)
+    bias, want_b = poisoned((300,), torch.float32, device), poisoned((300,), torch.float32, device)
+    want_idx, want_rest = topk.topk_from_parts(parts, 41, want_b, return_rest=True)
+    zero = poisoned((numel,), dtype, device)
+    idx, rest = topk.topk_from_parts(parts, 41, bias, return_rest=True, zero=zero)
+    assert torch.equal(idx, want_idx) and torch.equal(rest, want_rest) and torch.equal(bias, want_b)
+    assert (zero == 0).all()  # 100,003: 25 blocks, so every program loops (at most 2 per SM)
+    with pytest.raises(ValueError, match="zero must be a contiguous tensor"):
+        topk.topk_from_parts(parts, 41, bias, zero=poisoned((8, 2), dtype, device).t())
 
 
 def test_from_parts_matches_the_reference_with_ties(rng, device):
