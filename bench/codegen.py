@@ -320,8 +320,9 @@ def work(launch: Launch) -> tuple[int, int]:
         return e * (M * K + M * N) + w, 2 * M * N * K
     if name == "matmul.split_reduce_kernel":
         return nbytes("ws_ptr", "out_ptr"), 0
-    if name == "matmul.gather_columns_kernel":
-        return 2 * nbytes("out_ptr") + 8 * a["K"], 0
+    if name == "matmul.gather_columns_kernel":  # G's columns (and with WITH_W, W's rows) read, written padded
+        rows = 2 * nbytes("w_out_ptr") if launch.kwargs.get("WITH_W") else 0
+        return 2 * nbytes("out_ptr") + rows + 8 * a["K"], 0
     if name == "scores.partial_kernel":
         return nbytes("g_ptr", "score_ptr", "bias_ptr"), 0
     if name == "scores.finish_kernel":

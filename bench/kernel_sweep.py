@@ -155,6 +155,8 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False,
         timed(lambda: triton_ops.select_units(grad, k, return_rest=True, traceable=False)), nbytes=M * n_out * elem)
     _selection_sweep(grad, k, idx, attempt, check)
     row("compaction G[:, S]", "-", timed(lambda: mm.gather_columns(grad, idx)), nbytes=M * (k + KP) * elem)
+    row("compaction G[:, S] and W[S]", "one launch (cuBLAS route)",
+        timed(lambda: mm.gather_columns(grad, idx, weight=weight)), nbytes=(M + n_in) * (k + KP) * elem)
 
     capability = _launch.capability(device)
     smem = _launch.shared_memory_limit(device)

@@ -311,28 +311,51 @@ def reduce_configs() -> list[dict]:
 
 
 def gather_configs() -> list[dict]:
-    """The launch config of :func:`gather_columns_kernel` (one: it is bandwidth-bound)."""
-    return [{"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4}]
+    """The launch config of :func:`gather_columns_kernel` (one: it is bandwidth-bound).
+    ``BLOCK_M`` x ``BLOCK_K``: the tile of G's columns; ``W_ROWS`` x ``W_COLS``: the tile
+    of W's rows (``weight=``)."""
+    return [{"BLOCK_M": 64, "BLOCK_K": 64, "W_ROWS": 16, "W_COLS": 256, "num_warps": 4}]
 
 
 @triton.jit
 def gather_columns_kernel(
-    g_ptr, idx_ptr, out_ptr,
-    M, K, KP,
-    stride_gm, stride_gn, stride_om, stride_ok,
+    g_ptr, idx_ptr, out_ptr, w_ptr, w_out_ptr,
+    M, K, KP, NW,
+    stride_gm, stride_gn, stride_om, stride_ok, stride_wo, stride_wi,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    WITH_W: tl.constexpr = False, W_ROWS: tl.constexpr = 16, W_COLS: tl.constexpr = 256,
 ):
     """``out[:, :K] = G[:, idx]``, ``out[:, K:KP] = 0``: one read of the selected
-    columns, a dense write."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    k_ok = rk < K
-    sel = tl.load(idx_ptr + rk, mask=k_ok, other=0)
-    g = tl.load(g_ptr + rm[:, None] * stride_gm + sel[None, :] * stride_gn, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-    tl.store(out_ptr + rm[:, None] * stride_om + rk[None, :] * stride_ok, g, mask=m_ok[:, None] & (rk < KP)[None, :])
+    columns, a dense write. Programs ``[0, P)`` (``P`` = G's tiles, row tiles major).
+
+    ``WITH_W``: programs ``[P, ...)`` also write ``w_out[:K] = W[idx]`` and
+    ``w_out[K:KP] = 0`` (``w_out``: ``(KP, NW)`` contiguous), ``W_ROWS`` x ``W_COLS`` at a
+    time; otherwise ``w_ptr``, ``w_out_ptr``, ``NW`` and W's strides are unused."""
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(KP, BLOCK_K)
+    num_g = tl.cdiv(M, BLOCK_M) * num_k
+    if pid < num_g:
+        pid_m = (pid // num_k).to(tl.int64)
+        pid_k = (pid % num_k).to(tl.int64)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        k_ok = rk < K
+        sel = tl.load(idx_ptr + rk, mask=k_ok, other=0)
+        g = tl.load(g_ptr + rm[:, None] * stride_gm + sel[None, :] * stride_gn,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        tl.store(out_ptr + rm[:, None] * stride_om + rk[None, :] * stride_ok, g, mask=m_ok[:, None] & (rk < KP)[None, :])
+    elif WITH_W:
+        # names of their own: Triton types a name by both branches of an if
+        w = pid - num_g
+        num_c = tl.cdiv(NW, W_COLS)
+        w_rows = (w // num_c).to(tl.int64) * W_ROWS + tl.arange(0, W_ROWS)
+        w_cols = (w % num_c).to(tl.int64) * W_COLS + tl.arange(0, W_COLS)
+        w_sel = tl.load(idx_ptr + w_rows, mask=w_rows < K, other=0)
+        w_tile = tl.load(w_ptr + w_sel[:, None] * stride_wo + w_cols[None, :] * stride_wi,
+                         mask=(w_rows < K)[:, None] & (w_cols < NW)[None, :], other=0.0)
+        tl.store(w_out_ptr + w_rows[:, None] * NW + w_cols[None, :], w_tile,
+                 mask=(w_rows < KP)[:, None] & (w_cols < NW)[None, :])
 
 
 def _triton_before(major: int, minor: int) -> bool:
@@ -472,30 +495,52 @@ def gather_columns(
     idx: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    weight_out: torch.Tensor | None = None,
     traceable: bool = False,
-) -> torch.Tensor:
+):
     """``grad[:, idx]`` compacted into a contiguous ``(M, padded_width(k))`` tensor whose
     columns after the first k are zeros (the GEMMs read it whole; ``[:, :k]`` is
     ``grad[:, idx]``).
 
     ``out``: optional preallocated result of that shape (any strides); ``traceable``:
     launch through ``torch.library.wrap_triton`` (inside a ``triton_op``).
+
+    ``weight``: a 2-D ``(out_features, in)`` tensor of grad's dtype (any strides): the
+    same launch also gathers its rows ``idx`` into a contiguous ``(padded_width(k), in)``
+    tensor, the rows after the first k zeros, and the result is the pair ``(G[:, idx]
+    padded, W[idx] padded)``; ``weight_out``: optional preallocated contiguous buffer for
+    the second.
     """
     _launch.check_float_tensor("grad", grad, 2)
     idx = _launch.check_index("idx", idx, grad.device)
     M, K = grad.shape[0], idx.shape[0]
     KP = padded_width(K)
     out = _launch.out_or_empty("out", out, (M, KP), grad.dtype, grad.device)
-    if M == 0 or KP == 0:
-        return out
     cfg = gather_configs()[0]
-    grid = (_launch.cdiv(M, cfg["BLOCK_M"]), _launch.cdiv(KP, cfg["BLOCK_K"]))
-    _launch.launchable(gather_columns_kernel, traceable)[grid](
-        grad, idx, out, M, K, KP,
-        grad.stride(0), grad.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-    )
-    return out
+    programs = _launch.cdiv(M, cfg["BLOCK_M"]) * _launch.cdiv(KP, cfg["BLOCK_K"])
+    w_args = (grad, out, 0, 0, 0)  # unused without a weight
+    if weight is not None:
+        _launch.check_float_tensor("weight", weight, 2)
+        if weight.dtype != grad.dtype or weight.device != grad.device:
+            raise ValueError(
+                f"weight must match grad ({grad.dtype} on '{grad.device}'); got {weight.dtype} on '{weight.device}'"
+            )
+        NW = weight.shape[1]
+        weight_out = _launch.out_or_empty("weight_out", weight_out, (KP, NW), grad.dtype, grad.device)
+        if not weight_out.is_contiguous():
+            raise ValueError("weight_out must be contiguous")
+        programs += _launch.cdiv(KP, cfg["W_ROWS"]) * _launch.cdiv(NW, cfg["W_COLS"])
+        w_args = (weight, weight_out, NW, weight.stride(0), weight.stride(1))
+    if programs > 0:
+        w, w_out, NW, stride_wo, stride_wi = w_args
+        _launch.launchable(gather_columns_kernel, traceable)[(programs,)](
+            grad, idx, out, w, w_out, M, K, KP, NW,
+            grad.stride(0), grad.stride(1), out.stride(0), out.stride(1), stride_wo, stride_wi,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], WITH_W=weight is not None,
+            W_ROWS=cfg["W_ROWS"], W_COLS=cfg["W_COLS"], num_warps=cfg["num_warps"],
+        )
+    return out if weight is None else (out, weight_out)
 
 
 def _grad_operand(grad, idx, grad_selected):

@@ -51,8 +51,8 @@ COMPACT_GRAD = True
 #:
 #: * ``"cublas"``: ``torch.mm`` on the compacted operands, cuBLAS on a GPU (torch's CPU
 #:   matmul under the interpreter). ``grad_x = G[:, S] @ W[S, :]`` with ``W[S, :]``
-#:   copied once into a ``(k, in)`` tensor (``index_select``, zero rows up to the padded
-#:   width); ``grad_W[S] = G[:, S]^T @ X`` into a ``(k, in)`` tensor and ``index_copy_``
+#:   copied once into a ``(k, in)`` tensor (zero rows up to the padded width) by the
+#:   launch that compacts ``G[:, S]``; ``grad_W[S] = G[:, S]^T @ X`` into a ``(k, in)`` tensor and ``index_copy_``
 #:   of those rows into ``grad_W``, which the top-k launch has zero-filled by programs
 #:   beside its one selecting program (up to 4,096 units; on the SMs the selection
 #:   leaves idle: no pass of its own). Small temporaries only:
@@ -122,7 +122,7 @@ def _unified_topk_backward(
     if need_x or need_w:
         route = unified_gemm_route()
         # the cuBLAS route's grad_W: zero-filled beside the selection, its k rows copied in later
-        grad_w = weight.new_empty(weight.shape) if route == "cublas" and need_w else None
+        grad_w = grad.new_empty(weight.shape) if route == "cublas" and need_w else None
         idx, rest, grad_b = select_units(grad, k, return_rest=route == "triton", zero=grad_w)
         grad_x, grad_w = _unified_products(route, grad, x, weight, idx, rest, need_x, need_w, grad_w)
     else:
@@ -158,23 +158,24 @@ def _cublas_products(grad, x, weight, idx, need_x, need_w, g_sel=None, grad_w=No
     zero-padded to a multiple of 16 columns (``gather_columns``; ``g_sel``: already
     made), so both products have an aligned reduction width; ``W[S, :]`` gets as many
     rows, the padding ones zero (the padding adds exact zeros, even where W holds inf
-    or NaN elsewhere). ``grad_w``: a zero-filled ``(out, in)`` tensor to copy grad_W's
-    k rows into (else one is made)."""
+    or NaN elsewhere), gathered in the same launch as G's columns. ``grad_w``: a
+    zero-filled ``(out, in)`` tensor to copy grad_W's k rows into (else one is made)."""
     k = idx.shape[0]
-    if g_sel is None:
+    w_sel = None
+    if g_sel is None and need_x:  # both compactions in one launch: (M, kp) and (kp, in)
+        g_sel, w_sel = gather_columns(grad, idx, weight=weight, traceable=True)
+    elif g_sel is None:
         g_sel = gather_columns(grad, idx, traceable=True)  # (M, kp), kp = padded_width(k)
     kp = g_sel.shape[1]
     grad_x = grad.new_empty(0)
     if need_x:
-        w_sel = weight.new_empty((kp, weight.shape[1]))
-        torch.index_select(weight, 0, idx, out=w_sel[:k])
-        if kp > k:
-            w_sel[k:].zero_()
+        if w_sel is None:  # g_sel came made (bench/kernel_sweep.py): W's rows by torch
+            w_sel = torch.nn.functional.pad(weight.index_select(0, idx), (0, 0, 0, kp - k))
         grad_x = torch.mm(g_sel, w_sel)
     if need_w:
         rows = torch.mm(g_sel.t(), x)  # (kp, in); rows past k are the padding's zeros
         if grad_w is None:
-            grad_w = weight.new_zeros(weight.shape)
+            grad_w = grad.new_zeros(weight.shape)  # grad's dtype, as the fake and the Triton route
         grad_w.index_copy_(0, idx, rows[:k])
     else:
         grad_w = grad.new_empty(0)
@@ -296,6 +297,7 @@ def unified_topk_backward(
     k = int(k)
     if not 1 <= k <= n_out:
         raise ValueError(f"k must lie in [1, out_features={n_out}]; got {k}")
+    _check_operand_types(grad, x, weight, need_x, need_w)
     gx, gw, gb, idx = call_op(
         "unified_topk_backward", _unified_topk_backward,
         (grad, x, weight, k, bool(need_x), bool(need_w), bool(need_b)), (grad, x, weight),
@@ -467,6 +469,17 @@ def _check_linear(grad: Tensor, x: Tensor, weight: Tensor) -> None:
         )
 
 
+def _check_operand_types(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_w: bool) -> None:
+    """The operands a unified product reads share grad's dtype and device (weight for
+    grad_x, x for grad_W), checked before any work, whichever route runs."""
+    for name, t, needed in (("weight", weight, need_x), ("x", x, need_w)):
+        if needed and (t.dtype != grad.dtype or t.device != grad.device):
+            raise TypeError(
+                f"grad and {name} must share dtype and device; got {grad.dtype} on "
+                f"'{grad.device}' and {t.dtype} on '{t.device}'"
+            )
+
+
 def _check_indices(idx: Tensor, grad: Tensor, dim: int) -> None:
     shape = "(M, k)" if dim == 2 else "(k,)"
     if not isinstance(idx, Tensor) or idx.dim() != dim or idx.dtype != torch.int64:
@@ -571,6 +584,7 @@ def unified_backward_from_indices(
     """
     _check_linear(grad, x, weight)
     _check_indices(idx, grad, 1)
+    _check_operand_types(grad, x, weight, need_x, need_w)
     outs = call_op(
         "unified_backward_from_indices", _unified_backward_from_indices,
         (grad, x, weight, idx, bool(need_x), bool(need_w), bool(need_b)), (grad, x, weight, idx),

@@ -238,16 +238,19 @@ def builds() -> list[dict]:
     for c in matmul.gather_configs():
         for dt in ("fp32", "fp16", "bf16"):
             for spec in ("contig", "strided"):
-                out.append(_build(
-                    "matmul.gather_columns_kernel",
-                    f"gather_columns-{dt}-M{c['BLOCK_M']}K{c['BLOCK_K']}-{spec}",
-                    {"g_ptr": TL[dt], "idx_ptr": "*i64", "out_ptr": TL[dt]},
-                    ["M", "K", "KP", "stride_gm", "stride_gn", "stride_om", "stride_ok"],
-                    {"BLOCK_M": c["BLOCK_M"], "BLOCK_K": c["BLOCK_K"]},
-                    {"num_warps": c["num_warps"]},
-                    unit=("stride_gn", "stride_ok") if spec == "contig" else (),
-                    aligned=spec == "contig", hint=("KP",),
-                ))
+                for with_w in (False, True):  # W's rows gathered in the same launch (weight=)
+                    out.append(_build(
+                        "matmul.gather_columns_kernel",
+                        f"gather_columns-{dt}-M{c['BLOCK_M']}K{c['BLOCK_K']}-{spec}{'-weight' if with_w else ''}",
+                        {"g_ptr": TL[dt], "idx_ptr": "*i64", "out_ptr": TL[dt], "w_ptr": TL[dt], "w_out_ptr": TL[dt]},
+                        ["M", "K", "KP", "NW", "stride_gm", "stride_gn", "stride_om", "stride_ok", "stride_wo",
+                         "stride_wi"],
+                        {"BLOCK_M": c["BLOCK_M"], "BLOCK_K": c["BLOCK_K"], "WITH_W": with_w,
+                         "W_ROWS": c["W_ROWS"], "W_COLS": c["W_COLS"]},
+                        {"num_warps": c["num_warps"]},
+                        unit=("stride_gn", "stride_ok", "stride_wi") if spec == "contig" else (),
+                        aligned=spec == "contig", hint=("KP",),
+                    ))
     for c in matmul.reduce_configs():
         for dt in ("fp32", "fp16", "bf16"):
             for spec in ("contig", "odd"):

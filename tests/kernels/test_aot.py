@@ -164,15 +164,17 @@ def test_every_shipped_config_is_built():
     assert single and multi
     assert sum(i.startswith("topk-") and not i.startswith("topk-parts-") for i in ids) == len(single) * 2 * 2
     # the resident program finishing the scores' row slices: with and without the
-    # complement, the bias in each dtype, one slice or several
+    # complement, the bias in each dtype, one slice or several, with and without the
+    # programs that zero-fill a tensor beside it
     resident = [c for c in single if c["RESIDENT"]]
     assert resident
-    assert sum(i.startswith("topk-parts-") for i in ids) == len(resident) * 2 * 3 * 2
+    assert sum(i.startswith("topk-parts-") for i in ids) == len(resident) * 2 * 3 * 2 * 2
+    assert sum(i.startswith("topk-parts-") and i.endswith("-zero") for i in ids) == len(resident) * 2 * 3 * 2
     # the multi-program select: a histogram kernel per digit round and the write kernel
     # with and without the complement, each contiguous and strided
     assert sum(i.startswith("topk_multi-hist") for i in ids) == sum(32 // c["RADIX_BITS"] for c in multi) * 2
     assert sum(i.startswith("topk_multi-write-") for i in ids) == len(multi) * 2 * 2
-    assert sum(i.startswith("gather_columns-") for i in ids) == len(matmul.gather_configs()) * 3 * 2
+    assert sum(i.startswith("gather_columns-") for i in ids) == len(matmul.gather_configs()) * 3 * 2 * 2
     assert sum(i.startswith("split_reduce-") for i in ids) == len(matmul.reduce_configs()) * 3 * 2
 
 

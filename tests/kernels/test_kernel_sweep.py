@@ -73,6 +73,7 @@ def test_the_dry_run_checks_every_config_and_writes_json(tmp_path):
     rows = saved["rows"]
     kernels = [r["kernel"] for r in rows]
     assert kernels[0] == "selection (scores + top-k)" and "compaction G[:, S]" in kernels
+    assert "compaction G[:, S] and W[S]" in kernels
     # the selection's two kernels under each candidate, the shipped one marked, all checked
     for name in ("column scores, first pass", "top-k program (from parts)"):
         cands = [r for r in rows if r["kernel"] == name]

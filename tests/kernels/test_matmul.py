@@ -173,6 +173,33 @@ def test_gather_columns(layout, dtype, rng, device):
         assert torch.equal(got.nan_to_num(), G[:, idx].nan_to_num())
 
 
+@pytest.mark.parametrize("M", [37, 0], ids=["rows", "no-rows"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "padded"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gather_columns_with_weight_rows(layout, M, dtype, rng, device):
+    """``weight=``: the same launch gathers W[idx] into a NaN-poisoned ``(kp, in)``
+    buffer, rows after k zeros, from any layout of W, NaN and inf carried exactly; G's
+    columns come out as without it."""
+    from meprop_triton.kernels.matmul import gather_columns, padded_width
+
+    G = randn((M, 130), dtype, rng, device)
+    W = randn((130, 300), dtype, rng, device)  # in = 300: a partial tile of W's columns
+    W[5, 3], W[7, 299] = math.nan, -math.inf
+    W = strided_copy(W, layout)
+    for idx in (torch.tensor([5], device=device), random_idx(130, 60, rng, device), torch.arange(130, device=device)):
+        K, KP = idx.shape[0], padded_width(idx.shape[0])
+        w_out = poisoned((KP, 300), dtype, device)
+        g_sel, w_sel = gather_columns(G, idx, weight=W, weight_out=w_out)
+        assert w_sel is w_out and g_sel.shape == (M, KP)
+        assert torch.equal(w_sel[:K].isnan(), W[idx].isnan())
+        assert torch.equal(w_sel[:K].nan_to_num(), W[idx].nan_to_num())
+        assert torch.equal(w_sel[K:], torch.zeros_like(w_sel[K:]))
+        assert torch.equal(g_sel, gather_columns(G, idx))
+    other = W.float() if dtype != torch.float32 else W.half()  # a supported dtype, not grad's
+    with pytest.raises(ValueError, match="weight must match grad"):
+        gather_columns(G, idx, weight=other)
+
+
 @pytest.mark.parametrize("copy_inner", [True, False], ids=["copy_non_unit_inner", "kernel_strides"])
 @pytest.mark.parametrize("layout", ["transposed", "padded", "expanded"])
 def test_strided_operands(layout, copy_inner, rng, device, monkeypatch):

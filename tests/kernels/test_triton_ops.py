@@ -149,6 +149,25 @@ def test_rejects_bad_arguments(rng, device):
         unified_topk_backward(G, X, W.t(), 2)
 
 
+@pytest.mark.interpreter
+def test_operands_of_another_dtype(rng, device, gemm_route):
+    """A weight (for grad_x) or an input (for grad_W) of another dtype than grad: a clear
+    error before any work, whichever route; one that is not read is not checked, and
+    grad_W comes in grad's dtype."""
+    from meprop_triton.triton_ops import unified_backward_from_indices, unified_topk_backward
+
+    G = make_grad(37, 130, torch.float32, rng, device)
+    X, W = randn((37, 64), torch.float32, rng, device), randn((130, 64), torch.float32, rng, device)
+    idx = torch.arange(0, 130, 10, device=device)
+    for fn, arg in ((unified_topk_backward, 13), (unified_backward_from_indices, idx)):
+        with pytest.raises(TypeError, match="grad and weight must share dtype and device"):
+            fn(G, X, W.half(), arg)
+        with pytest.raises(TypeError, match="grad and x must share dtype and device"):
+            fn(G, X.half(), W, arg)
+        gx, gw, gb = fn(G, X, W.half(), arg, need_x=False)
+        assert gx is None and gw.dtype == torch.float32 and gb.dtype == torch.float32
+
+
 def _run(code: str) -> subprocess.CompletedProcess:
     env = kernel_checks.compiled_env()
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
