@@ -491,7 +491,8 @@ def topk_from_parts(
         _launch.check_float_tensor("zero", zero, zero.dim())
         if zero.device != parts.device or not zero.is_contiguous():
             raise ValueError(f"zero must be a contiguous tensor on '{parts.device}'; got one on '{zero.device}'")
-        zero_programs = min(_launch.cdiv(zero.numel(), ZERO_BLOCK), ZERO_PROGRAMS_PER_SM * _launch.num_sms(parts.device))
+        most = ZERO_PROGRAMS_PER_SM * _launch.num_sms(parts.device)
+        zero_programs = min(_launch.cdiv(zero.numel(), ZERO_BLOCK), most)
     k, out, rest_out = _k_and_outputs(n, k, return_rest, out, rest_out, parts.device)
     cfg = configs()[1]
     _launch.launchable(topk_kernel, traceable)[(1 + zero_programs,)](
