@@ -3,8 +3,9 @@ against reference.py: selected indices exactly, values within a bound scaled by 
 reduction length, outputs poisoned (NaN / -1) before the kernels write them.
 
 Every dtype runs under the interpreter too: the per-example kernels use no ``tl.dot``,
-and ``unified_backward_from_indices`` runs the compacted GEMMs (``tl.dot``), whose bf16
-products the interpreter computes right only with ``kernel_checks._emulate_bf16_dot``.
+and ``unified_backward_from_indices`` runs its products by ``torch.mm`` (the default
+cuBLAS route) or by the compacted Triton GEMMs (``tl.dot``, whose bf16 products the
+interpreter computes right only with ``kernel_checks._emulate_bf16_dot``), both tested.
 """
 
 from __future__ import annotations
