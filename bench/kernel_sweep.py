@@ -192,15 +192,19 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False,
                     f"{config_tag(cfg)} split {split}" + (" (default)" if split == default_split else "") + tag,
                     run_w, lambda: check(out_w, ref_w), flops, nbytes)
 
-    # the cuBLAS route of triton_ops.UNIFIED_GEMMS on the same compacted G
-    attempt("grad_x, cuBLAS route", "W[S] copy + mm",
-            lambda: triton_ops._cublas_products(grad, x, weight, idx, True, False, g_sel=g_sel)[0],
-            lambda: check(triton_ops._cublas_products(grad, x, weight, idx, True, False, g_sel=g_sel)[0], ref_x),
-            flops, (M * KP + 2 * k * n_in + M * n_in) * elem)
-    attempt("grad_W, cuBLAS route", "mm + zeros + index_copy_",
-            lambda: triton_ops._cublas_products(grad, x, weight, idx, False, True, g_sel=g_sel)[1],
-            lambda: check(triton_ops._cublas_products(grad, x, weight, idx, False, True, g_sel=g_sel)[1], ref_w),
-            flops, (M * KP + M * n_in + 2 * k * n_in + n_out * n_in) * elem)
+    # the cuBLAS route of triton_ops.UNIFIED_GEMMS on the same compacted operands
+    compacted = mm.gather_columns(grad, idx, weight=weight)
+    got = {}
+
+    def cublas(which, need_x, need_w):
+        def run():
+            got[which] = triton_ops._cublas_products(grad, x, weight, idx, need_x, need_w, compacted=compacted)
+        return run
+
+    attempt("grad_x, cuBLAS route", "mm", cublas("x", True, False),
+            lambda: check(got["x"][0], ref_x), flops, (M * KP + KP * n_in + M * n_in) * elem)
+    attempt("grad_W, cuBLAS route", "mm + zeros + index_copy_", cublas("w", False, True),
+            lambda: check(got["w"][1], ref_w), flops, (M * KP + M * n_in + 2 * k * n_in + n_out * n_in) * elem)
 
     for route in ("triton", "cublas"):
         with forced(triton_ops, "UNIFIED_GEMMS", route):

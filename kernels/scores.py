@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import _launch
 
-__all__ = ["column_scores_and_bias", "column_score_parts", "configs", "partial_kernel", "finish_kernel"]
+__all__ = ["column_scores_and_bias", "column_score_parts", "configs", "partial_kernel", "finish_kernel", "add_slices"]
 
 
 def configs() -> list[dict]:
@@ -82,38 +82,44 @@ def partial_kernel(
 
 
 @triton.jit
+def add_slices(s, b, abs_ptrs, sum_ptrs, i, SPLIT, N, cols, ok):
+    """``(s, b)`` plus row slices ``i .. i + 3`` of the fp32 partial sums (``abs_ptrs`` /
+    ``sum_ptrs``: slice 0's pointers for these columns, slices N elements apart; ``ok``:
+    the columns in range), added one by one in index order. Their eight loads are issued
+    before the adds, one wait on memory per four slices. A slice past SPLIT adds +0.0 to
+    a sum that started at +0.0, which changes no bit of it: the result is the plain
+    sequential sum's, which ``finish_kernel`` and ``topk_kernel``'s ``FROM_PARTS`` share."""
+    # lanes of a slice past SPLIT masked off (a limit of 0 columns)
+    ok1 = cols < tl.where(i + 1 < SPLIT, N, 0)
+    ok2 = cols < tl.where(i + 2 < SPLIT, N, 0)
+    ok3 = cols < tl.where(i + 3 < SPLIT, N, 0)
+    off = i * N
+    s0 = tl.load(abs_ptrs + off, mask=ok, other=0.0)
+    s1 = tl.load(abs_ptrs + (off + N), mask=ok1, other=0.0)
+    s2 = tl.load(abs_ptrs + (off + 2 * N), mask=ok2, other=0.0)
+    s3 = tl.load(abs_ptrs + (off + 3 * N), mask=ok3, other=0.0)
+    b0 = tl.load(sum_ptrs + off, mask=ok, other=0.0)
+    b1 = tl.load(sum_ptrs + (off + N), mask=ok1, other=0.0)
+    b2 = tl.load(sum_ptrs + (off + 2 * N), mask=ok2, other=0.0)
+    b3 = tl.load(sum_ptrs + (off + 3 * N), mask=ok3, other=0.0)
+    return (((s + s0) + s1) + s2) + s3, (((b + b0) + b1) + b2) + b3
+
+
+@triton.jit
 def finish_kernel(
     part_abs_ptr, part_sum_ptr, score_ptr, bias_ptr,
     N, SPLIT,
     BLOCK_N: tl.constexpr,
 ):
-    """Sum the ``SPLIT`` fp32 partial rows in index order; map NaN to +inf; cast the bias.
-
-    Four rows a step, their eight loads issued before the adds (one wait on memory per
-    step); the rows are still added one by one in order, and a row past SPLIT adds +0.0
-    to a sum that starts at +0.0, which changes no bit (``topk_kernel``'s ``FROM_PARTS``
-    sums the same way, to the same bits)."""
+    """Sum the ``SPLIT`` fp32 partial rows in index order (four a step,
+    :func:`add_slices`); map NaN to +inf; cast the bias."""
     pid = tl.program_id(0).to(tl.int64)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < N
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     b = tl.zeros([BLOCK_N], dtype=tl.float32)
     for i in range(0, SPLIT, 4):
-        off = i * N + cols
-        # lanes of a row past SPLIT masked off (a limit of 0 columns)
-        ok1 = cols < tl.where(i + 1 < SPLIT, N, 0)
-        ok2 = cols < tl.where(i + 2 < SPLIT, N, 0)
-        ok3 = cols < tl.where(i + 3 < SPLIT, N, 0)
-        s0 = tl.load(part_abs_ptr + off, mask=ok, other=0.0)
-        s1 = tl.load(part_abs_ptr + off + N, mask=ok1, other=0.0)
-        s2 = tl.load(part_abs_ptr + off + 2 * N, mask=ok2, other=0.0)
-        s3 = tl.load(part_abs_ptr + off + 3 * N, mask=ok3, other=0.0)
-        b0 = tl.load(part_sum_ptr + off, mask=ok, other=0.0)
-        b1 = tl.load(part_sum_ptr + off + N, mask=ok1, other=0.0)
-        b2 = tl.load(part_sum_ptr + off + 2 * N, mask=ok2, other=0.0)
-        b3 = tl.load(part_sum_ptr + off + 3 * N, mask=ok3, other=0.0)
-        s = (((s + s0) + s1) + s2) + s3
-        b = (((b + b0) + b1) + b2) + b3
+        s, b = add_slices(s, b, part_abs_ptr + cols, part_sum_ptr + cols, i, SPLIT, N, cols, ok)
     s = tl.where(s == s, s, float("inf"))
     tl.store(score_ptr + cols, s, mask=ok)
     tl.store(bias_ptr + cols, b.to(bias_ptr.dtype.element_ty), mask=ok)

@@ -67,6 +67,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from .scores import add_slices
 
 __all__ = [
     "topk_indices", "topk_from_parts", "configs", "pick_config", "topk_kernel", "radix_histogram_kernel", "radix_write_kernel",
@@ -180,25 +181,11 @@ def _select(
             score_sum = tl.zeros([BLOCK], dtype=tl.float32)
             bias_sum = tl.zeros([BLOCK], dtype=tl.float32)
             # int32 offsets: topk_from_parts checks 2 * SPLIT * N < 2**31. Four slices a
-            # step, all eight loads issued before the adds (one wait on memory per step
-            # instead of one per slice); the slices are still added one by one in index
-            # order, and a slice past SPLIT adds +0.0 to a sum that starts at +0.0 and so
-            # changes no bit of it.
+            # step, in index order: the sums finish_kernel makes, bit for bit.
             for sl in range(0, SPLIT, 4):
-                # lanes of a slice past SPLIT masked off (a limit of 0 columns)
-                ok1 = offs < tl.where(sl + 1 < SPLIT, N, 0)
-                ok2 = offs < tl.where(sl + 2 < SPLIT, N, 0)
-                ok3 = offs < tl.where(sl + 3 < SPLIT, N, 0)
-                a0 = tl.load(s_ptr + sl * N + offs, mask=in_n, other=0.0)
-                a1 = tl.load(s_ptr + (sl + 1) * N + offs, mask=ok1, other=0.0)
-                a2 = tl.load(s_ptr + (sl + 2) * N + offs, mask=ok2, other=0.0)
-                a3 = tl.load(s_ptr + (sl + 3) * N + offs, mask=ok3, other=0.0)
-                b0 = tl.load(s_ptr + (SPLIT + sl) * N + offs, mask=in_n, other=0.0)
-                b1 = tl.load(s_ptr + (SPLIT + sl + 1) * N + offs, mask=ok1, other=0.0)
-                b2 = tl.load(s_ptr + (SPLIT + sl + 2) * N + offs, mask=ok2, other=0.0)
-                b3 = tl.load(s_ptr + (SPLIT + sl + 3) * N + offs, mask=ok3, other=0.0)
-                score_sum = (((score_sum + a0) + a1) + a2) + a3
-                bias_sum = (((bias_sum + b0) + b1) + b2) + b3
+                score_sum, bias_sum = add_slices(
+                    score_sum, bias_sum, s_ptr + offs, s_ptr + SPLIT * N + offs, sl, SPLIT, N, offs, in_n
+                )
             tl.store(bias_ptr + offs, bias_sum.to(bias_ptr.dtype.element_ty), mask=in_n)
             resident = _sort_key(score_sum)  # NaN -> +inf, as the finished scores have it
         else:

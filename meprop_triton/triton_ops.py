@@ -153,25 +153,19 @@ def _unified_products(route, grad, x, weight, idx, rest, need_x, need_w, zeros=N
     return grad_x, grad_w
 
 
-def _cublas_products(grad, x, weight, idx, need_x, need_w, g_sel=None, grad_w=None):
-    """The ``"cublas"`` route of :data:`UNIFIED_GEMMS`. ``G[:, S]`` comes compacted and
-    zero-padded to a multiple of 16 columns (``gather_columns``; ``g_sel``: already
-    made), so both products have an aligned reduction width; ``W[S, :]`` gets as many
-    rows, the padding ones zero (the padding adds exact zeros, even where W holds inf
-    or NaN elsewhere), gathered in the same launch as G's columns. ``grad_w``: a
-    zero-filled ``(out, in)`` tensor to copy grad_W's k rows into (else one is made)."""
+def _cublas_products(grad, x, weight, idx, need_x, need_w, grad_w=None, compacted=None):
+    """The ``"cublas"`` route of :data:`UNIFIED_GEMMS`. One launch compacts ``G[:, S]``
+    and, for grad_x, gathers ``W[S, :]``, each zero-padded to a multiple of 16 units
+    (``gather_columns``), so both products have an aligned reduction width (the padding
+    adds exact zeros, even where W holds inf or NaN elsewhere). ``compacted``: that
+    pair, already made (bench/kernel_sweep.py). ``grad_w``: a zero-filled
+    ``(out, in)`` tensor to copy grad_W's k rows into (else one is made)."""
     k = idx.shape[0]
-    w_sel = None
-    if g_sel is None and need_x:  # both compactions in one launch: (M, kp) and (kp, in)
-        g_sel, w_sel = gather_columns(grad, idx, weight=weight, traceable=True)
-    elif g_sel is None:
-        g_sel = gather_columns(grad, idx, traceable=True)  # (M, kp), kp = padded_width(k)
-    kp = g_sel.shape[1]
-    grad_x = grad.new_empty(0)
-    if need_x:
-        if w_sel is None:  # g_sel came made (bench/kernel_sweep.py): W's rows by torch
-            w_sel = torch.nn.functional.pad(weight.index_select(0, idx), (0, 0, 0, kp - k))
-        grad_x = torch.mm(g_sel, w_sel)
+    if compacted is None:
+        got = gather_columns(grad, idx, weight=weight if need_x else None, traceable=True)
+        compacted = got if need_x else (got, None)
+    g_sel, w_sel = compacted  # (M, kp), (kp, in)
+    grad_x = torch.mm(g_sel, w_sel) if need_x else grad.new_empty(0)
     if need_w:
         rows = torch.mm(g_sel.t(), x)  # (kp, in); rows past k are the padding's zeros
         if grad_w is None:
