@@ -153,8 +153,14 @@ def record_backward(M: int, n_in: int, n_out: int, k: int, dtype: torch.dtype, m
         setting, route, run = "PER_EXAMPLE_ROUTE", "gather", triton_ops._per_example_topk_backward
     else:
         raise ValueError(f"mode must be 'unified' or 'per-example'; got {mode!r}")
+    masked = mode == "per-example" and triton_ops.per_example_route(M, n_out, k, dtype) == "masked"
     with recording(arch) as rec, forced(triton_ops, setting, route):
         run(grad, x, weight, k, True, True, True)
+        if masked:
+            # that route's one Triton launch: the selection writing the masked copy of G
+            from meprop_triton.kernels.per_example import row_topk_indices
+
+            row_topk_indices(grad, k, masked=torch.empty_like(grad))
     del gen
     return rec.launches
 
@@ -336,6 +342,12 @@ def work(launch: Launch) -> tuple[int, int]:
         pairs, e = t["rows_ptr"].numel(), _elem(t["out_ptr"])
         M = t["x_ptr"].shape[0]
         return pairs * (4 + e) + M * N * e + NOUT * N * e, 2 * pairs * N
+    if name in ("per_example.row_select_kernel", "per_example.row_topk_kernel"):
+        # G read once (the resident kernel's second read of a row, and the streaming
+        # one's four more, hit L1 / L2), k int64 indices a row, the masked copy of G
+        M, e = t["g_ptr"].shape[0], _elem(t["g_ptr"])
+        masked = M * a["N"] * e if launch.kwargs.get("WRITE_MASKED") else 0
+        return M * a["N"] * e + 8 * M * a["K"] + masked, 0
     if name == "topk.topk_kernel":
         n = a["N"]
         if launch.kwargs.get("FROM_PARTS"):  # the scores' row slices in, the bias out
@@ -464,8 +476,9 @@ def main(argv=None) -> int:
                     json.dump(records, f, indent=1)
             print(f"sm_{args.arch}  M={M} in={n_in} out={n_out} k={k} {dtype} {args.mode}")
             if recs and recs[0].get("route") == "masked":
-                print("(the products at this shape take the masked route on a GPU: a masked copy of G and "
-                      "cuBLAS GEMMs; below, the selection and the gather kernels that other shapes use)")
+                print("(the products at this shape take the masked route on a GPU: the selection writes a "
+                      "masked copy of G, its last row below, for cuBLAS GEMMs; the gather kernels shown are "
+                      "those other shapes use)")
             print(table(recs))
             print()
     return 1 if any(r.get("error") for r in records) else 0

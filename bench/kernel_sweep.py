@@ -216,6 +216,7 @@ def sweep(M: int, n_in: int, n_out: int, k: int, dtype, *, dry: bool = False,
                 more[f"autotuned_{which}"] = sorted({config_tag(c) for c in cache.values()})
         label = "Triton GEMMs, autotuned" if route == "triton" else "cuBLAS GEMMs"
         row(f"whole backward ({label})", "-", whole, 2 * flops, **more)
+    _per_example_sweep(grad, x, weight, k, attempt, row, timed)
     row("dense grad_x (cuBLAS)", "-", timed(lambda: grad @ weight), 2 * M * n_out * n_in)
     row("dense grad_W (cuBLAS)", "-", timed(lambda: grad.t() @ x), 2 * M * n_out * n_in)
     return rows
@@ -312,6 +313,50 @@ def _selection_sweep(grad, k: int, idx, attempt, check) -> None:
         sc.configs, tk.configs = shipped_scores, shipped_topk
 
 
+def _per_example_sweep(grad, x, weight, k: int, attempt, row, timed) -> None:
+    """Per-example top-k at the same k: the per-row selection under every select config
+    that holds the row (the resident ones) and the streaming one, each checked against
+    ``reference.per_example_topk_indices`` exactly (G has no NaN); the same launch also
+    writing the masked copy of G; the whole per-example backward on its route."""
+    import torch
+
+    from meprop_triton import reference, triton_ops
+    from meprop_triton.kernels import per_example as pe
+
+    M, n = grad.shape
+    want = reference.per_example_topk_indices(grad, k)
+    shipped = pe.pick_select_config(n)
+    elem = grad.element_size()
+    for cfg in pe.select_configs():
+        if cfg["RESIDENT"] and n > cfg["BLOCK"]:
+            continue
+        got = {}
+
+        def same(got=got):
+            ok = bool(torch.equal(got["idx"], want))
+            return dict(max_err=0.0 if ok else None, tol=0.0, ok=ok)
+
+        tag = (f"resident {cfg['BLOCK']} w{cfg['num_warps']}" if cfg["RESIDENT"]
+               else f"streaming {cfg['BLOCK']} radix {cfg['RADIX_BITS']} w{cfg['num_warps']}")
+        attempt("per-example row top-k", tag + (" (shipped)" if cfg == shipped else ""),
+                lambda cfg=cfg, got=got: got.update(idx=pe.row_topk_indices(grad, k, config=cfg)),
+                same, nbytes=M * n * elem + 8 * M * k)
+    masked = torch.empty_like(grad)
+    got = {}
+
+    def same_masked():
+        want_m = torch.zeros_like(grad).scatter_(1, want, grad.gather(1, want))
+        ok = bool(torch.equal(got["idx"], want)) and bool(torch.equal(masked, want_m))
+        return dict(max_err=0.0 if ok else None, tol=0.0, ok=ok)
+
+    attempt("per-example row top-k", "+ masked copy of G (masked route)",
+            lambda: got.update(idx=pe.row_topk_indices(grad, k, masked=masked)),
+            same_masked, nbytes=2 * M * n * elem + 8 * M * k)
+    route = triton_ops.per_example_route(M, n, k, grad.dtype)
+    us = timed(lambda: triton_ops.per_example_topk_backward(grad, x, weight, k))
+    row(f"whole per-example backward ({route} route)", "-", us, 4 * M * n * x.shape[1] if route == "masked" else 0)
+
+
 def table(rows: list[dict], summary: bool = True) -> str:
     head = f"{'kernel':28s} {'config':48s} {'us':>9s} {'TFLOP/s':>8s} {'GB/s':>8s}  check"
     lines = [head, "-" * len(head)]
@@ -326,8 +371,8 @@ def table(rows: list[dict], summary: bool = True) -> str:
                      f"{r['gbps'] if r['gbps'] is not None else '-':>8}  {chk}{'  ' + extra if extra else ''}")
     if not summary:
         return "\n".join(lines)
-    gemms = [r for r in rows if r.get("ok") and r["kernel"].startswith(("grad_x", "grad_W", "column", "top-k"))]
-    for name in ("grad_x", "grad_W", "column scores", "top-k"):
+    gemms = [r for r in rows if r.get("ok") and r["kernel"].startswith(("grad_x", "grad_W", "column", "top-k", "per-example row"))]
+    for name in ("grad_x", "grad_W", "column scores", "top-k", "per-example row top-k"):
         best = min((r for r in gemms if r["kernel"].startswith(name)), key=lambda r: r["us"], default=None)
         if best is not None:
             lines.append(f"fastest {name}: {best['config']} ({best['us']:.1f} us)")

@@ -7,10 +7,13 @@ row m (``idx: (M, k)`` int64):
   row, ties to the lower index, NaN and inf counted as +inf (the README's "Semantics") -- equal
   to ``reference.per_example_topk_indices`` on every row without a NaN (that reference
   maps +inf to the largest finite float, so it ranks a NaN above a +inf where the spec
-  ties them, lower index first). One program per row runs the radix
-  select of :mod:`.topk` on the keys ``bits(|G[m, j]| as fp32)`` (a non-negative float
-  orders like its bit pattern), reading the row 5 times (4 rounds of 8 bits, then the
-  compaction in index order that writes the sorted indices).
+  ties them, lower index first). One program per row. Rows of up to 16,384 units are
+  held in registers (:func:`row_select_kernel`): keys in G's own bits, 15 of them for
+  fp16 / bf16, found one bit at a time by counting (integer compares and adds, no
+  histogram), then a second read of the row in index order writes the sorted indices.
+  Longer rows stream (:func:`row_topk_kernel`: the radix select of :mod:`.topk`, 4
+  rounds of 8 bits, then the compaction: 5 reads of the row). Either can write, in the
+  same pass, the masked copy of G that the masked route's dense GEMMs take.
 * :func:`gathered_rows_grad_input`: ``grad_x[m, :] = sum_t G[m, idx[m, t]] W[idx[m, t], :]``.
   Program (m, column block) walks row m's k indices ``BLOCK_T`` at a time: one load of
   the index tile, the matching values of G's row, and the gathered rows of W; fp32
@@ -68,6 +71,8 @@ __all__ = [
     "pick_select_config",
     "pick_product_config",
     "row_topk_kernel",
+    "row_select_kernel",
+    "KEY_INF",
     "grad_input_kernel",
     "grad_weight_kernel",
     "mark_kernel",
@@ -80,14 +85,21 @@ __all__ = [
 
 
 def select_configs() -> list[dict]:
-    """Configs of :func:`row_topk_kernel`, picked by row length (:func:`pick_select_config`).
+    """Configs of the per-row selection, picked by row length (:func:`pick_select_config`).
 
-    A row shorter than ``BLOCK`` leaves lanes idle; a short-row config keeps small
-    layers (MNIST's 500 units) from wasting 3/4 of each program.
+    ``RESIDENT``: :func:`row_select_kernel`, the row held in registers (``BLOCK >= out``),
+    64 keys a thread or fewer (``BLOCK / (32 * num_warps)``): a row of 4096 units is
+    one program of 2 warps. A short-row config keeps small layers (MNIST's 500 units)
+    from wasting most of each program. Longer rows than the largest resident block
+    stream through :func:`row_topk_kernel` (``RADIX_BITS``), five reads of the row.
     """
     return [
-        {"BLOCK": 256, "RADIX_BITS": 8, "num_warps": 2},
-        {"BLOCK": 1024, "RADIX_BITS": 8, "num_warps": 4},
+        {"BLOCK": 512, "CHUNK": 256, "RESIDENT": True, "num_warps": 1},
+        {"BLOCK": 2048, "CHUNK": 256, "RESIDENT": True, "num_warps": 1},
+        {"BLOCK": 4096, "CHUNK": 512, "RESIDENT": True, "num_warps": 2},
+        {"BLOCK": 8192, "CHUNK": 1024, "RESIDENT": True, "num_warps": 4},
+        {"BLOCK": 16384, "CHUNK": 2048, "RESIDENT": True, "num_warps": 8},
+        {"BLOCK": 1024, "RESIDENT": False, "RADIX_BITS": 8, "num_warps": 4},
     ]
 
 
@@ -127,12 +139,13 @@ def lists_configs() -> list[dict]:
 
 
 def pick_select_config(n_out: int) -> dict:
-    """The first select config whose block holds the row, else the largest (a fixed rule)."""
+    """The first resident config whose block holds the row, else the streaming one (a
+    fixed rule)."""
     cfgs = select_configs()
     for c in cfgs:
-        if n_out <= c["BLOCK"]:
+        if c["RESIDENT"] and n_out <= c["BLOCK"]:
             return c
-    return cfgs[-1]
+    return next(c for c in cfgs if not c["RESIDENT"])
 
 
 def pick_product_config(cfgs: list[dict], n_in: int) -> dict:
@@ -156,15 +169,98 @@ def pick_product_config(cfgs: list[dict], n_in: int) -> dict:
 _sum_combine = tl.standard._sum_combine
 
 
+#: Sort keys of |g| in g's own bits: the sign cleared, NaN (any payload) clamped to the
+#: pattern of +inf. A non-negative float orders like its bit pattern, so the keys order
+#: as the magnitudes do, NaN and inf tied at the top, -0 equal to +0 -- the order of
+#: ``|g| as fp32`` with NaN as +inf, but in 15 bits for fp16 / bf16 (31 for fp32).
+KEY_INF = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000}
+
+
+@triton.jit
+def _magnitude_keys(g, KEY_BITS: tl.constexpr, INF_KEY: tl.constexpr):
+    """int32 keys of ``|g|`` (:data:`KEY_INF`)."""
+    if KEY_BITS == 16:
+        bits = g.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+    else:
+        bits = g.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.minimum(bits, INF_KEY)
+
+
+@triton.jit
+def row_select_kernel(
+    g_ptr, idx_ptr, masked_ptr,
+    N, K, stride_gm, stride_gn, stride_im,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, KEY_BITS: tl.constexpr, INF_KEY: tl.constexpr,
+    WRITE_MASKED: tl.constexpr,
+):
+    """Program m: the K largest ``|G[m, :]|`` (of ``N <= BLOCK``), indices ascending into
+    ``idx[m, :K]``; with ``WRITE_MASKED``, row m of ``masked`` (contiguous, G's dtype)
+    gets G's selected entries as they are (a select: signs, -0, inf and NaN kept) and +0
+    everywhere else.
+
+    The row is read once into registers as int32 keys (:data:`KEY_INF`: 15 bits for a
+    16-bit G, 31 for fp32), and T, the K-th largest key, is found one bit at a time
+    from the top: T keeps a bit when at least K keys are at or above it with that bit
+    set. Each round is a compare and a count per key and one reduction: integer work
+    only, no histogram. Then the row is read again (L1 / L2: it was just read), ``CHUNK``
+    units at a time in index order, and a prefix sum places every key > T and the
+    first ``K - count(key > T)`` keys == T (lower indices win ties), as
+    :func:`row_topk_kernel` does. The second read keeps the scattered index store (a
+    layout of one element a thread, which Triton gives any store whose addresses are
+    not contiguous) to a chunk: done on the whole resident row, its conversion of 64-bit
+    addresses doubled the registers and spilled.
+    """
+    tl.static_assert(BLOCK <= 16384)  # the packed prefix sums below must not overflow
+    row = tl.program_id(0).to(tl.int64)
+    g_row = g_ptr + row * stride_gm
+    offs = tl.arange(0, BLOCK)
+    row_vals = tl.load(g_row + offs.to(tl.int64) * stride_gn, mask=offs < N, other=0.0)
+    keys = tl.where(offs < N, _magnitude_keys(row_vals, KEY_BITS, INF_KEY), -1)  # -1: below every key
+
+    # A loop, not unrolled: torch.compile's analysis of a Triton kernel's accesses
+    # (torch._higher_order_ops.triton_kernel_wrap) ran for minutes on 31 unrolled rounds.
+    thresh = tl.full([], 0, dtype=tl.int32)
+    for r in range(KEY_BITS - 1):
+        cand = thresh | (1 << (KEY_BITS - 2 - r))
+        # keys >= cand counted by the sign of keys - cand (-1 below it; no overflow:
+        # -1 <= keys < 2**31 - 1, 1 <= cand < 2**31): a subtract and a shift-add a key
+        n_ge = BLOCK + tl.reduce((keys - cand) >> 31, 0, _sum_combine)
+        thresh = tl.where(n_ge >= K, cand, thresh)
+    need_eq = K - tl.reduce((keys > thresh).to(tl.int32), 0, _sum_combine)
+
+    c_offs = tl.arange(0, CHUNK)
+    # (keys > T) << 16 | (keys == T) before this chunk: N <= BLOCK <= 16384, so neither
+    # half carries into the other
+    done = tl.full([], 0, dtype=tl.int32)
+    for c0 in range(0, N, CHUNK):
+        i = c0 + c_offs
+        ok = i < N
+        g = tl.load(g_row + i.to(tl.int64) * stride_gn, mask=ok, other=0.0)
+        key = _magnitude_keys(g, KEY_BITS, INF_KEY)
+        gt = (key > thresh) & ok
+        eq = (key == thresh) & ok
+        packed = (gt.to(tl.int32) << 16) | eq.to(tl.int32)
+        before = done + tl.associative_scan(packed, 0, _sum_combine) - packed
+        eq_before = before & 0xFFFF
+        pos = (before >> 16) + tl.minimum(eq_before, need_eq)
+        sel = gt | (eq & (eq_before < need_eq))
+        tl.store(idx_ptr + row * stride_im + pos, i.to(tl.int64), mask=sel)
+        if WRITE_MASKED:
+            tl.store(masked_ptr + row * N + i, tl.where(sel, g, tl.zeros_like(g)), mask=ok)
+        done += tl.reduce(packed, 0, _sum_combine)
+
+
 @triton.jit
 def row_topk_kernel(
-    g_ptr, idx_ptr,
+    g_ptr, idx_ptr, masked_ptr,
     N, K, stride_gm, stride_gn, stride_im,
-    BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
+    BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, WRITE_MASKED: tl.constexpr = False,
 ):
-    """Program m: the K largest ``|G[m, :]|`` (of N), indices ascending into ``idx[m, :K]``.
+    """Program m: the K largest ``|G[m, :]|`` (of N), indices ascending into ``idx[m, :K]``;
+    ``WRITE_MASKED`` as in :func:`row_select_kernel`. Any N: rows too long to hold.
 
-    The radix select and compaction of :func:`.topk.topk_kernel`, on row m's keys.
+    The radix select and compaction of :func:`.topk.topk_kernel`, on row m's keys,
+    streamed in blocks of ``BLOCK`` (five reads of the row).
     """
     BINS: tl.constexpr = 1 << RADIX_BITS
     ROUNDS: tl.constexpr = 32 // RADIX_BITS
@@ -203,7 +299,8 @@ def row_topk_kernel(
     for c0 in range(0, N, BLOCK):
         i = c0 + offs
         ok = i < N
-        a = tl.abs(tl.load(g_row + i.to(tl.int64) * stride_gn, mask=ok, other=0.0).to(tl.float32))
+        g = tl.load(g_row + i.to(tl.int64) * stride_gn, mask=ok, other=0.0)
+        a = tl.abs(g.to(tl.float32))
         key = tl.where(a != a, float("inf"), a).to(tl.uint32, bitcast=True)
         gt = ((key > thresh) & ok).to(tl.int32)
         eq = ((key == thresh) & ok).to(tl.int32)
@@ -213,6 +310,8 @@ def row_topk_kernel(
         pos = n_gt + (before >> 16) + tl.minimum(eq_before, need_eq)
         sel = (gt != 0) | ((eq != 0) & (eq_before < need_eq))
         tl.store(idx_row + pos, i.to(tl.int64), mask=sel)
+        if WRITE_MASKED:
+            tl.store(masked_ptr + row * N + i, tl.where(sel, g, tl.zeros_like(g)), mask=ok)
         n_gt += tl.reduce(gt, 0, _sum_combine)
         n_eq += tl.reduce(eq, 0, _sum_combine)
 
@@ -404,6 +503,7 @@ def row_topk_indices(
     k: int,
     *,
     out: torch.Tensor | None = None,
+    masked: torch.Tensor | None = None,
     config: dict | None = None,
     traceable: bool = False,
 ) -> torch.Tensor:
@@ -412,8 +512,10 @@ def row_topk_indices(
     Ties to the lower index, NaN/inf as +inf (the README's "Semantics"): equal to
     ``reference.per_example_topk_indices(grad, k)`` on rows without NaN (see the module
     docstring for the one difference). Any strides. ``out``: optional contiguous int64
-    ``(M, k)`` buffer; ``config``: one of :func:`select_configs` (default:
-    :func:`pick_select_config`); ``traceable``: launch through
+    ``(M, k)`` buffer; ``masked``: optional contiguous ``(M, out)`` buffer of grad's
+    dtype, written in the same pass with grad's selected entries (bit for bit) and +0
+    elsewhere (the masked route's copy of G); ``config``: one of :func:`select_configs`
+    (default: :func:`pick_select_config`); ``traceable``: launch through
     ``torch.library.wrap_triton`` (inside a ``triton_op``).
     """
     _launch.check_float_tensor("grad", grad, 2)
@@ -424,13 +526,29 @@ def row_topk_indices(
     out = _launch.out_or_empty("out", out, (M, k), torch.int64, grad.device)
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
+    if masked is not None:
+        _launch.check_out("masked", masked, (M, n), grad.dtype, grad.device)
+        if not masked.is_contiguous():
+            raise ValueError("masked must be contiguous")
     if M == 0:
         return out
     cfg = config or pick_select_config(n)
-    _launch.launchable(row_topk_kernel, traceable)[(M,)](
-        grad, out, n, k, grad.stride(0), grad.stride(1), out.stride(0),
-        BLOCK=cfg["BLOCK"], RADIX_BITS=cfg["RADIX_BITS"], num_warps=cfg["num_warps"],
-    )
+    if cfg["RESIDENT"] and n > cfg["BLOCK"]:
+        raise ValueError(f"config {cfg} holds rows of at most {cfg['BLOCK']} units; got {n}")
+    write_masked = masked is not None
+    masked = masked if write_masked else out  # an unused pointer
+    args = (grad, out, masked, n, k, grad.stride(0), grad.stride(1), out.stride(0))
+    if cfg["RESIDENT"]:
+        _launch.launchable(row_select_kernel, traceable)[(M,)](
+            *args, BLOCK=cfg["BLOCK"], CHUNK=cfg["CHUNK"], KEY_BITS=8 * grad.element_size(),
+            INF_KEY=KEY_INF[grad.dtype],
+            WRITE_MASKED=write_masked, num_warps=cfg["num_warps"],
+        )
+    else:
+        _launch.launchable(row_topk_kernel, traceable)[(M,)](
+            *args, BLOCK=cfg["BLOCK"], RADIX_BITS=cfg["RADIX_BITS"], WRITE_MASKED=write_masked,
+            num_warps=cfg["num_warps"],
+        )
     return out
 
 

@@ -333,15 +333,18 @@ def _per_example_products(
 #:
 #: * ``gather``: kernels/per_example.py, CUDA-core FMAs over the M*k selected entries
 #:   only (each example's rows of W and x gathered, re-read from L2);
-#: * ``masked``: G with every unselected entry zeroed (one (M, out) buffer), then the two
-#:   dense GEMMs of cuBLAS on tensor cores: the same sums with zeros added. Taken only
-#:   for the top-k op's own selection (distinct, in-range indices).
+#: * ``masked``: G with every unselected entry zeroed (one (M, out) buffer, written by the
+#:   selection's own launch), then the two dense GEMMs of cuBLAS on tensor cores: the
+#:   same sums with zeros added. Taken only for the top-k op's own selection (distinct,
+#:   in-range indices).
 #:
 #: The crossover, measured on an H200 (bench/results/gpu-h200-2026-12-04, bf16, M = 8192,
 #: in = out = 4096): the gather kernels reach only about 1 TFLOP/s of useful work there
 #: (5.4 ms at k = 1 %, 10.2 ms at 5 %, 28.5 ms at 25 %), while the masked route costs
 #: about the dense GEMMs' time plus the per-row selection and the masked copy whatever k
-#: is (1.33-1.37 ms at k = 1-5 %). So the masked route wins once k/out exceeds about the
+#: is (1.33-1.37 ms at k = 1-5 %, of which 620 us was a per-row selection that read each
+#: row five times; the selection now holds the row in registers and writes the masked
+#: copy itself, not yet timed on a GPU). So the masked route wins once k/out exceeds about the
 #: ratio of those rates: 1/600 in 16-bit (dense GEMMs ~600 TFLOP/s), 1/300 in tf32
 #: (~300) and 1/50 in plain fp32 (~50), on enough rows (M >= 256) that the GEMMs are not
 #: latency-bound.
@@ -365,16 +368,15 @@ def per_example_route(M: int, n_out: int, k: int, dtype: torch.dtype) -> str:
 
 
 def _masked_products(
-    grad: Tensor, x: Tensor, weight: Tensor, idx: Tensor, need_x: bool, need_w: bool, need_b: bool
+    masked: Tensor, grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_w: bool, need_b: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-example products through a masked copy of G and two dense GEMMs. The same
-    sums as the gather kernels, except where W's or x's unselected entries are inf or
-    NaN (0 * inf is NaN in a GEMM; the gather route never reads them), and in fp16 /
-    bf16 cuBLAS may reduce in reduced precision where torch allows it
-    (``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` and its fp16
-    twin, on by default) rather than in fp32 throughout."""
-    masked = torch.zeros_like(grad, memory_format=torch.contiguous_format)
-    masked.scatter_(1, idx, grad.gather(1, idx))
+    """Per-example products through ``masked`` (G with every unselected entry zeroed,
+    written by the selection's own launch: ``row_topk_indices(..., masked=)``) and two
+    dense GEMMs. The same sums as the gather kernels, except where W's or x's unselected
+    entries are inf or NaN (0 * inf is NaN in a GEMM; the gather route never reads
+    them), and in fp16 / bf16 cuBLAS may reduce in reduced precision where torch allows
+    it (``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` and its
+    fp16 twin, on by default) rather than in fp32 throughout."""
     grad_x = masked @ weight if need_x else grad.new_empty(0)
     grad_w = masked.t() @ x if need_w else grad.new_empty(0)
     return grad_x, grad_w, _bias_only(grad, need_b)
@@ -389,9 +391,11 @@ def _per_example_topk_backward(
     kernels, which skip out-of-range ones as documented."""
     if not (need_x or need_w):
         return grad.new_empty(0), grad.new_empty(0), _bias_only(grad, need_b), _no_indices(grad)
-    idx = row_topk_indices(grad, k, traceable=True)
     if per_example_route(grad.shape[0], grad.shape[1], k, grad.dtype) == "masked":
-        return (*_masked_products(grad, x, weight, idx, need_x, need_w, need_b), idx)
+        masked = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+        idx = row_topk_indices(grad, k, masked=masked, traceable=True)
+        return (*_masked_products(masked, grad, x, weight, need_x, need_w, need_b), idx)
+    idx = row_topk_indices(grad, k, traceable=True)
     return (*_per_example_products(grad, x, weight, idx, need_x, need_w, need_b), idx)
 
 

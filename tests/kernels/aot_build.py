@@ -286,8 +286,11 @@ def _pe_spec_kwargs(spec: str, unit: tuple) -> dict:
 
 def _per_example_builds(full: bool) -> list[dict]:
     """Every kernels/per_example.py kernel x shipped config x dtype x specialisation."""
+    import torch
+
     from meprop_triton.kernels import per_example as pe
 
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     out = []
 
     def specs(dt):
@@ -296,15 +299,28 @@ def _per_example_builds(full: bool) -> list[dict]:
     for dt in ("fp32", "fp16", "bf16"):
         for ci, c in enumerate(pe.select_configs()):
             for spec in ("contig", "strided"):
-                out.append(_build(
-                    "per_example.row_topk_kernel",
-                    f"per_example.row_topk-cfg{ci}-B{c['BLOCK']}R{c['RADIX_BITS']}-{dt}-{spec}",
-                    {"g_ptr": TL[dt], "idx_ptr": "*i64"},
-                    ["N", "K", "stride_gm", "stride_gn", "stride_im"],
-                    {"BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"]},
-                    {"num_warps": c["num_warps"]},
-                    **_pe_spec_kwargs(spec, ("stride_gn",)),
-                ))
+                for masked in (False, True):
+                    tag = "-masked" if masked else ""
+                    if c["RESIDENT"]:
+                        kernel, short, consts = "per_example.row_select_kernel", "row_select", {
+                            "BLOCK": c["BLOCK"], "CHUNK": c["CHUNK"], "KEY_BITS": 32 if dt == "fp32" else 16,
+                            "INF_KEY": pe.KEY_INF[dtypes[dt]], "WRITE_MASKED": masked,
+                        }
+                        cfg = f"B{c['BLOCK']}C{c['CHUNK']}w{c['num_warps']}"
+                    else:
+                        kernel, short, consts = "per_example.row_topk_kernel", "row_topk", {
+                            "BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"], "WRITE_MASKED": masked,
+                        }
+                        cfg = f"B{c['BLOCK']}R{c['RADIX_BITS']}"
+                    out.append(_build(
+                        kernel,
+                        f"per_example.{short}-cfg{ci}-{cfg}{tag}-{dt}-{spec}",
+                        {"g_ptr": TL[dt], "idx_ptr": "*i64", "masked_ptr": TL[dt]},
+                        ["N", "K", "stride_gm", "stride_gn", "stride_im"],
+                        consts,
+                        {"num_warps": c["num_warps"]},
+                        **_pe_spec_kwargs(spec, ("stride_gn",)),
+                    ))
         for ci, c in enumerate(pe.grad_input_configs()):
             for spec in specs(dt):
                 out.append(_build(

@@ -186,9 +186,13 @@ def test_every_per_example_config_is_built():
     ids = {b["id"] for b in aot_build.builds()}
     for dt in ("fp32", "fp16", "bf16"):
         specs = ("contig",) if dt == "fp16" else ("contig", "odd", "strided")
-        for ci in range(len(pe.select_configs())):
+        for ci, c in enumerate(pe.select_configs()):
+            short = "row_select" if c["RESIDENT"] else "row_topk"
             for spec in ("contig", "strided"):
-                assert any(i.startswith(f"per_example.row_topk-cfg{ci}-") and i.endswith(f"-{dt}-{spec}") for i in ids)
+                for tag in ("", "-masked"):  # the selection alone, and writing the masked copy of G
+                    want = [i for i in ids if i.startswith(f"per_example.{short}-cfg{ci}-")
+                            and i.endswith(f"-{dt}-{spec}") and ("-masked-" in i) == bool(tag)]
+                    assert len(want) == 1, (short, ci, tag, dt, spec)
         for short, cfgs in (("grad_input", pe.grad_input_configs()), ("grad_weight", pe.grad_weight_configs())):
             for ci in range(len(cfgs)):
                 for spec in specs:

@@ -89,7 +89,16 @@ def test_the_dry_run_checks_every_config_and_writes_json(tmp_path):
     # grad_W under each kept config and more than one split, the default marked
     splits = {r["config"].split(" split ")[1] for r in gemms if r["kernel"] == "grad_W GEMM + zero rows"}
     assert len(splits) >= 2 and any("(default)" in s for s in splits)
-    for name in ("grad_x", "grad_W", "column scores", "top-k"):
+    # per-example: the row selection under each config that holds the row and the
+    # streaming one, the shipped one marked, each checked exactly; the masked route's
+    # launch; the whole per-example backward
+    pe_rows = [r for r in rows if r["kernel"] == "per-example row top-k"]
+    assert len(pe_rows) >= 3 and all(r["ok"] is True for r in pe_rows), pe_rows
+    assert sum("(shipped)" in r["config"] for r in pe_rows) == 1
+    assert any(r["config"].startswith("streaming") for r in pe_rows)
+    assert any("masked copy" in r["config"] for r in pe_rows)
+    assert any(k.startswith("whole per-example backward (") for k in kernels)
+    for name in ("grad_x", "grad_W", "column scores", "top-k", "per-example row top-k"):
         assert f"fastest {name}:" in proc.stdout
 
 

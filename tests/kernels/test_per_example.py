@@ -97,12 +97,35 @@ def random_selection(M, N, k, rng, device, *, shuffle=False):
 
 
 def select(G, k, config=None):
+    """The selection, and the masked copy of G from a second launch with ``masked=``:
+    the same indices, and G's bits where they select, +0 elsewhere."""
     from meprop_triton.kernels.per_example import row_topk_indices
 
     out = poisoned((G.shape[0], k), torch.int64, G.device)
     res = row_topk_indices(G, k, out=out, config=config)
     assert res is out
+    out2 = poisoned((G.shape[0], k), torch.int64, G.device)
+    masked = poisoned(tuple(G.shape), G.dtype, G.device)
+    assert row_topk_indices(G, k, out=out2, masked=masked, config=config) is out2
+    assert torch.equal(out2, res), "the masked launch selected otherwise"
+    check_masked(G, res, masked)
     return res
+
+
+def _bits(t):
+    return t.cpu().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def check_masked(G, idx, masked):
+    """``masked``: G's entries at ``idx``, bit for bit (-0, signs, inf), +0 at every other
+    one; NaN where G has NaN (the interpreter loads fp16 / bf16 through fp32, which keeps
+    no NaN payload; a GPU's select keeps it)."""
+    want = torch.zeros(G.shape, dtype=G.dtype)
+    G, idx, masked = G.cpu(), idx.cpu(), masked.cpu()
+    want.scatter_(1, idx, G.gather(1, idx))
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(masked), nan), "masked copy: NaN where G has none, or none where it has"
+    assert torch.equal(_bits(masked)[~nan], _bits(want)[~nan]), "masked copy differs"
 
 
 def gx(G, W, idx, config=None, out=None):
@@ -199,23 +222,55 @@ def test_row_topk_strided(layout, rng, device):
         check_selection(G, k, select(G, k))
 
 
-@pytest.mark.parametrize("i", range(2))
-def test_every_select_config(i, rng, device):
+def _select_configs():
     from meprop_triton.kernels.per_example import select_configs
 
-    cfg = select_configs()[i]
-    G = mixed_grad(13, 1500, torch.float32, rng, device)  # several blocks of either config
-    for k in (1, 700, 1499):
-        check_selection(G, k, select(G, k, cfg))
+    return select_configs()
+
+
+@pytest.mark.parametrize("i", range(len(_select_configs())))
+def test_every_select_config(i, rng, device):
+    """Each config, forced, on rows that fill its block (resident) or span several
+    (streaming); the resident ones' prefix sums over several chunks."""
+    cfg = _select_configs()[i]
+    N = cfg["BLOCK"] - 3 if cfg["RESIDENT"] else 1500
+    M = 13 if N <= 4096 else 2  # (interpreter time)
+    for dtype in (torch.float32, torch.bfloat16):
+        G = mixed_grad(M, N, dtype, rng, device)
+        for k in (1, N // 2 + 1, N - 1):
+            check_selection(G, k, select(G, k, cfg))
 
 
 def test_select_config_rule():
-    """A fixed rule (no timing): the smallest block that holds the row, else the largest."""
+    """A fixed rule (no timing): the smallest resident block that holds the row, else
+    the streaming config."""
     from meprop_triton.kernels.per_example import pick_select_config, select_configs
 
-    small, big = select_configs()
-    assert pick_select_config(1) == small and pick_select_config(small["BLOCK"]) == small
-    assert pick_select_config(small["BLOCK"] + 1) == big and pick_select_config(10**6) == big
+    cfgs = select_configs()
+    resident = [c for c in cfgs if c["RESIDENT"]]
+    stream = [c for c in cfgs if not c["RESIDENT"]]
+    assert len(stream) == 1 and resident == sorted(resident, key=lambda c: c["BLOCK"])
+    assert pick_select_config(1) == resident[0] and pick_select_config(resident[0]["BLOCK"]) == resident[0]
+    assert pick_select_config(resident[0]["BLOCK"] + 1) == resident[1]
+    assert pick_select_config(4096)["BLOCK"] == 4096
+    top = resident[-1]["BLOCK"]
+    assert pick_select_config(top) == resident[-1]
+    assert pick_select_config(top + 1) == stream[0] and pick_select_config(10**6) == stream[0]
+    for c in resident:  # at most 64 keys a thread: what compiles without spills (test_aot)
+        assert c["BLOCK"] // (32 * c["num_warps"]) <= 64 and c["CHUNK"] <= c["BLOCK"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_row_select_masked_nonfinite_and_strided(dtype, rng, device):
+    """The masked copy from rows of every hard kind, any layout of G: NaN (one with a
+    payload and the sign set, as torch writes a bf16 NaN), infinities and signed zeros
+    of the selected entries kept as they are."""
+    G = mixed_grad(12, 700, dtype, rng, device)
+    G[5, 3] = float("nan")
+    for layout in ("contiguous", "transposed"):
+        Gl = strided_copy(G, layout)
+        for k in (1, 350, 699):
+            check_selection(Gl, k, select(Gl, k))
 
 
 # --- the counting sort -----------------------------------------------------------------
@@ -428,6 +483,16 @@ def test_launchers_reject_bad_arguments(rng, device):
         row_topk_indices(G, 2, out=torch.empty(3, 2, dtype=torch.int32, device=device))
     with pytest.raises(ValueError, match="out must be contiguous"):
         row_topk_indices(G, 2, out=torch.empty(2, 3, dtype=torch.int64, device=device).t())
+    with pytest.raises(ValueError, match=r"masked must have shape \(3, 5\), dtype torch.float32.*torch.float16"):
+        row_topk_indices(G, 2, masked=torch.empty(3, 5, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match="masked must be contiguous"):
+        row_topk_indices(G, 2, masked=torch.empty(5, 3, device=device).t())
+    from meprop_triton.kernels.per_example import select_configs
+
+    small = select_configs()[0]
+    wide = randn((2, small["BLOCK"] + 1), torch.float32, rng, device)
+    with pytest.raises(ValueError, match=f"holds rows of at most {small['BLOCK']} units; got {small['BLOCK'] + 1}"):
+        row_topk_indices(wide, 1, config=small)
 
 
 # --- the ops ---------------------------------------------------------------------------
