@@ -134,6 +134,8 @@ def check_index(name: str, idx: torch.Tensor, device: torch.device) -> torch.Ten
 
 def check_out(name: str, out: torch.Tensor, shape, dtype, device) -> None:
     """Check a caller-provided output buffer (tests pass NaN-filled ones)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
         raise ValueError(
             f"{name} must have shape {tuple(shape)}, dtype {dtype} on '{device}'; got "

@@ -5,9 +5,7 @@ row m (``idx: (M, k)`` int64):
 
 * :func:`row_topk_indices`: ``S_m`` = the k largest ``|G[m, :]|``, indices ascending per
   row, ties to the lower index, NaN and inf counted as +inf (the README's "Semantics") -- equal
-  to ``reference.per_example_topk_indices`` on every row without a NaN (that reference
-  maps +inf to the largest finite float, so it ranks a NaN above a +inf where the spec
-  ties them, lower index first). One program per row. Rows of up to 16,384 units are
+  to ``reference.per_example_topk_indices``. One program per row. Rows of up to 16,384 units are
   held in registers (:func:`row_select_kernel`): keys in G's own bits, 15 of them for
   fp16 / bf16, found one bit at a time by counting (integer compares and adds, no
   histogram), then a second read of the row in index order writes the sorted indices.
@@ -89,7 +87,8 @@ def select_configs() -> list[dict]:
 
     ``RESIDENT``: :func:`row_select_kernel`, the row held in registers (``BLOCK >= out``),
     64 keys a thread or fewer (``BLOCK / (32 * num_warps)``): a row of 4096 units is
-    one program of 2 warps. A short-row config keeps small layers (MNIST's 500 units)
+    one program of 2 warps. (8192 units take 8 warps, 32 keys a thread: with 4, the
+    sm_80 build for a strided fp32 G spilled a register in the search's loop.) A short-row config keeps small layers (MNIST's 500 units)
     from wasting most of each program. Longer rows than the largest resident block
     stream through :func:`row_topk_kernel` (``RADIX_BITS``), five reads of the row.
     """
@@ -97,7 +96,7 @@ def select_configs() -> list[dict]:
         {"BLOCK": 512, "CHUNK": 256, "RESIDENT": True, "num_warps": 1},
         {"BLOCK": 2048, "CHUNK": 256, "RESIDENT": True, "num_warps": 1},
         {"BLOCK": 4096, "CHUNK": 512, "RESIDENT": True, "num_warps": 2},
-        {"BLOCK": 8192, "CHUNK": 1024, "RESIDENT": True, "num_warps": 4},
+        {"BLOCK": 8192, "CHUNK": 1024, "RESIDENT": True, "num_warps": 8},
         {"BLOCK": 16384, "CHUNK": 2048, "RESIDENT": True, "num_warps": 8},
         {"BLOCK": 1024, "RESIDENT": False, "RADIX_BITS": 8, "num_warps": 4},
     ]
@@ -164,8 +163,7 @@ def pick_product_config(cfgs: list[dict], n_in: int) -> dict:
 #: kernels call those two builtins with it directly: the same code on a GPU, but under
 #: Triton's interpreter every call of a ``@triton.jit`` helper (``tl.sum`` included)
 #: re-patches ``triton.language`` first, ~1 ms each, which dominated the interpreter
-#: tests. For the same reason the key ``bits(|g| as fp32)`` (a non-negative float orders
-#: like its bit pattern; NaN is mapped to +inf first) is written out inline twice.
+#: tests. (The keys' helper, :func:`_magnitude_keys`, is called once per block.)
 _sum_combine = tl.standard._sum_combine
 
 
@@ -270,14 +268,18 @@ def row_select_kernel(
 def row_topk_kernel(
     g_ptr, idx_ptr, masked_ptr,
     N, K, stride_gm, stride_gn, stride_im,
-    BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, WRITE_MASKED: tl.constexpr = False,
+    BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, KEY_BITS: tl.constexpr, INF_KEY: tl.constexpr,
+    WRITE_MASKED: tl.constexpr = False,
 ):
     """Program m: the K largest ``|G[m, :]|`` (of N), indices ascending into ``idx[m, :K]``;
     ``WRITE_MASKED`` as in :func:`row_select_kernel`. Any N: rows too long to hold.
 
     The radix select and compaction of :func:`.topk.topk_kernel`, on row m's keys,
-    streamed in blocks of ``BLOCK`` (five reads of the row).
+    streamed in blocks of ``BLOCK`` (five reads of the row). The keys are
+    :func:`row_select_kernel`'s, shifted to the top of 32 bits: G's own bits, so no float
+    operation can flush a subnormal to zero.
     """
+    SHIFT: tl.constexpr = 32 - KEY_BITS
     BINS: tl.constexpr = 1 << RADIX_BITS
     ROUNDS: tl.constexpr = 32 // RADIX_BITS
     tl.static_assert(32 % RADIX_BITS == 0)
@@ -297,8 +299,8 @@ def row_topk_kernel(
         for c0 in range(0, N, BLOCK):
             i = c0 + offs
             ok = i < N
-            a = tl.abs(tl.load(g_row + i.to(tl.int64) * stride_gn, mask=ok, other=0.0).to(tl.float32))
-            key = tl.where(a != a, float("inf"), a).to(tl.uint32, bitcast=True)
+            g = tl.load(g_row + i.to(tl.int64) * stride_gn, mask=ok, other=0.0)
+            key = (_magnitude_keys(g, KEY_BITS, INF_KEY) << SHIFT).to(tl.uint32)
             if r > 0:
                 ok = ok & ((key >> (shift + RADIX_BITS)) == (thresh >> (shift + RADIX_BITS)))
             key_digit = ((key >> shift) & (BINS - 1)).to(tl.int32)
@@ -316,8 +318,7 @@ def row_topk_kernel(
         i = c0 + offs
         ok = i < N
         g = tl.load(g_row + i.to(tl.int64) * stride_gn, mask=ok, other=0.0)
-        a = tl.abs(g.to(tl.float32))
-        key = tl.where(a != a, float("inf"), a).to(tl.uint32, bitcast=True)
+        key = (_magnitude_keys(g, KEY_BITS, INF_KEY) << SHIFT).to(tl.uint32)
         gt = ((key > thresh) & ok).to(tl.int32)
         eq = ((key == thresh) & ok).to(tl.int32)
         packed = (gt << 16) | eq
@@ -526,8 +527,7 @@ def row_topk_indices(
     """``(M, k)`` int64: per row of ``grad: (M, out)`` the k largest ``|grad[m, :]|``, ascending.
 
     Ties to the lower index, NaN/inf as +inf (the README's "Semantics"): equal to
-    ``reference.per_example_topk_indices(grad, k)`` on rows without NaN (see the module
-    docstring for the one difference). Any strides. ``out``: optional contiguous int64
+    ``reference.per_example_topk_indices(grad, k)``. Any strides. ``out``: optional contiguous int64
     ``(M, k)`` buffer; ``masked``: optional contiguous ``(M, out)`` buffer of grad's
     dtype, written in the same pass with grad's selected entries (bit for bit) and +0
     elsewhere (the masked route's copy of G); ``config``: one of :func:`select_configs`
@@ -546,24 +546,29 @@ def row_topk_indices(
         _launch.check_out("masked", masked, (M, n), grad.dtype, grad.device)
         if not masked.is_contiguous():
             raise ValueError("masked must be contiguous")
+        # (traceable: a fresh buffer of the op's own, maybe a fake tensor without memory)
+        if not traceable and M and masked.untyped_storage().data_ptr() == grad.untyped_storage().data_ptr():
+            raise ValueError("masked must not share memory with grad (the kernel reads grad while it writes masked)")
+    if config is not None and config not in select_configs():
+        raise ValueError(f"config must be one of select_configs(); got {config!r}")
     if M == 0:
         return out
-    cfg = config or pick_select_config(n)
+    cfg = config if config is not None else pick_select_config(n)
     if cfg["RESIDENT"] and n > cfg["BLOCK"]:
         raise ValueError(f"config {cfg} holds rows of at most {cfg['BLOCK']} units; got {n}")
     write_masked = masked is not None
     masked = masked if write_masked else out  # an unused pointer
     args = (grad, out, masked, n, k, grad.stride(0), grad.stride(1), out.stride(0))
+    keys = dict(KEY_BITS=8 * grad.element_size(), INF_KEY=KEY_INF[grad.dtype])
     if cfg["RESIDENT"]:
         _launch.launchable(row_select_kernel, traceable)[(M,)](
-            *args, BLOCK=cfg["BLOCK"], CHUNK=cfg["CHUNK"], KEY_BITS=8 * grad.element_size(),
-            INF_KEY=KEY_INF[grad.dtype],
+            *args, BLOCK=cfg["BLOCK"], CHUNK=cfg["CHUNK"], **keys,
             WRITE_MASKED=write_masked, num_warps=cfg["num_warps"],
         )
     else:
         _launch.launchable(row_topk_kernel, traceable)[(M,)](
-            *args, BLOCK=cfg["BLOCK"], RADIX_BITS=cfg["RADIX_BITS"], WRITE_MASKED=write_masked,
-            num_warps=cfg["num_warps"],
+            *args, BLOCK=cfg["BLOCK"], RADIX_BITS=cfg["RADIX_BITS"], **keys,
+            WRITE_MASKED=write_masked, num_warps=cfg["num_warps"],
         )
     return out
 

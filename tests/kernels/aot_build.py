@@ -310,6 +310,7 @@ def _per_example_builds(full: bool) -> list[dict]:
                     else:
                         kernel, short, consts = "per_example.row_topk_kernel", "row_topk", {
                             "BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"], "WRITE_MASKED": masked,
+                            "KEY_BITS": 32 if dt == "fp32" else 16, "INF_KEY": pe.KEY_INF[dtypes[dt]],
                         }
                         cfg = f"B{c['BLOCK']}R{c['RADIX_BITS']}"
                     out.append(_build(
