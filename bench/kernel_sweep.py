@@ -371,8 +371,9 @@ def table(rows: list[dict], summary: bool = True) -> str:
                      f"{r['gbps'] if r['gbps'] is not None else '-':>8}  {chk}{'  ' + extra if extra else ''}")
     if not summary:
         return "\n".join(lines)
-    gemms = [r for r in rows if r.get("ok") and r["kernel"].startswith(("grad_x", "grad_W", "column", "top-k", "per-example row"))]
-    for name in ("grad_x", "grad_W", "column scores", "top-k", "per-example row top-k"):
+    names = ("grad_x", "grad_W", "column scores", "top-k", "per-example row top-k")
+    gemms = [r for r in rows if r.get("ok") and r["kernel"].startswith(names)]
+    for name in names:
         best = min((r for r in gemms if r["kernel"].startswith(name)), key=lambda r: r["us"], default=None)
         if best is not None:
             lines.append(f"fastest {name}: {best['config']} ({best['us']:.1f} us)")

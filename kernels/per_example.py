@@ -88,9 +88,10 @@ def select_configs() -> list[dict]:
     ``RESIDENT``: :func:`row_select_kernel`, the row held in registers (``BLOCK >= out``),
     64 keys a thread or fewer (``BLOCK / (32 * num_warps)``): a row of 4096 units is
     one program of 2 warps. (8192 units take 8 warps, 32 keys a thread: with 4, the
-    sm_80 build for a strided fp32 G spilled a register in the search's loop.) A short-row config keeps small layers (MNIST's 500 units)
-    from wasting most of each program. Longer rows than the largest resident block
-    stream through :func:`row_topk_kernel` (``RADIX_BITS``), five reads of the row.
+    sm_80 build for a strided fp32 G spilled a register in the search's loop.) A
+    short-row config keeps small layers (MNIST's 500 units) from wasting most of each
+    program. Longer rows than the largest resident block stream through
+    :func:`row_topk_kernel` (``RADIX_BITS``), five reads of the row.
     """
     return [
         {"BLOCK": 512, "CHUNK": 256, "RESIDENT": True, "num_warps": 1},
