@@ -350,10 +350,10 @@ def work(launch: Launch) -> tuple[int, int]:
         return M * a["N"] * e + 8 * M * a["K"] + masked, 0
     if name == "topk.topk_kernel":
         n = a["N"]
+        zeroed = a["ZERO_N"] * _elem(t["zero_ptr"]) if launch.kwargs.get("ZERO_BLOCK") else 0
         if launch.kwargs.get("FROM_PARTS"):  # the scores' row slices in, the bias out
-            zeroed = a["ZERO_N"] * _elem(t["zero_ptr"]) if launch.kwargs.get("ZERO_BLOCK") else 0
             return nbytes("s_ptr", "bias_ptr") + 8 * n + zeroed, 0
-        return 4 * n + 8 * n, 0
+        return 4 * n + 8 * n + zeroed, 0
     if name in ("topk.radix_histogram_kernel", "topk.radix_write_kernel"):
         # the multi-program radix select: each launch reads the n fp32 scores once; each
         # of its P programs reads the 256-bin histograms of the rounds before (L2), the

@@ -260,14 +260,15 @@ EXTRA_GRAD_WEIGHT_SPECS = [(128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 64, 
 #: once and is bandwidth-bound; the H200 run timed the shipped 32 x 128 x 4 warps at
 #: 1.6 TB/s, a third of the copy bandwidth.
 SCORE_BLOCKS = [(32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8), (16, 512, 4), (32, 512, 8), (128, 128, 8)]
-#: Candidate (RADIX_BITS, num_warps) of the resident top-k program (37 us at 4,096 units
-#: on the H200, one program).
-TOPK_VARIANTS = [(8, 8), (8, 4), (8, 16), (4, 8), (4, 16)]
+#: Candidate warp counts of the resident top-k program (its radix select took 37 us at
+#: 4,096 units on the H200, one program; it now counts one bit a round). With 4 warps
+#: (32 keys a thread) its sm_90 build spills.
+TOPK_WARPS = [8, 16]
 
 
 def _selection_sweep(grad, k: int, idx, attempt, check) -> None:
     """The scores' first pass under :data:`SCORE_BLOCKS` and the top-k program under
-    :data:`TOPK_VARIANTS` (where the units fit it), each through ``attempt``: the partial
+    :data:`TOPK_WARPS` (where the units fit it), each through ``attempt``: the partial
     sums checked against a float32 torch column sum, the selection against the shipped
     config's (exactly)."""
     import torch
@@ -291,13 +292,13 @@ def _selection_sweep(grad, k: int, idx, attempt, check) -> None:
                     lambda got=got: got.update(parts=sc.column_score_parts(grad)),
                     lambda got=got: check(got["parts"][0].sum(0), ref, rel=1e-4), nbytes=nbytes)
         sc.configs = shipped_scores
-        if n <= tk.MAX_RESIDENT:
+        if n <= tk.MAX_FROM_PARTS:
             parts = sc.column_score_parts(grad)
             bias = torch.empty(n, dtype=grad.dtype, device=grad.device)
             listed = shipped_topk()
-            for bits, warps in TOPK_VARIANTS:
+            for warps in TOPK_WARPS:
                 cand = [dict(c) for c in listed]
-                cand[1].update(RADIX_BITS=bits, num_warps=warps)
+                cand[1].update(num_warps=warps)
                 tk.configs = lambda cand=cand: cand
                 got = {}
 
@@ -305,8 +306,8 @@ def _selection_sweep(grad, k: int, idx, attempt, check) -> None:
                     ok = bool(torch.equal(got["idx"][0], idx))
                     return dict(max_err=0.0 if ok else None, tol=0.0, ok=ok)
 
-                shipped = (bits, warps) == (listed[1]["RADIX_BITS"], listed[1]["num_warps"])
-                attempt("top-k program (from parts)", f"radix {bits} bits w{warps}" + (" (shipped)" if shipped else ""),
+                shipped = warps == listed[1]["num_warps"]
+                attempt("top-k program (from parts)", f"w{warps}" + (" (shipped)" if shipped else ""),
                         lambda got=got: got.update(idx=tk.topk_from_parts(parts, k, bias, return_rest=True)),
                         same, nbytes=parts.numel() * 4)
     finally:

@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from .topk import _sum_combine, compact_chunk
 
 __all__ = [
     "row_topk_indices",
@@ -159,15 +160,6 @@ def pick_product_config(cfgs: list[dict], n_in: int) -> dict:
 # --- kernels ---------------------------------------------------------------------------
 
 
-#: ``tl.sum`` / ``tl.cumsum`` are ``tl.reduce`` / ``tl.associative_scan`` with this combine
-#: function (after widening integers narrower than 32 bits, which never occur here). The
-#: kernels call those two builtins with it directly: the same code on a GPU, but under
-#: Triton's interpreter every call of a ``@triton.jit`` helper (``tl.sum`` included)
-#: re-patches ``triton.language`` first, ~1 ms each, which dominated the interpreter
-#: tests. (The keys' helper, :func:`_magnitude_keys`, is called once per block.)
-_sum_combine = tl.standard._sum_combine
-
-
 #: Sort keys of |g| in g's own bits: the sign cleared, NaN (any payload) clamped to the
 #: pattern of +inf. A non-negative float orders like its bit pattern, so the keys order
 #: as the magnitudes do, NaN and inf tied at the top, -0 equal to +0 -- the order of
@@ -244,25 +236,17 @@ def row_select_kernel(
         need_eq = K - tl.reduce((keys > thresh).to(tl.int32), 0, _sum_combine)
 
     c_offs = tl.arange(0, CHUNK)
-    # (keys > T) << 16 | (keys == T) before this chunk: N <= BLOCK <= 16384, so neither
-    # half carries into the other
-    done = tl.full([], 0, dtype=tl.int32)
+    n_gt = tl.full([], 0, dtype=tl.int32)
+    n_eq = tl.full([], 0, dtype=tl.int32)
     for c0 in range(0, N, CHUNK):
         i = c0 + c_offs
         ok = i < N
         g = tl.load(g_row + i.to(tl.int64) * stride_gn, mask=ok, other=0.0)
         key = _magnitude_keys(g, KEY_BITS, INF_KEY)
-        gt = (key > thresh) & ok
-        eq = (key == thresh) & ok
-        packed = (gt.to(tl.int32) << 16) | eq.to(tl.int32)
-        before = done + tl.associative_scan(packed, 0, _sum_combine) - packed
-        eq_before = before & 0xFFFF
-        pos = (before >> 16) + tl.minimum(eq_before, need_eq)
-        sel = gt | (eq & (eq_before < need_eq))
+        sel, pos, n_gt, n_eq = compact_chunk(key > thresh, key == thresh, ok, n_gt, n_eq, need_eq)
         tl.store(idx_ptr + row * stride_im + pos, i.to(tl.int64), mask=sel)
         if WRITE_MASKED:
             tl.store(masked_ptr + row * N + i, tl.where(sel, g, tl.zeros_like(g)), mask=ok)
-        done += tl.reduce(packed, 0, _sum_combine)
 
 
 @triton.jit
@@ -320,18 +304,10 @@ def row_topk_kernel(
         ok = i < N
         g = tl.load(g_row + i.to(tl.int64) * stride_gn, mask=ok, other=0.0)
         key = (_magnitude_keys(g, KEY_BITS, INF_KEY) << SHIFT).to(tl.uint32)
-        gt = ((key > thresh) & ok).to(tl.int32)
-        eq = ((key == thresh) & ok).to(tl.int32)
-        packed = (gt << 16) | eq
-        before = tl.associative_scan(packed, 0, _sum_combine) - packed
-        eq_before = n_eq + (before & 0xFFFF)
-        pos = n_gt + (before >> 16) + tl.minimum(eq_before, need_eq)
-        sel = (gt != 0) | ((eq != 0) & (eq_before < need_eq))
+        sel, pos, n_gt, n_eq = compact_chunk(key > thresh, key == thresh, ok, n_gt, n_eq, need_eq)
         tl.store(idx_row + pos, i.to(tl.int64), mask=sel)
         if WRITE_MASKED:
             tl.store(masked_ptr + row * N + i, tl.where(sel, g, tl.zeros_like(g)), mask=ok)
-        n_gt += tl.reduce(gt, 0, _sum_combine)
-        n_eq += tl.reduce(eq, 0, _sum_combine)
 
 
 @triton.jit

@@ -3,24 +3,24 @@
 Equal to ``reference.select_topk`` bit for bit, for any ``k`` in ``[1, n]``.
 
 How: each score becomes a uint32 key whose unsigned order is the float order (NaN counts
-as +inf, -0 as +0). A radix select fixes the k-th largest key ``T`` eight bits at a time
-from the top: each of the 4 rounds builds a 256-bin histogram (``tl.histogram``) of the
-next digit of the keys that share T's digits so far, and keeps the largest digit that
-still leaves ``k`` keys at or above it. That also yields ``count(key > T)``, so
-``need_eq = k - count(key > T)``. One last pass in index order writes every index with
-``key > T`` and the first ``need_eq`` indices with ``key == T`` (lower indices win ties),
-each at the slot given by a prefix sum (``tl.cumsum``), so the output comes out sorted.
-The same pass writes the complement (the ``n - k`` unselected indices, ascending), which
-the weight-gradient kernel uses to zero the other rows.
+as +inf, -0 as +0). The k-th largest key ``T`` is found first, with ``count(key > T)``,
+so ``need_eq = k - count(key > T)``. One last pass in index order writes every index
+with ``key > T`` and the first ``need_eq`` indices with ``key == T`` (lower indices win
+ties), each at the slot given by a prefix sum (:func:`compact_chunk`), so the output
+comes out sorted. The same pass writes the complement (the ``n - k`` unselected
+indices, ascending).
 
 Up to ``n = MAX_RESIDENT = 4096`` one program does it all (``topk_kernel``, no atomics,
 nothing order-dependent): the scores are read once, into registers (16 keys per thread
-of 8 warps), and every round and the compaction run on them: one read of 16 KiB at
-out = 4096 instead of five dependent passes. The same kernel can also stream blocks of
-``BLOCK`` through the rounds for any ``n`` (5 reads: ``n = 65536`` is 64 blocks a pass;
-a config kept for tests and comparison): 8192 or 16384 resident keys spill registers
-(the AOT builds for sm_90: 17 to 200 spill instructions in the rounds' loops with 16 or
-32 warps). Any ``n < 2**31`` works.
+of 8 warps), and ``T`` is found there one bit at a time from the top by counting
+(:func:`_resident_threshold`: a compare and a count per key and one reduction a round,
+starting below the high bits that the smallest and largest key share). The same kernel
+can also stream blocks of ``BLOCK`` for any ``n`` (a config kept for tests and
+comparison): a radix select that fixes ``T`` eight bits at a time, each of its 4 rounds
+a pass that builds a 256-bin histogram (``tl.histogram``) of the next digit of the keys
+that share T's digits so far, then the compaction pass (5 reads: ``n = 65536`` is 64
+blocks a pass). 8192 or 16384 resident keys spill registers (the AOT builds for sm_90:
+17 to 200 spill instructions with 16 or 32 warps). Any ``n < 2**31`` works.
 
 The backward's scores come from ``scores.column_score_parts`` as fp32 partial sums over
 row slices (one slice per group of SMs, to read G at full bandwidth). Up to
@@ -34,10 +34,10 @@ zero=)`` puts more programs in the same launch to fill a tensor with zeros there
 unified backward's cuBLAS route has them write ``grad_W``'s zeros (its k rows are copied
 in afterwards), so that pass costs neither a launch nor time of its own.
 
-Above ``MAX_RESIDENT`` that one program would make the five dependent passes alone, on
-one SM (at n = 65,536: 320 dependent block loads). There the selection is spread over
+Above ``MAX_RESIDENT`` one program would stream the five dependent passes alone, on one
+SM (at n = 65,536: 320 dependent block loads). There the selection is spread over
 ``P = cdiv(n, BLOCK)`` programs instead (:func:`pick_config` chooses it for every
-``n > MAX_RESIDENT``), the same radix select in five launches:
+``n > MAX_RESIDENT``), the streaming radix select in five launches:
 
 * ``radix_histogram_kernel``, once per digit round r = 0..3: each program reads its
   slice of ``BLOCK`` keys, finds T's digits of the earlier rounds itself from the global
@@ -69,37 +69,65 @@ import triton.language as tl
 from . import _launch
 from .scores import add_slices
 
+#: ``tl.sum`` / ``tl.cumsum`` are ``tl.reduce`` / ``tl.associative_scan`` with this combine
+#: function (after widening integers narrower than 32 bits, which never occur here). The
+#: kernels call those two builtins with it directly: the same code on a GPU, but under
+#: Triton's interpreter every call of a ``@triton.jit`` helper (``tl.sum`` included)
+#: re-patches ``triton.language`` first, ~1 ms each, which dominated the interpreter
+#: tests.
+_sum_combine = tl.standard._sum_combine
+
 __all__ = [
     "topk_indices", "topk_from_parts", "configs", "pick_config", "topk_kernel", "radix_histogram_kernel", "radix_write_kernel",
-    "MAX_RESIDENT",
+    "MAX_RESIDENT", "MAX_FROM_PARTS", "compact_chunk",
 ]
 
 
 #: The largest ``n`` whose keys one program holds in registers without spilling.
-MAX_RESIDENT = 4096
+MAX_RESIDENT = 16384
+#: The largest ``n`` whose scores' row slices that program adds up itself
+#: (:func:`topk_from_parts`): it holds their sums and the bias sums too.
+MAX_FROM_PARTS = 4096
 
 
 def configs() -> list[dict]:
     """The launch configs this file ships: streaming blocks in one program (any n), keys
-    resident in registers for n up to :data:`MAX_RESIDENT`, and the multi-program radix
-    select (``MULTI``: one program per ``BLOCK`` keys, any n; see :func:`pick_config`)."""
+    resident in registers for n up to 4096, 8192 and :data:`MAX_RESIDENT`, and the
+    multi-program radix select (``MULTI``: one program per ``BLOCK`` keys, any n); see
+    :func:`pick_config`. ``CHUNK``: the compaction's step: the scores are read again,
+    ``CHUNK`` at a time (from L1 / L2: they were just read). Compacting a whole block
+    from the registers (the int64 index stores of a block, converted through shared
+    memory) spilled: at 8192 keys on 16 warps, and at 4096 on 8 warps under triton 3.6.
+    :func:`topk_from_parts`, whose scores are only in registers, compacts them there,
+    4096 at once. 16 keys a thread in every resident config, 8 or 2 a chunk: each chunk's
+    prefix sum across the warps costs about ten barriers (sm_90 SASS), so the chunks are
+    as large as compile without spills (16,384 keys in chunks of 4096 spilled, in the
+    sm_90 build for strided scores)."""
     return [
-        {"BLOCK": 1024, "RADIX_BITS": 8, "num_warps": 8, "RESIDENT": False, "MULTI": False},
-        {"BLOCK": MAX_RESIDENT, "RADIX_BITS": 8, "num_warps": 8, "RESIDENT": True, "MULTI": False},
-        {"BLOCK": 1024, "RADIX_BITS": 8, "num_warps": 4, "RESIDENT": False, "MULTI": True},
+        {"BLOCK": 1024, "CHUNK": 1024, "RADIX_BITS": 8, "num_warps": 8, "RESIDENT": False, "MULTI": False},
+        {"BLOCK": MAX_FROM_PARTS, "CHUNK": 2048, "RADIX_BITS": 8, "num_warps": 8, "RESIDENT": True, "MULTI": False},
+        {"BLOCK": 8192, "CHUNK": 4096, "RADIX_BITS": 8, "num_warps": 16, "RESIDENT": True, "MULTI": False},
+        {"BLOCK": MAX_RESIDENT, "CHUNK": 2048, "RADIX_BITS": 8, "num_warps": 32, "RESIDENT": True, "MULTI": False},
+        {"BLOCK": 1024, "CHUNK": 1024, "RADIX_BITS": 8, "num_warps": 4, "RESIDENT": False, "MULTI": True},
     ]
 
 
 def pick_config(n: int) -> dict:
-    """The rule: one program with its keys resident in registers when they fit
-    (n <= :data:`MAX_RESIDENT`; masked lanes of a smaller n cost nothing but registers),
-    else the multi-program radix select (n > MAX_RESIDENT: one program of 1024 keys per
-    slice, 5 to 64 programs from n = 4097 to 65,536). The streaming single-program
-    config stays available through ``config=``."""
-    resident = configs()[1]
-    if n <= resident["BLOCK"]:
-        return resident
-    return configs()[2]
+    """The rule: one program with its keys resident in registers when they fit, the
+    smallest such config (n <= :data:`MAX_RESIDENT`; masked lanes of a smaller n cost
+    nothing but registers), else the multi-program radix select (n > MAX_RESIDENT: one
+    program of 1024 keys per slice, 17 programs at n = 16,385, 64 at 65,536). The
+    streaming single-program config, and the multi-program one at any n, stay available
+    through ``config=``."""
+    cfgs = configs()
+    for c in cfgs:
+        if c["RESIDENT"] and n <= c["BLOCK"]:
+            return c
+    return next(c for c in cfgs if c["MULTI"])
+
+
+def _from_parts_config() -> dict:
+    return next(c for c in configs() if c["RESIDENT"] and c["BLOCK"] == MAX_FROM_PARTS)
 
 
 @triton.jit
@@ -126,10 +154,11 @@ def topk_kernel(
     s_ptr, idx_ptr, rest_ptr, bias_ptr, zero_ptr,
     N, K, stride_s, SPLIT, ZERO_N,
     BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, WRITE_REST: tl.constexpr, RESIDENT: tl.constexpr,
-    FROM_PARTS: tl.constexpr = False, ZERO_BLOCK: tl.constexpr = 0,
+    CHUNK: tl.constexpr, FROM_PARTS: tl.constexpr = False, ZERO_BLOCK: tl.constexpr = 0,
 ):
     """``RESIDENT``: ``N <= BLOCK``, every key loaded once and kept in registers;
-    otherwise each pass streams the scores in blocks of ``BLOCK``.
+    otherwise each pass streams the scores in blocks of ``BLOCK``. The compaction takes
+    ``CHUNK`` keys a step: from the registers when ``CHUNK == BLOCK``, else read again.
 
     ``FROM_PARTS`` (with ``RESIDENT``): ``s_ptr`` is the ``(2, SPLIT, N)`` fp32 partial
     sums of ``scores.column_score_parts`` (``[0]``: each row slice's sum of ``|G|``,
@@ -146,12 +175,12 @@ def topk_kernel(
     """
     if ZERO_BLOCK == 0:
         _select(s_ptr, idx_ptr, rest_ptr, bias_ptr, N, K, stride_s, SPLIT,
-                BLOCK, RADIX_BITS, WRITE_REST, RESIDENT, FROM_PARTS)
+                BLOCK, RADIX_BITS, WRITE_REST, RESIDENT, CHUNK, FROM_PARTS)
     else:
         pid = tl.program_id(0)
         if pid == 0:
             _select(s_ptr, idx_ptr, rest_ptr, bias_ptr, N, K, stride_s, SPLIT,
-                    BLOCK, RADIX_BITS, WRITE_REST, RESIDENT, FROM_PARTS)
+                    BLOCK, RADIX_BITS, WRITE_REST, RESIDENT, CHUNK, FROM_PARTS)
         else:
             step = (tl.num_programs(0) - 1).to(tl.int64) * ZERO_BLOCK
             offs = (pid - 1).to(tl.int64) * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
@@ -165,13 +194,14 @@ def topk_kernel(
 def _select(
     s_ptr, idx_ptr, rest_ptr, bias_ptr, N, K, stride_s, SPLIT,
     BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, WRITE_REST: tl.constexpr, RESIDENT: tl.constexpr,
-    FROM_PARTS: tl.constexpr,
+    CHUNK: tl.constexpr, FROM_PARTS: tl.constexpr,
 ):
     """The selection of :func:`topk_kernel` (one program)."""
     BINS: tl.constexpr = 1 << RADIX_BITS
     ROUNDS: tl.constexpr = 32 // RADIX_BITS
     tl.static_assert(32 % RADIX_BITS == 0)
-    tl.static_assert(BLOCK <= 16384)  # the packed prefix sum below must not overflow
+    tl.static_assert(CHUNK <= 16384)  # the packed prefix sum of compact_chunk must not overflow
+    tl.static_assert(CHUNK == BLOCK or (RESIDENT and not FROM_PARTS))  # re-read: the scores are in memory
     tl.static_assert(RESIDENT or not FROM_PARTS)
     offs = tl.arange(0, BLOCK)
     bins = tl.arange(0, BINS)
@@ -190,61 +220,108 @@ def _select(
             resident = _sort_key(score_sum)  # NaN -> +inf, as the finished scores have it
         else:
             resident = _keys(s_ptr, offs, N, stride_s)
-
-    # Radix select of T, the k-th largest key, RADIX_BITS at a time from the top.
-    # Invariant: n_above keys lie above the keys that share T's fixed high digits, and
-    # n_above + count(keys sharing them) >= K.
-    thresh = tl.full([], 0, dtype=tl.uint32)
-    n_above = tl.full([], 0, dtype=tl.int32)
-    for r in tl.static_range(ROUNDS):
-        shift = 32 - (r + 1) * RADIX_BITS  # a constexpr: r comes from static_range
-        hist = tl.zeros([BINS], dtype=tl.int32)
-        for c0 in range(0, N, BLOCK):  # one step when RESIDENT
-            i = c0 + offs
-            ok = i < N
-            if RESIDENT:
-                key = resident
-            else:
+        thresh, n_above = _resident_threshold(resident, offs < N, K)
+    else:
+        # Radix select of T, the k-th largest key, RADIX_BITS at a time from the top,
+        # each round a pass over the scores. Invariant: n_above keys lie above the keys
+        # that share T's fixed high digits, and n_above + count(keys sharing them) >= K.
+        thresh = tl.full([], 0, dtype=tl.uint32)
+        n_above = tl.full([], 0, dtype=tl.int32)
+        for r in tl.static_range(ROUNDS):
+            shift = 32 - (r + 1) * RADIX_BITS  # a constexpr: r comes from static_range
+            hist = tl.zeros([BINS], dtype=tl.int32)
+            for c0 in range(0, N, BLOCK):
+                i = c0 + offs
                 key = _keys(s_ptr, i, N, stride_s)
-            if r > 0:
-                ok = ok & ((key >> (shift + RADIX_BITS)) == (thresh >> (shift + RADIX_BITS)))
-            key_digit = ((key >> shift) & (BINS - 1)).to(tl.int32)
-            hist += tl.histogram(key_digit, BINS, mask=ok)
-        # at_least[d]: keys with this round's digit >= d; keep the largest digit that
-        # still leaves K keys at or above it.
-        at_least = n_above + tl.cumsum(hist, axis=0, reverse=True)
-        digit = tl.sum((at_least >= K).to(tl.int32), axis=0) - 1
-        n_above += tl.sum(tl.where(bins > digit, hist, 0), axis=0)
-        thresh = thresh | (digit.to(tl.uint32) << shift)
+                ok = i < N
+                if r > 0:
+                    ok = ok & ((key >> (shift + RADIX_BITS)) == (thresh >> (shift + RADIX_BITS)))
+                key_digit = ((key >> shift) & (BINS - 1)).to(tl.int32)
+                hist += tl.histogram(key_digit, BINS, mask=ok)
+            # at_least[d]: keys with this round's digit >= d; keep the largest digit that
+            # still leaves K keys at or above it.
+            at_least = n_above + tl.cumsum(hist, axis=0, reverse=True)
+            digit = tl.sum((at_least >= K).to(tl.int32), axis=0) - 1
+            n_above += tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+            thresh = thresh | (digit.to(tl.uint32) << shift)
     # Now n_above = count(key > T) and need_eq = K - n_above >= 1 keys equal to T are
-    # taken, lowest index first.
+    # taken, lowest index first: the compaction, in index order.
     need_eq = K - n_above
-
-    # Compaction in index order. One scan of (gt << 16 | eq) gives both prefix counts;
-    # the kept indices before i are the keys > T before i plus min(keys == T before i,
-    # need_eq).
     n_gt = tl.full([], 0, dtype=tl.int32)
     n_eq = tl.full([], 0, dtype=tl.int32)
-    for c0 in range(0, N, BLOCK):
-        i = c0 + offs
+    c_offs = tl.arange(0, CHUNK)
+    for c0 in range(0, N, CHUNK):
+        i = c0 + c_offs
         ok = i < N
-        if RESIDENT:
+        if RESIDENT and CHUNK == BLOCK:
             key = resident
         else:
             key = _keys(s_ptr, i, N, stride_s)
-        gt = ((key > thresh) & ok).to(tl.int32)
-        eq = ((key == thresh) & ok).to(tl.int32)
-        packed = (gt << 16) | eq  # BLOCK <= 16384: no carry between halves, no overflow
-        before = tl.cumsum(packed, axis=0) - packed
-        eq_before = n_eq + (before & 0xFFFF)
-        pos = n_gt + (before >> 16) + tl.minimum(eq_before, need_eq)
-        sel = (gt != 0) | ((eq != 0) & (eq_before < need_eq))
+        sel, pos, n_gt, n_eq = compact_chunk(key > thresh, key == thresh, ok, n_gt, n_eq, need_eq)
         i64 = i.to(tl.int64)
         tl.store(idx_ptr + pos, i64, mask=sel)
         if WRITE_REST:
             tl.store(rest_ptr + (i - pos), i64, mask=ok & ~sel)
-        n_gt += tl.sum(gt, axis=0)
-        n_eq += tl.sum(eq, axis=0)
+
+
+@triton.jit
+def _resident_threshold(keys, valid, K):
+    """``(T, count(key > T))``: T the K-th largest of the uint32 ``keys`` whose ``valid``
+    is set (``1 <= K <= count(valid)``), all held in registers.
+
+    T is found one bit at a time from the top, by counting: T keeps a bit when at least
+    K keys are at or above it with that bit set. Each round is a compare and a count per
+    key and one reduction: integer work only, no histogram. (The 256-bin histograms of
+    a radix select are shared-memory atomics, and the scores' keys pile into a handful
+    of bins -- their sign and exponent bits are mostly the same -- so those atomics
+    serialize on one address.) T lies between the smallest and the largest key, so it
+    has their common high bits: the search starts below them, at the highest bit where
+    the two differ (every key equal: no round). A loop, not unrolled (see
+    ``per_example.row_select_kernel``: torch.compile's analysis of unrolled rounds).
+    """
+    keys = tl.where(valid, keys, 0)  # 0 lies below every real key (-inf's is 0x007FFFFF) and every candidate
+    hi = tl.max(keys, axis=0)
+    lo = tl.min(tl.where(valid, keys, 0xFFFFFFFF), axis=0)
+    low = hi ^ lo  # smeared down: every bit at or below the highest one where hi and lo differ
+    low = low | (low >> 1)
+    low = low | (low >> 2)
+    low = low | (low >> 4)
+    low = low | (low >> 8)
+    low = low | (low >> 16)
+    thresh = hi & (low ^ 0xFFFFFFFF)
+    bit = low ^ (low >> 1)
+    while bit != 0:
+        cand = thresh | bit
+        n_ge = tl.reduce((keys >= cand).to(tl.int32), 0, _sum_combine)
+        thresh = tl.where(n_ge >= K, cand, thresh)
+        bit = bit >> 1
+    return thresh, tl.reduce((keys > thresh).to(tl.int32), 0, _sum_combine)
+
+
+@triton.jit
+def compact_chunk(gt, eq, ok, n_gt, n_eq, need_eq):
+    """Where one chunk of keys, in index order, goes in the selection's output.
+
+    ``gt`` / ``eq``: each key's ``key > T`` / ``key == T``, ``ok``: the lanes in range
+    (at most 16,384 lanes: the packed prefix sum below must not carry between halves);
+    ``n_gt`` / ``n_eq``: the counts of keys > T / == T in the earlier chunks;
+    ``need_eq``: how many keys == T are taken, lower indices first. Returns ``(sel,
+    pos, n_gt, n_eq)``: which keys are selected, each one's slot in the ascending
+    output (for the others, ``i - pos`` is their slot among the unselected), and the
+    counts after this chunk. One prefix sum of ``(gt << 16) | eq`` gives both counts
+    before each key: the kept indices before it are the keys > T plus
+    ``min(keys == T, need_eq)``. Shared by every selection kernel here and in
+    :mod:`.per_example`.
+    """
+    gt = (gt & ok).to(tl.int32)
+    eq = (eq & ok).to(tl.int32)
+    packed = (gt << 16) | eq
+    before = tl.associative_scan(packed, 0, _sum_combine) - packed
+    eq_before = n_eq + (before & 0xFFFF)
+    pos = n_gt + (before >> 16) + tl.minimum(eq_before, need_eq)
+    sel = (gt != 0) | ((eq != 0) & (eq_before < need_eq))
+    total = tl.reduce(packed, 0, _sum_combine)
+    return sel, pos, n_gt + (total >> 16), n_eq + (total & 0xFFFF)
 
 
 # --- the multi-program radix select (n > MAX_RESIDENT) -----------------------------------
@@ -316,7 +393,7 @@ def radix_write_kernel(
     the single program's compaction of keys ``[p*BLOCK, (p+1)*BLOCK)``."""
     BINS: tl.constexpr = 1 << RADIX_BITS
     ROUNDS: tl.constexpr = 32 // RADIX_BITS
-    tl.static_assert(BLOCK <= 16384)  # the packed prefix sum below must not overflow
+    tl.static_assert(BLOCK <= 16384)  # the packed prefix sum of compact_chunk must not overflow
     pid = tl.program_id(0)
     i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < N
@@ -338,13 +415,7 @@ def radix_write_kernel(
     n_eq = tl.sum(acc_ge, axis=0) - n_gt
 
     # The compaction of topk_kernel, offset by the earlier programs' counts.
-    gt = ((key > thresh) & ok).to(tl.int32)
-    eq = ((key == thresh) & ok).to(tl.int32)
-    packed = (gt << 16) | eq
-    before = tl.cumsum(packed, axis=0) - packed
-    eq_before = n_eq + (before & 0xFFFF)
-    pos = n_gt + (before >> 16) + tl.minimum(eq_before, need_eq)
-    sel = (gt != 0) | ((eq != 0) & (eq_before < need_eq))
+    sel, pos, n_gt, n_eq = compact_chunk(key > thresh, key == thresh, ok, n_gt, n_eq, need_eq)
     tl.store(idx_ptr + pos, i, mask=sel)
     if WRITE_REST:
         tl.store(rest_ptr + (i - pos), i, mask=ok & ~sel)
@@ -371,9 +442,10 @@ def _multi_program_topk(scores, n, k, out, rest_out, return_rest, cfg, traceable
 #: Earlier programs' count rows read at once by each program of ``radix_write_kernel``.
 SCAN_BLOCK = 128
 
-#: ``topk_from_parts(..., zero=)``: elements each zero-filling program writes a step
-#: (16 a thread of 8 warps), and how many such programs per SM, at most. The selecting
-#: program's registers leave room for one program per SM, so two waves.
+#: ``zero=`` of :func:`topk_indices` / :func:`topk_from_parts`: elements each
+#: zero-filling program writes a step (16 a thread of 8 warps, 4 of 32), and how many
+#: such programs per SM, at most. The selecting program's registers leave room for one
+#: program per SM, so two waves.
 ZERO_BLOCK = 4096
 ZERO_PROGRAMS_PER_SM = 2
 
@@ -391,6 +463,17 @@ def _k_and_outputs(n, k, return_rest, out, rest_out, device):
     return k, out, rest_out
 
 
+def _zero_programs(zero, device) -> int:
+    """How many programs fill ``zero`` (checked) beside the selecting one: 0 without it."""
+    if zero is None:
+        return 0
+    _launch.check_float_tensor("zero", zero, zero.dim())
+    if zero.device != device or not zero.is_contiguous():
+        raise ValueError(f"zero must be a contiguous tensor on '{device}'; got one on '{zero.device}'")
+    most = ZERO_PROGRAMS_PER_SM * _launch.num_sms(device)
+    return min(_launch.cdiv(zero.numel(), ZERO_BLOCK), most)
+
+
 def topk_indices(
     scores: torch.Tensor,
     k: int,
@@ -400,6 +483,7 @@ def topk_indices(
     rest_out: torch.Tensor | None = None,
     config: dict | None = None,
     traceable: bool = False,
+    zero: torch.Tensor | None = None,
 ):
     """Indices of the ``k`` largest ``scores`` (1-D fp32), ascending; ties to the lower index.
 
@@ -408,6 +492,9 @@ def topk_indices(
     ascending. ``out`` / ``rest_out``: optional preallocated int64 buffers; ``config``:
     one of :func:`configs` (default :func:`pick_config`).
     ``traceable``: launch through ``torch.library.wrap_triton`` (inside a ``triton_op``).
+    ``zero``: a contiguous tensor of any float dtype filled with zeros on the way, as
+    :func:`topk_from_parts` does, by programs beside the one that selects (the
+    multi-program config: by ``zero_()``).
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.dtype != torch.float32:
         raise TypeError("scores must be a 1-D float32 tensor")
@@ -416,20 +503,25 @@ def topk_indices(
             f"the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1; scores are on '{scores.device}'"
         )
     n = scores.shape[0]
-    k, out, rest_out = _k_and_outputs(n, k, return_rest, out, rest_out, scores.device)
-
     cfg = config or pick_config(n)
-    if cfg.get("MULTI"):
-        _multi_program_topk(scores, n, k, out, rest_out, return_rest, cfg, traceable)
-        return (out, rest_out) if return_rest else out
+    if cfg not in configs():
+        raise ValueError(f"config must be one of topk.configs(); got {cfg!r}")
     if cfg["RESIDENT"] and n > cfg["BLOCK"]:
         raise ValueError(f"config {cfg} holds {cfg['BLOCK']} keys in registers; n = {n}")
-    _launch.launchable(topk_kernel, traceable)[(1,)](
-        scores, out, rest_out if return_rest else out, scores, scores,
-        n, k, scores.stride(0), 1, 0,
+    zero_programs = _zero_programs(zero, scores.device)
+    k, out, rest_out = _k_and_outputs(n, k, return_rest, out, rest_out, scores.device)
+
+    if cfg["MULTI"]:
+        _multi_program_topk(scores, n, k, out, rest_out, return_rest, cfg, traceable)
+        if zero is not None:
+            zero.zero_()
+        return (out, rest_out) if return_rest else out
+    _launch.launchable(topk_kernel, traceable)[(1 + zero_programs,)](
+        scores, out, rest_out if return_rest else out, scores, zero if zero_programs else scores,
+        n, k, scores.stride(0), 1, zero.numel() if zero_programs else 0,
         BLOCK=cfg["BLOCK"], RADIX_BITS=cfg["RADIX_BITS"], WRITE_REST=return_rest, RESIDENT=cfg["RESIDENT"],
-        FROM_PARTS=False, ZERO_BLOCK=0,  # defaults too: torch.compile's analysis of the launch takes none
-        num_warps=cfg["num_warps"],
+        CHUNK=cfg["CHUNK"], FROM_PARTS=False,  # defaults too: torch.compile's analysis of the launch takes none
+        ZERO_BLOCK=ZERO_BLOCK if zero_programs else 0, num_warps=cfg["num_warps"],
     )
     return (out, rest_out) if return_rest else out
 
@@ -446,7 +538,7 @@ def topk_from_parts(
     zero: torch.Tensor | None = None,
 ):
     """:func:`topk_indices` of the column scores that ``parts`` sum to, and their bias
-    sums written to ``bias``, in one program (``n <= MAX_RESIDENT``).
+    sums written to ``bias``, in one program (``n <= MAX_FROM_PARTS``).
 
     ``parts``: the ``(2, split, n)`` contiguous fp32 partial sums of
     ``scores.column_score_parts`` (``[0]``: the row slices' sums of ``|G|``, ``[1]``:
@@ -466,26 +558,21 @@ def topk_from_parts(
         got = f"{parts.dtype} of shape {tuple(parts.shape)}" if isinstance(parts, torch.Tensor) else type(parts).__name__
         raise TypeError(f"parts must be a contiguous (2, split, n) float32 tensor; got {got}")
     split, n = parts.shape[1], parts.shape[2]
-    if not 1 <= n <= MAX_RESIDENT or not 1 <= split or 2 * split * n >= 2**31:
+    if not 1 <= n <= MAX_FROM_PARTS or not 1 <= split or 2 * split * n >= 2**31:
         raise ValueError(
-            f"parts must hold 1 to {MAX_RESIDENT} columns in 1 to 2**30 / n slices; got {tuple(parts.shape)}"
+            f"parts must hold 1 to {MAX_FROM_PARTS} columns in 1 to 2**30 / n slices; got {tuple(parts.shape)}"
         )
     _launch.check_float_tensor("bias", bias, 1)
     if bias.shape[0] != n or bias.device != parts.device or not bias.is_contiguous():
         raise ValueError(f"bias must be a contiguous ({n},) tensor on '{parts.device}'; got {tuple(bias.shape)} on '{bias.device}'")
-    zero_programs = 0
-    if zero is not None:
-        _launch.check_float_tensor("zero", zero, zero.dim())
-        if zero.device != parts.device or not zero.is_contiguous():
-            raise ValueError(f"zero must be a contiguous tensor on '{parts.device}'; got one on '{zero.device}'")
-        most = ZERO_PROGRAMS_PER_SM * _launch.num_sms(parts.device)
-        zero_programs = min(_launch.cdiv(zero.numel(), ZERO_BLOCK), most)
+    zero_programs = _zero_programs(zero, parts.device)
     k, out, rest_out = _k_and_outputs(n, k, return_rest, out, rest_out, parts.device)
-    cfg = configs()[1]
+    cfg = _from_parts_config()
     _launch.launchable(topk_kernel, traceable)[(1 + zero_programs,)](
         parts, out, rest_out if return_rest else out, bias, zero if zero_programs else bias,
         n, k, 1, split, zero.numel() if zero_programs else 0,
         BLOCK=cfg["BLOCK"], RADIX_BITS=cfg["RADIX_BITS"], WRITE_REST=return_rest, RESIDENT=True,
-        FROM_PARTS=True, ZERO_BLOCK=ZERO_BLOCK if zero_programs else 0, num_warps=cfg["num_warps"],
+        CHUNK=cfg["BLOCK"], FROM_PARTS=True, ZERO_BLOCK=ZERO_BLOCK if zero_programs else 0,
+        num_warps=cfg["num_warps"],
     )
     return (out, rest_out) if return_rest else out

@@ -26,7 +26,7 @@ from .kernels import scores as _scores
 from .kernels.matmul import gather_columns, gathered_grad_input, scattered_grad_weight
 from .kernels.per_example import gathered_rows_grad_input, row_topk_indices, sorted_pairs_grad_weight
 from .kernels.scores import column_score_parts, column_scores_and_bias
-from .kernels.topk import MAX_RESIDENT, topk_from_parts, topk_indices
+from .kernels.topk import MAX_FROM_PARTS, topk_from_parts, topk_indices
 
 __all__ = [
     "unified_topk_backward",
@@ -91,23 +91,21 @@ def _no_indices(grad: Tensor) -> Tensor:
 def select_units(grad: Tensor, k: int, *, return_rest: bool = False, traceable: bool = True, zero=None):
     """``(idx, rest, grad_b)``: the unified top-k units of a 2-D ``grad`` (ascending; and
     the others, ascending, with ``return_rest``, else None) and the bias gradient
-    ``grad.sum(0)``, from the kernels. Up to ``MAX_RESIDENT`` units the top-k program
+    ``grad.sum(0)``, from the kernels. Up to ``MAX_FROM_PARTS`` units the top-k program
     finishes the scores' row slices itself (one launch fewer than
     ``scores.finish_kernel`` then ``topk_indices``, the same bits). ``traceable``: the
     launches go through ``wrap_triton`` (inside a ``triton_op``; False for direct calls).
     ``zero``: a contiguous tensor filled with zeros on the way, by programs beside the
-    one that selects up to ``MAX_RESIDENT`` units (on SMs it leaves idle), else by
-    ``zero_()``."""
+    one that selects (on SMs it leaves idle; above ``topk.MAX_RESIDENT`` units, where
+    several programs select, by ``zero_()``)."""
     M, n_out = grad.shape
-    if M > 0 and n_out <= MAX_RESIDENT:
+    if M > 0 and n_out <= MAX_FROM_PARTS:
         grad_b = grad.new_empty(n_out)
         parts = column_score_parts(grad, traceable=traceable)
         sel = topk_from_parts(parts, k, grad_b, return_rest=return_rest, traceable=traceable, zero=zero)
     else:
         scores, grad_b = column_scores_and_bias(grad, traceable=traceable)
-        sel = topk_indices(scores, k, return_rest=return_rest, traceable=traceable)
-        if zero is not None:
-            zero.zero_()
+        sel = topk_indices(scores, k, return_rest=return_rest, traceable=traceable, zero=zero)
     idx, rest = sel if return_rest else (sel, None)
     return idx, rest, grad_b
 

@@ -158,18 +158,23 @@ def builds() -> list[dict]:
             continue
         for rest in (True, False):
             for strided in (False, True):
-                out.append(_build(
-                    "topk.topk_kernel",
-                    f"topk-{'rest' if rest else 'norest'}-B{c['BLOCK']}R{c['RADIX_BITS']}"
-                    f"{'-resident' if c['RESIDENT'] else ''}{'-strided' if strided else ''}",
-                    {"s_ptr": "*fp32", "idx_ptr": "*i64", "rest_ptr": "*i64", "bias_ptr": "*fp32", "zero_ptr": "*fp32"},
-                    ["N", "K", "stride_s"],
-                    {"SPLIT": 1, "ZERO_N": 0, "BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"], "WRITE_REST": rest,
-                     "RESIDENT": c["RESIDENT"], "FROM_PARTS": False, "ZERO_BLOCK": 0},
-                    {"num_warps": c["num_warps"]},
-                    **({} if strided else {"unit": ("stride_s",), "aligned": True}),
-                ))
-            if not c["RESIDENT"]:
+                # zero: with the programs that zero-fill a tensor beside the selection
+                # (the cuBLAS route's grad_W above topk.MAX_FROM_PARTS units)
+                for zero in (False, True) if c["RESIDENT"] and c["BLOCK"] > topk.MAX_FROM_PARTS else (False,):
+                    out.append(_build(
+                        "topk.topk_kernel",
+                        f"topk-{'rest' if rest else 'norest'}-B{c['BLOCK']}C{c['CHUNK']}R{c['RADIX_BITS']}"
+                        f"{'-resident' if c['RESIDENT'] else ''}{'-strided' if strided else ''}{'-zero' if zero else ''}",
+                        {"s_ptr": "*fp32", "idx_ptr": "*i64", "rest_ptr": "*i64", "bias_ptr": "*fp32",
+                         "zero_ptr": "*bf16" if zero else "*fp32"},
+                        ["N", "K", "stride_s"] + (["ZERO_N"] if zero else []),
+                        {"SPLIT": 1, **({} if zero else {"ZERO_N": 0}), "BLOCK": c["BLOCK"],
+                         "RADIX_BITS": c["RADIX_BITS"], "WRITE_REST": rest, "RESIDENT": c["RESIDENT"],
+                         "CHUNK": c["CHUNK"], "FROM_PARTS": False, "ZERO_BLOCK": topk.ZERO_BLOCK if zero else 0},
+                        {"num_warps": c["num_warps"]},
+                        **({} if strided else {"unit": ("stride_s",), "aligned": True}),
+                    ))
+            if not c["RESIDENT"] or c["BLOCK"] != topk.MAX_FROM_PARTS:
                 continue
             # the scores' row slices finished in the program (topk_from_parts): one slice
             # (SPLIT specialised to 1) or several, the bias in each dtype; with the
@@ -187,7 +192,8 @@ def builds() -> list[dict]:
                             ["N", "K", "stride_s"] + ([] if one_slice else ["SPLIT"]) + (["ZERO_N"] if zero else []),
                             {**({"SPLIT": 1} if one_slice else {}), **({} if zero else {"ZERO_N": 0}),
                              "BLOCK": c["BLOCK"], "RADIX_BITS": c["RADIX_BITS"], "WRITE_REST": rest,
-                             "RESIDENT": True, "FROM_PARTS": True, "ZERO_BLOCK": topk.ZERO_BLOCK if zero else 0},
+                             "RESIDENT": True, "CHUNK": c["BLOCK"], "FROM_PARTS": True,
+                             "ZERO_BLOCK": topk.ZERO_BLOCK if zero else 0},
                             {"num_warps": c["num_warps"]},
                             unit=("stride_s",), aligned_ptrs=True,
                         ))

@@ -162,12 +162,18 @@ def test_every_shipped_config_is_built():
     single = [c for c in topk.configs() if not c["MULTI"]]
     multi = [c for c in topk.configs() if c["MULTI"]]
     assert single and multi
-    assert sum(i.startswith("topk-") and not i.startswith("topk-parts-") for i in ids) == len(single) * 2 * 2
-    # the resident program finishing the scores' row slices: with and without the
-    # complement, the bias in each dtype, one slice or several, with and without the
-    # programs that zero-fill a tensor beside it
-    resident = [c for c in single if c["RESIDENT"]]
-    assert resident
+    # with and without the complement, contiguous and strided; the resident configs
+    # above MAX_FROM_PARTS (the backward's selection there) also with the programs that
+    # zero-fill a tensor beside it
+    wide = [c for c in single if c["RESIDENT"] and c["BLOCK"] > topk.MAX_FROM_PARTS]
+    assert wide
+    assert sum(i.startswith("topk-") and not i.startswith("topk-parts-") for i in ids) == (len(single) + len(wide)) * 2 * 2
+    assert sum(i.startswith("topk-") and i.endswith("-zero") for i in ids) == len(wide) * 2 * 2 + 2 * 3 * 2
+    # the resident program finishing the scores' row slices (the 4096-key config): with
+    # and without the complement, the bias in each dtype, one slice or several, with and
+    # without the programs that zero-fill a tensor beside it
+    resident = [c for c in single if c["RESIDENT"] and c["BLOCK"] == topk.MAX_FROM_PARTS]
+    assert len(resident) == 1
     assert sum(i.startswith("topk-parts-") for i in ids) == len(resident) * 2 * 3 * 2 * 2
     assert sum(i.startswith("topk-parts-") and i.endswith("-zero") for i in ids) == len(resident) * 2 * 3 * 2
     # the multi-program select: a histogram kernel per digit round and the write kernel

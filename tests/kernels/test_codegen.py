@@ -156,15 +156,18 @@ def test_per_example_mode_reports_its_kernels(tmp_path, k, route):
     assert ("masked route" in proc.stdout) == (route == "masked")
 
 
-WIDE = [(90, 8192, 410), (80, 65536, 3277)]
+WIDE = [(90, 8192, 410), (80, 16384, 820), (80, 65536, 3277)]
 
 
 @pytest.mark.parametrize("arch,n_out,k", WIDE, ids=[f"sm{a}-out{n}-k{k}" for a, n, k in WIDE])
-def test_wide_layers_select_with_several_programs(tmp_path, arch, n_out, k):
-    """out > MAX_RESIDENT (the paper's 8192-unit layers and wider): the backward selects
-    with the multi-program radix select, a histogram launch per digit round and the
-    write launch, one program per 1024 scores, no spills (``--only topk.``: the GEMMs
-    are checked above)."""
+def test_wide_layers_select_without_spills(tmp_path, arch, n_out, k):
+    """out > 4096 (the paper's 8192-unit layers and wider): the backward selects in one
+    program with its keys in registers up to MAX_RESIDENT units, and with the
+    multi-program radix select beyond (a histogram launch per digit round and the write
+    launch, one program per 1024 scores); no spills (``--only topk.``: the GEMMs are
+    checked above)."""
+    from meprop_triton.kernels.topk import MAX_RESIDENT
+
     out = tmp_path / "wide.json"
     env = kernel_checks.compiled_env()
     cmd = [
@@ -174,10 +177,14 @@ def test_wide_layers_select_with_several_programs(tmp_path, arch, n_out, k):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     recs = json.loads(out.read_text())
-    assert [r["name"] for r in recs] == ["topk.radix_histogram_kernel"] * 4 + ["topk.radix_write_kernel"]
+    if n_out <= MAX_RESIDENT:
+        assert [r["name"] for r in recs] == ["topk.topk_kernel"]
+        assert recs[0]["programs"] == 1
+    else:
+        assert [r["name"] for r in recs] == ["topk.radix_histogram_kernel"] * 4 + ["topk.radix_write_kernel"]
+        assert all(r["programs"] == -(-n_out // 1024) for r in recs), recs
     for r in recs:
         assert r["error"] is None, r["error"]
-        assert r["programs"] == -(-n_out // 1024), r
         assert r["smem_fits"], r
         if r["spill_bytes"] is not None:
             assert r["spill_bytes"] == 0 and r["spill_instructions"] == 0, r

@@ -97,10 +97,15 @@ def test_compiled_backward_calls_the_triton_op_and_is_traced_into_kernels(traced
     assert set(d for d in rec["grad_dtypes"] if d is not None) == {case["dtype"]}
     names = [k["name"] for k in rec["kernels"]]
     if key[1:] == (True, "topk"):
-        # the scores, then the top-k: one program up to 4096 units, several beyond
+        # the scores, then the top-k: one program up to MAX_RESIDENT units (the wide
+        # case's 11,008 too, after the finish kernel), several beyond
+        from meprop_triton.kernels.topk import MAX_FROM_PARTS, MAX_RESIDENT
+
         assert names[0] == "scores.partial_kernel"
-        topk = "topk.topk_kernel" if case["out"] <= 4096 else "topk.radix_write_kernel"
+        topk = "topk.topk_kernel" if case["out"] <= MAX_RESIDENT else "topk.radix_write_kernel"
         assert topk in names
+        if case["out"] <= MAX_FROM_PARTS:  # the top-k program adds up the scores' row slices
+            assert "scores.finish_kernel" not in names
     if key[0] == "linear" and key[1]:
         # the compacted G[:, S] feeds both products, cuBLAS's by default
         # (triton_ops.UNIFIED_GEMMS): torch.mm on the compacted operands, traced as aten ops

@@ -34,14 +34,17 @@ def _run(*args, tmp_path=None):
         (("8192", "4096", "4096"), 205, ["scores.partial_kernel", "topk.topk_kernel",
                                          "matmul.gather_columns_kernel", "matmul.grad_input_kernel",
                                          "matmul.grad_weight_kernel", "matmul.split_reduce_kernel"]),
-        # out > 4096: the finish kernel, then the multi-program top-k (four histogram
-        # rounds and the write pass)
-        (("1024", "256", "8192"), 410, ["scores.partial_kernel", "scores.finish_kernel"]
+        # out > 4096: the finish kernel, then one resident top-k program
+        (("1024", "256", "8192"), 410, ["scores.partial_kernel", "scores.finish_kernel", "topk.topk_kernel",
+                                        "matmul.gather_columns_kernel", "matmul.grad_input_kernel",
+                                        "matmul.grad_weight_kernel", "matmul.split_reduce_kernel"]),
+        # out > 16384: the multi-program top-k (four histogram rounds and the write pass)
+        (("1024", "256", "16400"), 820, ["scores.partial_kernel", "scores.finish_kernel"]
          + ["topk.radix_histogram_kernel"] * 4 + ["topk.radix_write_kernel", "matmul.gather_columns_kernel",
                                                   "matmul.grad_input_kernel", "matmul.grad_weight_kernel",
                                                   "matmul.split_reduce_kernel"]),
     ],
-    ids=["target", "wide"],
+    ids=["target", "wide", "wider"],
 )
 def test_reports_the_glue_of_the_launches_a_gpu_backward_makes(shape, k, launches, tmp_path):
     out = tmp_path / "glue.json"

@@ -77,7 +77,7 @@ def test_the_dry_run_checks_every_config_and_writes_json(tmp_path):
     # the selection's two kernels under each candidate, the shipped one marked, all checked
     for name in ("column scores, first pass", "top-k program (from parts)"):
         cands = [r for r in rows if r["kernel"] == name]
-        assert len(cands) >= 3 and all(r["ok"] is True for r in cands), cands
+        assert len(cands) >= 2 and all(r["ok"] is True for r in cands), cands
         assert sum("(shipped)" in r["config"] for r in cands) == 1
     gemms = [r for r in rows if r["kernel"].startswith(("grad_x", "grad_W"))]
     assert {r["kernel"] for r in gemms} == {

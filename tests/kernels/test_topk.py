@@ -52,11 +52,14 @@ def make_scores(kind: str, n: int, rng) -> torch.Tensor:
         s = torch.rand(n, generator=rng)
         s[1 :: 5] = math.inf
         s[3 :: 7] = math.nan
+        s[5 :: 11] = -math.inf
         return s
+    if kind == "narrow":  # keys that differ in their last 3 bits only (1024's ulp is 2**-13), with ties
+        return 1024.0 + torch.randint(0, 8, (n,), generator=rng).float() * 2.0**-13
     raise ValueError(kind)
 
 
-KINDS = ["random", "ties", "all_equal", "signed", "nonfinite"]
+KINDS = ["random", "ties", "all_equal", "signed", "nonfinite", "narrow"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -78,30 +81,40 @@ def test_topk_65536(k, rng, device):
     check(scores.to(device), k)
 
 
-# The multi-program radix select (n > MAX_RESIDENT): each size crosses the boundaries
-# between programs (1024 keys each) differently: 4097 leaves one key in the last program,
-# 12,345 an odd tail; every k class: 1, 16, small and not a multiple of 16, out - 1, out.
+def _multi():
+    from meprop_triton.kernels.topk import configs
+
+    return next(c for c in configs() if c["MULTI"])
+
+
+# The multi-program radix select (the rule's choice for n > MAX_RESIDENT, forced here at
+# smaller n too): each size crosses the boundaries between programs (1024 keys each)
+# differently: 4097 leaves one key in the last program, 12,345 an odd tail, 16,385 is the
+# first n the rule gives it; every k class: 1, 16, small and not a multiple of 16,
+# out - 1, out.
 MULTI_CASES = [
     (4097, kind) for kind in ("random", "ties", "signed", "nonfinite")
-] + [(8192, "ties"), (12345, "nonfinite"), (12345, "signed")]
+] + [(8192, "ties"), (12345, "nonfinite"), (12345, "signed"), (16385, "narrow")]
 
 
 @pytest.mark.parametrize("n,kind", MULTI_CASES, ids=[f"{n}-{kind}" for n, kind in MULTI_CASES])
 def test_multi_program_matches_reference(n, kind, rng, device):
-    from meprop_triton.kernels.topk import pick_config
+    from meprop_triton.kernels.topk import MAX_RESIDENT, pick_config
 
-    assert pick_config(n)["MULTI"]
+    assert pick_config(n)["MULTI"] == (n > MAX_RESIDENT)
     scores = make_scores(kind, n, rng).to(device)
     ks = (1, 16, 205, n - 1, n) if n == 4097 else (1, 205, n - 1, n)
     for k in ks:
-        check(scores, k)
+        check(scores, k, _multi())
 
 
 def test_multi_program_ties_everywhere(rng, device):
     """Integer-valued scores in {0, 1}: thousands of keys tie at the threshold, spread
-    over every program, so the per-program tie counts and their scan decide the set."""
+    over every program, so the per-program tie counts and their scan decide the set
+    (and, resident, over every compaction chunk)."""
     scores = torch.randint(0, 2, (8192,), generator=rng).float().to(device)
     for k in (1500, 4096, 6000):
+        check(scores, k, _multi())
         check(scores, k)
 
 
@@ -109,30 +122,38 @@ def test_multi_program_strided_and_without_rest(rng, device):
     from meprop_triton.kernels.topk import topk_indices
 
     base = torch.rand(2 * 5000, generator=rng).to(device)
+    check(base[::2], 321, _multi())
     check(base[::2], 321)
     scores = make_scores("ties", 4500, rng).to(device)
-    out = poisoned((77,), torch.int64, device)
-    idx = topk_indices(scores, 77, out=out)
-    assert idx is out
-    assert torch.equal(idx.cpu(), reference.select_topk(scores.cpu(), 77))
+    for cfg in (_multi(), None):
+        out = poisoned((77,), torch.int64, device)
+        idx = topk_indices(scores, 77, out=out, config=cfg)
+        assert idx is out
+        assert torch.equal(idx.cpu(), reference.select_topk(scores.cpu(), 77))
 
 
 def test_multi_program_repeatable(rng, device):
     """The atomic adds are on int32 counts: the same input gives the same output."""
     scores = make_scores("ties", 8192, rng).to(device)
-    first = run(scores, 4000)
-    again = run(scores, 4000)
+    first = run(scores, 4000, _multi())
+    again = run(scores, 4000, _multi())
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-def test_unified_backward_selects_over_4096_units(rng, device):
-    """The custom op (launches traced through wrap_triton where compiled) takes the
-    multi-program selection at out > MAX_RESIDENT: the reference's set."""
+@pytest.mark.parametrize("n_out", [4100, 16400], ids=["resident", "multi-program"])
+def test_unified_backward_selects_over_4096_units(n_out, rng, device):
+    """The custom op (launches traced through wrap_triton where compiled) over more
+    units than the top-k program finishes the scores' slices for: the finish kernel,
+    then one resident program (grad_W's zeros written beside it) or, above
+    MAX_RESIDENT, the multi-program selection (and ``zero_()``): the reference's set,
+    and zeros in grad_W's other rows."""
+    from meprop_triton.kernels.topk import MAX_RESIDENT, pick_config
     from meprop_triton.triton_ops import unified_topk_backward
 
-    M, n_in, n_out, k = 3, 5, 4100, 37
+    assert pick_config(n_out)["MULTI"] == (n_out > MAX_RESIDENT)
+    M, n_in, k = 3, 5, 37
     G = torch.randn(M, n_out, generator=rng).to(device)
-    G[:, 4099] = 1e3
+    G[:, n_out - 1] = 1e3
     X = torch.randn(M, n_in, generator=rng).to(device)
     W = torch.randn(n_out, n_in, generator=rng).to(device)
     gx, gw, gb, idx = unified_topk_backward(G, X, W, k, return_indices=True)
@@ -140,6 +161,7 @@ def test_unified_backward_selects_over_4096_units(rng, device):
     rest = torch.ones(n_out, dtype=torch.bool)
     rest[idx.cpu()] = False
     assert (gw.cpu()[rest] == 0).all()
+    torch.testing.assert_close(gw.cpu()[idx.cpu()], G.cpu()[:, idx.cpu()].t() @ X.cpu())
 
 
 def _configs():
@@ -149,7 +171,7 @@ def _configs():
 
 
 def _config_id(c) -> str:
-    return f"B{c['BLOCK']}{'-resident' if c['RESIDENT'] else ''}{'-multi' if c['MULTI'] else ''}"
+    return f"B{c['BLOCK']}C{c['CHUNK']}{'-resident' if c['RESIDENT'] else ''}{'-multi' if c['MULTI'] else ''}"
 
 
 @pytest.mark.parametrize("ci", range(len(_configs())), ids=[_config_id(c) for c in _configs()])
@@ -170,14 +192,36 @@ def test_every_config(n, ci, rng, device):
 
 
 def test_pick_config():
-    """Resident keys in one program up to MAX_RESIDENT scores, several programs beyond."""
-    from meprop_triton.kernels.topk import MAX_RESIDENT, pick_config
+    """Resident keys in one program up to MAX_RESIDENT scores, in the smallest block that
+    holds them; several programs beyond."""
+    from meprop_triton.kernels.topk import MAX_FROM_PARTS, MAX_RESIDENT, pick_config
 
-    assert MAX_RESIDENT >= 4096
-    assert pick_config(1)["RESIDENT"] and pick_config(1)["BLOCK"] == MAX_RESIDENT
-    assert pick_config(MAX_RESIDENT)["RESIDENT"] and not pick_config(MAX_RESIDENT)["MULTI"]
-    for n in (MAX_RESIDENT + 1, 8192, 65536, 1 << 20):
+    assert MAX_RESIDENT >= 16384 and MAX_FROM_PARTS >= 4096
+    for n, block in [(1, 4096), (4096, 4096), (4097, 8192), (8192, 8192), (8193, 16384), (16384, 16384)]:
+        cfg = pick_config(n)
+        assert cfg["RESIDENT"] and not cfg["MULTI"] and cfg["BLOCK"] == block, (n, cfg)
+        assert cfg["BLOCK"] // (32 * cfg["num_warps"]) <= 16  # keys a thread
+    for n in (MAX_RESIDENT + 1, 65536, 1 << 20):
         assert pick_config(n)["MULTI"] and not pick_config(n)["RESIDENT"]
+
+
+def test_resident_zero_fills_beside_the_selection(rng, device):
+    """``topk_indices(..., zero=)``: programs beside the resident one fill a poisoned
+    tensor with zeros; the multi-program config zeroes it with ``zero_()``; either way
+    the selection is as without it. A config not from ``configs()`` is refused."""
+    from meprop_triton.kernels import topk
+
+    scores = make_scores("ties", 6000, rng).to(device)
+    for cfg in (None, _multi()):
+        zero = poisoned((50_001,), torch.bfloat16, device)
+        idx, rest = topk.topk_indices(scores, 300, return_rest=True, zero=zero, config=cfg)
+        want_idx, want_rest = run(scores, 300, cfg)
+        assert torch.equal(idx, want_idx) and torch.equal(rest, want_rest)
+        assert (zero == 0).all()
+    with pytest.raises(ValueError, match="zero must be a contiguous tensor"):
+        topk.topk_indices(scores, 3, zero=poisoned((8, 2), torch.float32, device).t())
+    with pytest.raises(ValueError, match="one of topk.configs"):
+        topk.topk_indices(scores, 3, config={**topk.pick_config(6000), "CHUNK": 512})
 
 
 def test_ties_go_to_lower_index(device):
@@ -322,7 +366,7 @@ def test_from_parts_matches_the_reference_with_ties(rng, device):
 
 def test_from_parts_rejects_bad_arguments(device):
     from meprop_triton.kernels.scores import column_score_parts
-    from meprop_triton.kernels.topk import MAX_RESIDENT, topk_from_parts
+    from meprop_triton.kernels.topk import MAX_FROM_PARTS, topk_from_parts
 
     parts = torch.zeros(2, 3, 10, device=device)
     bias = torch.empty(10, device=device)
@@ -330,8 +374,9 @@ def test_from_parts_rejects_bad_arguments(device):
         topk_from_parts(parts[0], 2, bias)
     with pytest.raises(TypeError, match="float32"):
         topk_from_parts(parts.double(), 2, bias)
-    with pytest.raises(ValueError, match=f"1 to {MAX_RESIDENT} columns"):
-        topk_from_parts(torch.zeros(2, 1, MAX_RESIDENT + 1, device=device), 2, torch.empty(MAX_RESIDENT + 1, device=device))
+    with pytest.raises(ValueError, match=f"1 to {MAX_FROM_PARTS} columns"):
+        n = MAX_FROM_PARTS + 1
+        topk_from_parts(torch.zeros(2, 1, n, device=device), 2, torch.empty(n, device=device))
     with pytest.raises(ValueError, match=r"bias must be a contiguous \(10,\)"):
         topk_from_parts(parts, 2, torch.empty(9, device=device))
     with pytest.raises(ValueError, match=r"k must lie in \[1, 10\]"):
