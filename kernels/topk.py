@@ -10,27 +10,28 @@ ties), each at the slot given by a prefix sum (:func:`compact_chunk`), so the ou
 comes out sorted. The same pass writes the complement (the ``n - k`` unselected
 indices, ascending).
 
-Up to ``n = MAX_RESIDENT = 4096`` one program does it all (``topk_kernel``, no atomics,
+Up to ``n = MAX_RESIDENT = 16384`` one program does it all (``topk_kernel``, no atomics,
 nothing order-dependent): the scores are read once, into registers (16 keys per thread
-of 8 warps), and ``T`` is found there one bit at a time from the top by counting
-(:func:`_resident_threshold`: a compare and a count per key and one reduction a round,
-starting below the high bits that the smallest and largest key share). The same kernel
-can also stream blocks of ``BLOCK`` for any ``n`` (a config kept for tests and
-comparison): a radix select that fixes ``T`` eight bits at a time, each of its 4 rounds
-a pass that builds a 256-bin histogram (``tl.histogram``) of the next digit of the keys
-that share T's digits so far, then the compaction pass (5 reads: ``n = 65536`` is 64
-blocks a pass). 8192 or 16384 resident keys spill registers (the AOT builds for sm_90:
-17 to 200 spill instructions with 16 or 32 warps). Any ``n < 2**31`` works.
+of 8, 16 or 32 warps), and ``T`` is found there one bit at a time from the top by
+counting (:func:`_resident_threshold`: a compare and a count per key and one reduction
+a round, starting below the high bits that the smallest and largest key share); the
+compaction then reads the scores again in chunks (:func:`configs`). The same kernel can
+also stream blocks of ``BLOCK`` for any ``n`` (a config kept for tests and comparison):
+a radix select that fixes ``T`` eight bits at a time, each of its 4 rounds a pass that
+builds a 256-bin histogram (``tl.histogram``) of the next digit of the keys that share
+T's digits so far, then the compaction pass (5 reads: ``n = 65536`` is 64 blocks a
+pass). Any ``n < 2**31`` works.
 
 The backward's scores come from ``scores.column_score_parts`` as fp32 partial sums over
 row slices (one slice per group of SMs, to read G at full bandwidth). Up to
-``MAX_RESIDENT`` the resident program adds them up itself (``topk_from_parts``,
+``MAX_FROM_PARTS = 4096`` the resident program adds them up itself (``topk_from_parts``,
 ``FROM_PARTS``): slice by slice in index order from zero in fp32, exactly as
 ``scores.finish_kernel`` would, and writes the bias gradient beside. That saves a
 launch and a pass over the scores, and gives the same bits.
 
-While that one program selects, the rest of the GPU is idle. ``topk_from_parts(...,
-zero=)`` puts more programs in the same launch to fill a tensor with zeros there: the
+While that one program selects, the rest of the GPU is idle. ``zero=`` (of
+:func:`topk_indices` and :func:`topk_from_parts`) puts more programs in the same launch
+to fill a tensor with zeros there: the
 unified backward's cuBLAS route has them write ``grad_W``'s zeros (its k rows are copied
 in afterwards), so that pass costs neither a launch nor time of its own.
 
@@ -463,13 +464,26 @@ def _k_and_outputs(n, k, return_rest, out, rest_out, device):
     return k, out, rest_out
 
 
-def _zero_programs(zero, device) -> int:
-    """How many programs fill ``zero`` (checked) beside the selecting one: 0 without it."""
+def _zero_programs(zero, device, traceable, *others) -> int:
+    """How many programs fill ``zero`` beside the selecting one (0 without it), checked:
+    a contiguous float tensor on ``device`` that shares no memory with the tensors in
+    ``others`` (the selection's inputs and outputs: its other programs would zero what
+    the selecting one reads or writes; not checked when ``traceable``, where the tensors
+    may be fake, as ``per_example.row_topk_indices`` does for ``masked``)."""
     if zero is None:
         return 0
+    if not isinstance(zero, torch.Tensor):
+        raise TypeError(f"zero must be a tensor; got {type(zero).__name__}")
     _launch.check_float_tensor("zero", zero, zero.dim())
-    if zero.device != device or not zero.is_contiguous():
-        raise ValueError(f"zero must be a contiguous tensor on '{device}'; got one on '{zero.device}'")
+    if zero.device != device:
+        raise ValueError(f"zero must be on '{device}'; got a tensor on '{zero.device}'")
+    if not zero.is_contiguous():
+        raise ValueError(f"zero must be a contiguous tensor; got strides {zero.stride()} for shape {tuple(zero.shape)}")
+    if not traceable and zero.numel() and any(
+        t is not None and t.numel() and t.untyped_storage().data_ptr() == zero.untyped_storage().data_ptr()
+        for t in others
+    ):
+        raise ValueError("zero must not share memory with the scores or the index buffers")
     most = ZERO_PROGRAMS_PER_SM * _launch.num_sms(device)
     return min(_launch.cdiv(zero.numel(), ZERO_BLOCK), most)
 
@@ -508,8 +522,8 @@ def topk_indices(
         raise ValueError(f"config must be one of topk.configs(); got {cfg!r}")
     if cfg["RESIDENT"] and n > cfg["BLOCK"]:
         raise ValueError(f"config {cfg} holds {cfg['BLOCK']} keys in registers; n = {n}")
-    zero_programs = _zero_programs(zero, scores.device)
     k, out, rest_out = _k_and_outputs(n, k, return_rest, out, rest_out, scores.device)
+    zero_programs = _zero_programs(zero, scores.device, traceable, scores, out, rest_out)
 
     if cfg["MULTI"]:
         _multi_program_topk(scores, n, k, out, rest_out, return_rest, cfg, traceable)
@@ -565,8 +579,8 @@ def topk_from_parts(
     _launch.check_float_tensor("bias", bias, 1)
     if bias.shape[0] != n or bias.device != parts.device or not bias.is_contiguous():
         raise ValueError(f"bias must be a contiguous ({n},) tensor on '{parts.device}'; got {tuple(bias.shape)} on '{bias.device}'")
-    zero_programs = _zero_programs(zero, parts.device)
     k, out, rest_out = _k_and_outputs(n, k, return_rest, out, rest_out, parts.device)
+    zero_programs = _zero_programs(zero, parts.device, traceable, parts, bias, out, rest_out)
     cfg = _from_parts_config()
     _launch.launchable(topk_kernel, traceable)[(1 + zero_programs,)](
         parts, out, rest_out if return_rest else out, bias, zero if zero_programs else bias,

@@ -54,8 +54,8 @@ COMPACT_GRAD = True
 #:   copied once into a ``(k, in)`` tensor (zero rows up to the padded width) by the
 #:   launch that compacts ``G[:, S]``; ``grad_W[S] = G[:, S]^T @ X`` into a ``(k, in)``
 #:   tensor and ``index_copy_`` of those rows into ``grad_W``, which the top-k launch has
-#:   zero-filled by programs beside its one selecting program (up to 4,096 units; on the
-#:   SMs the selection leaves idle: no pass of its own). Small temporaries only:
+#:   zero-filled by programs beside its one selecting program (up to 16,384 units; on
+#:   the SMs the selection leaves idle: no pass of its own). Small temporaries only:
 #:   ``(k, in)`` twice, nothing of size ``(M, out)``. The products are torch's own, as in
 #:   the dense ``nn.Linear`` backward: tf32 for fp32 where torch allows it, and in fp16 /
 #:   bf16 a reduction that cuBLAS may carry out in reduced precision where torch allows

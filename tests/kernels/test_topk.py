@@ -220,6 +220,14 @@ def test_resident_zero_fills_beside_the_selection(rng, device):
         assert (zero == 0).all()
     with pytest.raises(ValueError, match="zero must be a contiguous tensor"):
         topk.topk_indices(scores, 3, zero=poisoned((8, 2), torch.float32, device).t())
+    with pytest.raises(TypeError, match="zero must be a tensor; got list"):
+        topk.topk_indices(scores, 3, zero=[1.0])
+    # the other programs would zero what the selecting one reads or writes
+    with pytest.raises(ValueError, match="zero must not share memory"):
+        topk.topk_indices(scores, 3, zero=scores[100:])
+    out = torch.empty(3, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="zero must not share memory"):
+        topk.topk_indices(scores, 3, out=out, zero=out.view(torch.float32))
     with pytest.raises(ValueError, match="one of topk.configs"):
         topk.topk_indices(scores, 3, config={**topk.pick_config(6000), "CHUNK": 512})
 
