@@ -312,6 +312,25 @@ def _selection_sweep(grad, k: int, idx, attempt, check) -> None:
                         same, nbytes=parts.numel() * 4)
     finally:
         sc.configs, tk.configs = shipped_scores, shipped_topk
+    # The same selection from finished scores under every config that holds them: the
+    # counting search of the resident program beside the radix select's histograms (one
+    # program streaming, or several programs), side by side in one run.
+    scores = sc.column_scores_and_bias(grad)[0]
+    rule = tk.pick_config(n)
+    for cfg in tk.configs():
+        if cfg["RESIDENT"] and n > cfg["BLOCK"]:
+            continue
+        kind = ("counting, resident" if cfg["RESIDENT"] else "radix, " + ("multi-program" if cfg["MULTI"] else "one program"))
+        got = {}
+
+        def same(got=got):
+            ok = bool(torch.equal(got["idx"][0], idx))
+            return dict(max_err=0.0 if ok else None, tol=0.0, ok=ok)
+
+        attempt("top-k of finished scores", f"{kind} B{cfg['BLOCK']} C{cfg['CHUNK']} w{cfg['num_warps']}"
+                + (" (rule)" if cfg == rule else ""),
+                lambda got=got, cfg=cfg: got.update(idx=tk.topk_indices(scores, k, return_rest=True, config=cfg)),
+                same, nbytes=n * 4)
 
 
 def _per_example_sweep(grad, x, weight, k: int, attempt, row, timed) -> None:

@@ -79,6 +79,13 @@ def test_the_dry_run_checks_every_config_and_writes_json(tmp_path):
         cands = [r for r in rows if r["kernel"] == name]
         assert len(cands) >= 2 and all(r["ok"] is True for r in cands), cands
         assert sum("(shipped)" in r["config"] for r in cands) == 1
+    # the same selection from finished scores under every config that holds them, the
+    # rule's marked: the resident counting search beside the radix select's two forms
+    finished = [r for r in rows if r["kernel"] == "top-k of finished scores"]
+    assert all(r["ok"] is True for r in finished), finished
+    kinds = {r["config"].split(" B")[0] for r in finished}
+    assert kinds == {"counting, resident", "radix, one program", "radix, multi-program"}, kinds
+    assert sum("(rule)" in r["config"] for r in finished) == 1
     gemms = [r for r in rows if r["kernel"].startswith(("grad_x", "grad_W"))]
     assert {r["kernel"] for r in gemms} == {
         "grad_x GEMM", "grad_W GEMM + zero rows", "grad_x, cuBLAS route", "grad_W, cuBLAS route"
