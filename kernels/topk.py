@@ -517,9 +517,12 @@ def topk_indices(
             f"the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1; scores are on '{scores.device}'"
         )
     n = scores.shape[0]
-    cfg = config or pick_config(n)
-    if cfg not in configs():
-        raise ValueError(f"config must be one of topk.configs(); got {cfg!r}")
+    if config is None:
+        cfg = pick_config(n)
+    elif config in configs():
+        cfg = config
+    else:
+        raise ValueError(f"config must be one of topk.configs(); got {config!r}")
     if cfg["RESIDENT"] and n > cfg["BLOCK"]:
         raise ValueError(f"config {cfg} holds {cfg['BLOCK']} keys in registers; n = {n}")
     k, out, rest_out = _k_and_outputs(n, k, return_rest, out, rest_out, scores.device)
