@@ -259,8 +259,9 @@ def row_topk_kernel(
     """Program m: the K largest ``|G[m, :]|`` (of N), indices ascending into ``idx[m, :K]``;
     ``WRITE_MASKED`` as in :func:`row_select_kernel`. Any N: rows too long to hold.
 
-    The radix select and compaction of :func:`.topk.topk_kernel`, on row m's keys,
-    streamed in blocks of ``BLOCK`` (five reads of the row). The keys are
+    The radix select of :func:`.topk.topk_kernel`'s streaming configs and the shared
+    compaction (:func:`.topk.compact_chunk`), on row m's keys, streamed in blocks of
+    ``BLOCK`` (five reads of the row). The keys are
     :func:`row_select_kernel`'s, shifted to the top of 32 bits: G's own bits, so no float
     operation can flush a subnormal to zero.
     """
