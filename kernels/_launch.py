@@ -7,6 +7,7 @@ launch for a device and cached.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import torch
@@ -26,6 +27,8 @@ __all__ = [
     "launchable",
     "is_interpreted",
     "cdiv",
+    "FAST_LAUNCH",
+    "FastLaunch",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -161,17 +164,213 @@ def is_interpreted(kernel) -> bool:
 
 
 def launchable(kernel, traceable: bool):
-    """``kernel`` itself, or wrapped with ``torch.library.wrap_triton`` when ``traceable``.
+    """What to launch ``kernel`` through: ``[grid](*args, **kwargs)`` on the result runs it.
 
-    Launchers called from a ``torch.library.triton_op`` pass ``traceable=True`` so that
-    ``torch.compile`` sees the launch (inside the op in eager mode the wrapper hands back
-    the kernel itself). Direct eager calls skip the wrapper: its dispatch costs ~1 ms.
-    A kernel built for Triton's interpreter is returned as it is: the ops are opaque
-    custom ops there (``triton_ops.INTERPRETED``), so nothing traces the launch, and
-    torch 2.11's ``wrap_triton`` refuses such a kernel even where it would not wrap it.
+    * A kernel built for Triton's interpreter: the kernel itself. The ops are opaque
+      custom ops there (``triton_ops.INTERPRETED``), so nothing traces the launch, and
+      torch 2.11's ``wrap_triton`` refuses such a kernel even where it would not wrap it.
+    * ``traceable`` (launchers called from a ``torch.library.triton_op``) while
+      ``wrap_triton`` is on: its wrapper, so that ``torch.compile`` and other tracers see
+      the launch. (Inside the op in plain eager mode it is off and hands back the kernel.)
+    * Otherwise, a compiled kernel: its :class:`FastLaunch` (:data:`FAST_LAUNCH`), or
+      the kernel itself. Direct eager calls never take the wrapper: its dispatch costs
+      ~1 ms.
     """
-    if not traceable or is_interpreted(kernel):
-        return kernel
-    from torch.library import wrap_triton
+    fast = _FAST.get(kernel)
+    if fast is None:
+        if is_interpreted(kernel):
+            return kernel
+        fast = _FAST[kernel] = FastLaunch(kernel) if FastLaunch.usable(kernel) else kernel
+    if traceable and _wrap_triton_enabled():
+        from torch.library import wrap_triton
 
-    return wrap_triton(kernel)
+        wrapped = wrap_triton(kernel)
+        if wrapped is not kernel:
+            return wrapped
+    return fast if FAST_LAUNCH else kernel
+
+
+def _wrap_triton_enabled() -> bool:
+    """Whether ``torch.library.wrap_triton`` would wrap a kernel now (True where this
+    torch does not say: then it is asked)."""
+    global _wrap_triton_enabled
+    try:
+        from torch._library.triton import is_wrap_triton_enabled
+    except ImportError:  # pragma: no cover - a torch laid out otherwise
+        is_wrap_triton_enabled = lambda: True  # noqa: E731
+    _wrap_triton_enabled = is_wrap_triton_enabled
+    return is_wrap_triton_enabled()
+
+
+#: Launch compiled kernels through :class:`FastLaunch` (True), or every launch through
+#: Triton's own ``kernel[grid](...)`` (False; also ``MEPROP_TRITON_FAST_LAUNCH=0`` in the
+#: environment at import).
+FAST_LAUNCH: bool = os.environ.get("MEPROP_TRITON_FAST_LAUNCH", "1").strip().lower() not in ("0", "false", "no", "off")
+
+_FAST: dict = {}
+
+#: Triton's integer specialisation (3.6 to 3.9): a value of 1 becomes the constant 1; a
+#: multiple of 16 is marked divisible; the type is i32, i64 or u64 by range.
+_I32_LO, _I32_HI, _I64_HI = -(2**31), 2**31, 2**63
+
+
+def _spec(v):
+    """What Triton's specialisation reads of a non-constexpr argument ``v``, as a key:
+    an integer's class (1; i32, i64 or u64 by range, and whether a multiple of 16), a
+    tensor's dtype and 16-byte alignment, a bool's value, None, else the type."""
+    t = type(v)
+    if t is int:
+        if v == 1:
+            return 1
+        return (0 if _I32_LO <= v < _I32_HI else (2 if v < _I64_HI else 4)) + 8 + ((v & 15) == 0)
+    if isinstance(v, torch.Tensor):
+        return (v.dtype, (v.data_ptr() & 15) == 0)
+    if t is bool:
+        return (bool, v)
+    if v is None:
+        return None
+    return t
+
+
+class FastLaunch:
+    """``kernel[grid](*args, **kwargs)`` with as little Python per launch as Triton allows.
+
+    Triton's ``JITFunction.run`` binds the arguments to the signature, works out their
+    specialisation (each tensor's dtype and 16-byte alignment; each integer's type, whether
+    it is 1 and whether it is a multiple of 16), builds a cache key from it and the
+    options, looks the compiled kernel up and hands it to the launcher: about 15 us of
+    host time a launch on a 2-core x86 CPU, which an eager backward pays on every one of
+    its launches (``bench/host_glue.py --launch triton`` against ``--launch fast``). Here
+    the first launch of each specialisation goes through Triton's own path, which
+    compiles (or finds) the kernel and launches it; this class keeps the compiled kernel
+    under a key of its own, at least as fine as Triton's (constexprs and launch options by
+    type and value, every other argument by the properties Triton reads, the device), and
+    later launches with the same key call the compiled kernel's launcher directly, with
+    exactly the arguments Triton's path passes it (the launch hooks and their metadata
+    included), on the current device's current stream. For each way of calling (the
+    number of positional arguments, the keyword names) it builds one small function that
+    binds the arguments and makes the key, as Triton builds its binder.
+    ``tests/kernels/test_fast_launch.py`` checks, launch for launch, that the launcher
+    gets what Triton's path gives it, under a stand-in driver that records.
+
+    Launches it cannot key go through Triton every time: a grid that is not a tuple, a
+    kernel with pre-run hooks, a Triton stage-inspection hook, an unhashable constexpr, a
+    call that does not bind (Triton then raises its own error). Triton's environment
+    settings (``TRITON_DEBUG`` and the like) are read by that first launch: changed later
+    in the same process, they reach only specialisations not yet launched.
+    """
+
+    __slots__ = ("kernel", "_plans", "_names", "_defaults", "_constexpr")
+
+    _driver = None  # triton.runtime.driver, bound on the first use
+    _knobs = None
+
+    @staticmethod
+    def usable(kernel) -> bool:
+        """Whether ``kernel`` is a Triton ``JITFunction`` of the shape this class reads."""
+        try:
+            import triton
+            from triton.runtime.jit import JITFunction
+        except ImportError:  # pragma: no cover - triton without that module
+            return False
+        return (
+            isinstance(kernel, JITFunction)
+            and hasattr(triton, "knobs")
+            and hasattr(kernel, "params")
+            and hasattr(kernel, "signature")
+            and hasattr(kernel, "pre_run_hooks")
+        )
+
+    def __init__(self, kernel):
+        import triton
+
+        if FastLaunch._driver is None:
+            from triton.runtime.driver import driver
+
+            FastLaunch._driver = driver
+            FastLaunch._knobs = triton.knobs
+        self.kernel = kernel
+        params = list(kernel.signature.parameters.values())
+        self._names = tuple(p.name for p in params)
+        self._defaults = tuple(p.default for p in params)
+        self._constexpr = tuple(bool(kp.is_constexpr) for kp in kernel.params)
+        self._plans: dict = {}
+
+    def __getitem__(self, grid):
+        if type(grid) is not tuple or not 1 <= len(grid) <= 3:
+            return self.kernel[grid]
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _plan(self, n_args: int, kw_names: tuple):
+        """``(bind, cache)`` for calls with ``n_args`` positional arguments and these
+        keyword names: ``bind(args, kwargs, device) -> (key, values)``, the key and every
+        parameter's value in signature order (what Triton hands its launcher), and the
+        compiled kernels by key. None when such a call does not bind."""
+        names, defaults, const = self._names, self._defaults, self._constexpr
+        if n_args > len(names) or any(n in names[:n_args] for n in kw_names):
+            return None
+        if any(not n.isidentifier() for n in kw_names):
+            return None
+        namespace = {"_spec": _spec}
+        values, key = [], ["device"]
+        for i, name in enumerate(names):
+            if i < n_args:
+                v = f"a{i}"
+            elif name in kw_names:
+                v = f"kwargs[{name!r}]"
+            elif defaults[i] is inspect_empty:
+                return None
+            else:  # a default: a constant of this way of calling, not part of its key
+                v = f"d{i}"
+                namespace[v] = defaults[i]
+                values.append(v)
+                continue
+            values.append(v)
+            key.append(f"type({v}), {v}" if const[i] else f"_spec({v})")
+        for n in kw_names:
+            if n not in names:  # a launch option: num_warps, num_stages...
+                key.append(f"kwargs[{n!r}]")
+        unpack = f"    {''.join(f'a{i}, ' for i in range(n_args))}= args\n" if n_args else ""
+        src = (
+            "def bind(args, kwargs, device):\n"
+            + unpack
+            + f"    return ({', '.join(key)},), ({''.join(v + ', ' for v in values)})\n"
+        )
+        exec(src, namespace)
+        return namespace["bind"], {}
+
+    def _launch(self, grid, args, kwargs):
+        kernel = self.kernel
+        plan_key = (len(args), *kwargs)
+        plan = self._plans.get(plan_key)
+        if plan is None:
+            plan = self._plans[plan_key] = self._plan(len(args), tuple(kwargs)) or False
+        if plan is False or kernel.pre_run_hooks:
+            return kernel[grid](*args, **kwargs)
+        runtime = FastLaunch._knobs.runtime
+        if getattr(runtime, "add_stages_inspection_hook", None) is not None:
+            return kernel[grid](*args, **kwargs)
+        driver = FastLaunch._driver.active
+        device = driver.get_current_device()
+        bind, cache = plan
+        key, values = bind(args, kwargs, device)
+        try:
+            compiled = cache.get(key)
+        except TypeError:  # an unhashable constexpr: Triton's path, which will say what it makes of it
+            return kernel[grid](*args, **kwargs)
+        if compiled is None:
+            compiled = kernel[grid](*args, **kwargs)
+            if compiled is not None and not hasattr(compiled, "result"):
+                cache[key] = compiled
+            return compiled
+        stream = driver.get_current_stream(device)
+        n = len(grid)
+        compiled.run(
+            grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, compiled.function,
+            compiled.packed_metadata, compiled.launch_metadata(grid, stream, *values),
+            runtime.launch_enter_hook, runtime.launch_exit_hook, *values,
+        )
+        return compiled
+
+
+inspect_empty = inspect.Parameter.empty

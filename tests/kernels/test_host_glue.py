@@ -61,3 +61,20 @@ def test_rejects_a_bad_k():
     proc = _run("--shape", "64", "32", "100", "--k", "101", "--calls", "1")
     assert proc.returncode == 2
     assert "k must lie in [1, OUT=100]; got 101" in proc.stderr
+
+
+@pytest.mark.parametrize("launch", ["triton", "fast"])
+def test_times_the_launches_through_triton_or_the_fast_path(launch, tmp_path):
+    """With ``--launch triton`` / ``fast`` each launch goes through Triton's launch path
+    (under the stand-in driver) or the package's FastLaunch: the same launches, and the
+    mode recorded."""
+    out = tmp_path / "glue.json"
+    proc = _run("--shape", "256", "64", "300", "--k", "13", "--calls", "3", "--launch", launch,
+                "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert rec["launch"] == launch
+    assert rec["launch_names"] == ["scores.partial_kernel", "topk.topk_kernel", "matmul.gather_columns_kernel",
+                                   "matmul.grad_input_kernel", "matmul.grad_weight_kernel"]
+    assert 0 < rec["us_min"] <= rec["us_per_call"]
+    assert "launches through" in proc.stdout
