@@ -177,7 +177,9 @@ def notes(e: dict) -> str:
         parts.append(paper)
     if e.get("device_type") == "cuda":
         if e.get("host_launch_us") is not None:
-            parts.append(f"host {e['host_launch_us']:.0f} us per call")
+            through = e.get("host_launch_us_triton_path")
+            parts.append(f"host {e['host_launch_us']:.0f} us per call"
+                         + ("" if through is None else f" ({through:.0f} us through Triton's launch path)"))
         if e.get("tflops") is not None and e.get("flops"):
             parts.append(f"{e['tflops']:.1f} TFLOP/s")
         elif e.get("gb_s") is not None:

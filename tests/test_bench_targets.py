@@ -154,6 +154,15 @@ def test_report_names_every_kind_of_case():
     assert line.endswith("| 1.33x |")
 
 
+def test_report_notes_the_host_time_and_triton_launch_path():
+    """A GPU case's notes give its host time per eager call, and where it was taken, the
+    same call's through Triton's own launch path (``FastLaunch`` off)."""
+    e = {"device_type": "cuda", "host_launch_us": 141.6}
+    assert report.notes(e) == "host 142 us per call"
+    e["host_launch_us_triton_path"] = 180.2
+    assert report.notes(e) == "host 142 us per call (180 us through Triton's launch path)"
+
+
 def test_report_merges_files_of_one_machine_and_refuses_two():
     def data(gpu, cmd, n):
         return {
