@@ -176,18 +176,25 @@ def launchable(kernel, traceable: bool):
       the kernel itself. Direct eager calls never take the wrapper: its dispatch costs
       ~1 ms.
     """
-    fast = _FAST.get(kernel)
-    if fast is None:
+    if torch.compiler.is_compiling():  # traced: what the tracer sees is the kernel (or its wrapper)
+        if not traceable or is_interpreted(kernel):
+            return kernel
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    # by id: hashing a JITFunction takes a lock (its cache_key), needlessly, each launch
+    entry = _FAST.get(id(kernel))
+    if entry is None or entry[0] is not kernel:
         if is_interpreted(kernel):
             return kernel
-        fast = _FAST[kernel] = FastLaunch(kernel) if FastLaunch.usable(kernel) else kernel
+        entry = _FAST[id(kernel)] = (kernel, FastLaunch(kernel) if FastLaunch.usable(kernel) else kernel)
     if traceable and _wrap_triton_enabled():
         from torch.library import wrap_triton
 
         wrapped = wrap_triton(kernel)
         if wrapped is not kernel:
             return wrapped
-    return fast if FAST_LAUNCH else kernel
+    return entry[1] if FAST_LAUNCH else kernel
 
 
 def _wrap_triton_enabled() -> bool:
@@ -207,7 +214,7 @@ def _wrap_triton_enabled() -> bool:
 #: environment at import).
 FAST_LAUNCH: bool = os.environ.get("MEPROP_TRITON_FAST_LAUNCH", "1").strip().lower() not in ("0", "false", "no", "off")
 
-_FAST: dict = {}
+_FAST: dict = {}  # id(kernel) -> (kernel, what launchable gives for it)
 
 #: Triton's integer specialisation (3.6 to 3.9): a value of 1 becomes the constant 1; a
 #: multiple of 16 is marked divisible; the type is i32, i64 or u64 by range.
@@ -217,7 +224,10 @@ _I32_LO, _I32_HI, _I64_HI = -(2**31), 2**31, 2**63
 def _spec(v):
     """What Triton's specialisation reads of a non-constexpr argument ``v``, as a key:
     an integer's class (1; i32, i64 or u64 by range, and whether a multiple of 16), a
-    tensor's dtype and 16-byte alignment, a bool's value, None, else the type."""
+    tensor's dtype and 16-byte alignment, a bool's value, None, a float's type. Any
+    other kind of argument (a tuple, an int subclass, a tensor descriptor, a JIT
+    function, an object with a ``data_ptr``...), whose specialisation Triton works out
+    otherwise, gets an unhashable key: its launch goes through Triton's own path."""
     t = type(v)
     if t is int:
         if v == 1:
@@ -229,7 +239,38 @@ def _spec(v):
         return (bool, v)
     if v is None:
         return None
-    return t
+    if t is float:
+        return float
+    return _UNKEYED
+
+
+_UNKEYED = []  # unhashable: a key holding it sends the launch to Triton's own path
+_MISSING = object()
+
+
+def _settings(runtime):
+    """The Triton settings that its in-memory cache key holds besides the arguments
+    (``TRITON_DEBUG``; the instrumentation mode, e.g. Proton's; triton 3.9's FP-sanitizer
+    casts), read at each launch as Triton reads them."""
+    return _SETTINGS(runtime, FastLaunch._knobs.compilation)
+
+
+def _bind_settings():
+    import triton
+
+    compilation = triton.knobs.compilation
+    names = [n for n in ("instrumentation_mode", "fpsan_homomorphic_casts") if hasattr(compilation, n)]
+    src = "def settings(runtime, compilation):\n    return (runtime.debug, "
+    src += "".join(f"compilation.{n}, " for n in names) + ")\n"
+    namespace = {}
+    exec(src, namespace)
+    return namespace["settings"]
+
+
+def _SETTINGS(runtime, compilation):  # replaced by _bind_settings()'s on the first launch
+    global _SETTINGS
+    _SETTINGS = _bind_settings()
+    return _SETTINGS(runtime, compilation)
 
 
 class FastLaunch:
@@ -238,9 +279,10 @@ class FastLaunch:
     Triton's ``JITFunction.run`` binds the arguments to the signature, works out their
     specialisation (each tensor's dtype and 16-byte alignment; each integer's type, whether
     it is 1 and whether it is a multiple of 16), builds a cache key from it and the
-    options, looks the compiled kernel up and hands it to the launcher: about 15 us of
-    host time a launch on a 2-core x86 CPU, which an eager backward pays on every one of
-    its launches (``bench/host_glue.py --launch triton`` against ``--launch fast``). Here
+    options, looks the compiled kernel up and hands it to the launcher: about 8-10 us of
+    host time a launch on a 2-core x86 CPU, against 4-6 us here, which an eager
+    backward pays on every one of its launches (``bench/host_glue.py --launch triton``
+    against ``--launch fast``: 166-168 against 142-145 us for 6 launches). Here
     the first launch of each specialisation goes through Triton's own path, which
     compiles (or finds) the kernel and launches it; this class keeps the compiled kernel
     under a key of its own, at least as fine as Triton's (constexprs and launch options by
@@ -254,10 +296,15 @@ class FastLaunch:
     gets what Triton's path gives it, under a stand-in driver that records.
 
     Launches it cannot key go through Triton every time: a grid that is not a tuple, a
-    kernel with pre-run hooks, a Triton stage-inspection hook, an unhashable constexpr, a
-    call that does not bind (Triton then raises its own error). Triton's environment
-    settings (``TRITON_DEBUG`` and the like) are read by that first launch: changed later
-    in the same process, they reach only specialisations not yet launched.
+    kernel with pre-run hooks, a Triton stage-inspection hook, an argument of a kind
+    other than a tensor, an int, a bool, a float or None (a tuple, an int subclass, a
+    tensor descriptor...), an unhashable constexpr, a call that does not bind (Triton
+    then raises its own error), a kernel whose global values have changed since it was
+    compiled (Triton raises). Triton's settings that its key holds (``TRITON_DEBUG``, the
+    instrumentation mode, the FP-sanitizer casts) are part of this key too, read at each
+    launch. Kernels with ``*args`` or keyword-only parameters, and any kernel on a
+    backend other than NVIDIA's (AMD's also specialises a tensor on the size of its
+    storage), launch through Triton only.
     """
 
     __slots__ = ("kernel", "_plans", "_names", "_defaults", "_constexpr")
@@ -273,13 +320,22 @@ class FastLaunch:
             from triton.runtime.jit import JITFunction
         except ImportError:  # pragma: no cover - triton without that module
             return False
-        return (
+        if not (
             isinstance(kernel, JITFunction)
             and hasattr(triton, "knobs")
             and hasattr(kernel, "params")
             and hasattr(kernel, "signature")
             and hasattr(kernel, "pre_run_hooks")
-        )
+            and hasattr(kernel, "used_global_vals")
+        ):
+            return False
+        plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if any(p.kind not in plain for p in kernel.signature.parameters.values()):
+            return False  # *args and keyword-only parameters: Triton binds them otherwise
+        # NVIDIA only: AMD's backend also specialises a tensor on its storage's size
+        from triton.runtime.driver import driver
+
+        return getattr(driver.active.get_current_target(), "backend", None) == "cuda"
 
     def __init__(self, kernel):
         import triton
@@ -303,16 +359,16 @@ class FastLaunch:
 
     def _plan(self, n_args: int, kw_names: tuple):
         """``(bind, cache)`` for calls with ``n_args`` positional arguments and these
-        keyword names: ``bind(args, kwargs, device) -> (key, values)``, the key and every
-        parameter's value in signature order (what Triton hands its launcher), and the
-        compiled kernels by key. None when such a call does not bind."""
+        keyword names: ``bind(args, kwargs, device, settings) -> (key, values)``, the key
+        and every parameter's value in signature order (what Triton hands its launcher),
+        and the compiled kernels by key. None when such a call does not bind."""
         names, defaults, const = self._names, self._defaults, self._constexpr
         if n_args > len(names) or any(n in names[:n_args] for n in kw_names):
             return None
         if any(not n.isidentifier() for n in kw_names):
             return None
         namespace = {"_spec": _spec}
-        values, key = [], ["device"]
+        values, key = [], ["device", "settings"]
         for i, name in enumerate(names):
             if i < n_args:
                 v = f"a{i}"
@@ -329,10 +385,10 @@ class FastLaunch:
             key.append(f"type({v}), {v}" if const[i] else f"_spec({v})")
         for n in kw_names:
             if n not in names:  # a launch option: num_warps, num_stages...
-                key.append(f"kwargs[{n!r}]")
+                key.append(f"type(kwargs[{n!r}]), kwargs[{n!r}]")
         unpack = f"    {''.join(f'a{i}, ' for i in range(n_args))}= args\n" if n_args else ""
         src = (
-            "def bind(args, kwargs, device):\n"
+            "def bind(args, kwargs, device, settings):\n"
             + unpack
             + f"    return ({', '.join(key)},), ({''.join(v + ', ' for v in values)})\n"
         )
@@ -353,7 +409,7 @@ class FastLaunch:
         driver = FastLaunch._driver.active
         device = driver.get_current_device()
         bind, cache = plan
-        key, values = bind(args, kwargs, device)
+        key, values = bind(args, kwargs, device, _settings(runtime))
         try:
             compiled = cache.get(key)
         except TypeError:  # an unhashable constexpr: Triton's path, which will say what it makes of it
@@ -363,6 +419,9 @@ class FastLaunch:
             if compiled is not None and not hasattr(compiled, "result"):
                 cache[key] = compiled
             return compiled
+        for (name, _), (val, globals_dict) in kernel.used_global_vals.items():
+            if globals_dict.get(name, _MISSING) != val:  # a global it read has changed: Triton raises
+                return kernel[grid](*args, **kwargs)
         stream = driver.get_current_stream(device)
         n = len(grid)
         compiled.run(

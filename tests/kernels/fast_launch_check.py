@@ -20,6 +20,10 @@ exits non-zero, saying where, at the first difference.
    pass Triton's ``JITFunction.run`` is not called at all.
 3. ``fallbacks``: a callable grid and a kernel with a pre-run hook go through Triton's
    run on every launch.
+4. ``refusals``: an int subclass goes through Triton's run every time; a Triton setting
+   changed after the first launch (``knobs.runtime.debug``) gets its own binary, as
+   through Triton; no fast path on AMD's backend; ``launchable`` traces under
+   ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
 
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
 from torch._library.triton import set_wrap_triton_enabled  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -210,6 +215,97 @@ def fallbacks(launches) -> dict:
     return {"triton_runs": runs["n"]}
 
 
+def refusals(launches) -> dict:
+    """What the fast path keeps out of its cache: an int subclass (Triton classes it by
+    value), a changed Triton setting (``knobs.runtime.debug``: another binary), a kernel
+    on AMD's backend (it also specialises a tensor on its storage's size); and
+    ``launchable`` under ``torch.compile`` (dynamo traces through it, ``fullgraph``)."""
+    import enum
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    from bench.stand_in_driver import StandInDriver
+    from meprop_triton.kernels import scores
+
+    kernel = scores.finish_kernel
+    fast = _launch.FastLaunch(kernel)
+    base = torch.randn(3, 512)
+    out = torch.empty(512)
+
+    class Slices(enum.IntEnum):
+        ONE = 1
+        SIXTEEN = 16
+
+    runs = {"n": 0}
+    real_run = JITFunction.run
+
+    def counted(self, *a, **kw):
+        runs["n"] += 1
+        return real_run(self, *a, **kw)
+
+    JITFunction.run = counted
+    try:
+        for split in (Slices.SIXTEEN, Slices.ONE, Slices.SIXTEEN, Slices.ONE):
+            args = (base[0], base[1], base[2], out, 512, split)
+            del launches[:]
+            kernel[(2,)](*args, BLOCK_N=256, num_warps=4)
+            fast[(2,)](*args, BLOCK_N=256, num_warps=4)
+            if _exact(launches[0]) != _exact(launches[1]):
+                _fail(f"refusals: an IntEnum argument ({split!r}) launched another binary than Triton's")
+        intenum_runs = runs["n"]
+        if intenum_runs != 8:
+            _fail(f"refusals: {intenum_runs} runs through Triton for 8 launches with an IntEnum argument")
+        # a Triton setting changed after the first launch
+        args = (base[0], base[1], base[2], out, 512, 3)
+        del launches[:]
+        fast[(2,)](*args, BLOCK_N=256, num_warps=4)
+        triton.knobs.runtime.debug = True
+        try:
+            fast[(2,)](*args, BLOCK_N=256, num_warps=4)
+            kernel[(2,)](*args, BLOCK_N=256, num_warps=4)
+        finally:
+            triton.knobs.runtime.debug = False
+        fast[(2,)](*args, BLOCK_N=256, num_warps=4)
+        plain, debug, debug_triton, plain_again = (_exact(r)[4] for r in launches)
+        if debug == plain or debug != debug_triton or plain_again != plain:
+            _fail(f"refusals: with TRITON_DEBUG's knob set after the first launch the fast path ran {debug}, "
+                  f"Triton {debug_triton}, without it {plain} and then {plain_again}")
+    finally:
+        JITFunction.run = real_run
+
+    class AmdStandIn(StandInDriver):
+        def get_current_target(self):
+            return GPUTarget("hip", "gfx942", 64)
+
+    nvidia = driver._active
+    driver.set_active(AmdStandIn())
+    try:
+        amd_usable = _launch.FastLaunch.usable(kernel)
+    finally:
+        driver.set_active(nvidia)
+    if amd_usable or not _launch.FastLaunch.usable(kernel):
+        _fail(f"refusals: FastLaunch.usable on AMD's backend {amd_usable}, on NVIDIA's "
+              f"{_launch.FastLaunch.usable(kernel)}")
+
+    traced = {}
+    for traceable in (False, True):
+        torch._dynamo.reset()
+
+        def step(x, traceable=traceable):
+            _launch.launchable(scores.finish_kernel, traceable)
+            return x + 1
+
+        try:
+            torch.compile(step, backend="eager", fullgraph=True)(torch.zeros(4))
+            traced[str(traceable)] = True
+        except Exception as e:  # noqa: BLE001 - reported
+            _fail(f"refusals: torch.compile(fullgraph=True) cannot trace launchable(traceable={traceable}): "
+                  f"{str(e).splitlines()[0]}")
+    return {"intenum_runs": intenum_runs, "amd_usable": amd_usable, "traced": traced}
+
+
 _real_launchable = _launch.launchable
 
 
@@ -220,6 +316,7 @@ def main():
         summary["classes"] = classes(launches)
         summary["backward"] = backward(launches)
         summary["fallbacks"] = fallbacks(launches)
+        summary["refusals"] = refusals(launches)
     out.write_text(json.dumps(summary))
     print(json.dumps(summary))
 

@@ -52,6 +52,13 @@ def test_a_callable_grid_or_a_pre_run_hook_goes_through_triton_every_time(summar
     assert summary["fallbacks"]["triton_runs"] == 7
 
 
+def test_what_it_cannot_key_goes_through_triton(summary):
+    got = summary["refusals"]
+    assert got["intenum_runs"] == 8
+    assert got["amd_usable"] is False
+    assert got["traced"] == {"False": True, "True": True}
+
+
 def test_fast_launch_is_what_launchable_gives_a_compiled_kernel():
     from meprop_triton.kernels import _launch
     from meprop_triton.kernels import scores
