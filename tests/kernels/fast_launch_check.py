@@ -28,6 +28,7 @@ exits non-zero, saying where, at the first difference.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -61,6 +62,23 @@ def _meta(m):
 
 def _exact(rec):
     return rec[:6] + (_meta(rec[6]),) + rec[7:]
+
+
+@contextlib.contextmanager
+def _counting_runs():
+    """Within: Triton's ``JITFunction.run`` counts its calls in the yielded dict's "n"."""
+    runs = {"n": 0}
+    real_run = JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        runs["n"] += 1
+        return real_run(self, *args, **kwargs)
+
+    JITFunction.run = counted
+    try:
+        yield runs
+    finally:
+        JITFunction.run = real_run
 
 
 def _shape(v):
@@ -137,27 +155,15 @@ def _backward_launches():
 
 
 def backward(launches) -> dict:
-    runs = {"n": 0}
-    real_run = JITFunction.run
-
-    def counted(self, *args, **kwargs):
-        runs["n"] += 1
-        return real_run(self, *args, **kwargs)
-
     passes = []
     for fast_on in (False, True, True):
         _launch.FAST_LAUNCH = fast_on
         del launches[:]
-        runs["n"] = 0
-        JITFunction.run = counted
-        try:
-            with recording(90) as _rec:
-                _launch.launchable = _real_launchable  # launch for real (into the stand-in), not record
-                _launch.FORCE_SINGLE_CONFIG = True  # the GEMMs' one config: the stand-in times nothing
-                with set_wrap_triton_enabled(False):  # as the op's eager body runs
-                    _backward_launches()
-        finally:
-            JITFunction.run = real_run
+        with _counting_runs() as runs, recording(90):
+            _launch.launchable = _real_launchable  # launch for real (into the stand-in), not record
+            _launch.FORCE_SINGLE_CONFIG = True  # the GEMMs' one config: the stand-in times nothing
+            with set_wrap_triton_enabled(False):  # as the op's eager body runs
+                _backward_launches()
         passes.append(([_structural(r) for r in launches], runs["n"]))
     (off, off_runs), (first, _), (second, second_runs) = passes
     if not off:
@@ -184,16 +190,8 @@ def fallbacks(launches) -> dict:
     fast = _launch.FastLaunch(kernel)
     base = torch.randn(3, 512)
     args = (base[0], base[1], base[2], torch.empty(512), 512, 1)
-    runs = {"n": 0}
-    real_run = JITFunction.run
-
-    def counted(self, *a, **kw):
-        runs["n"] += 1
-        return real_run(self, *a, **kw)
-
-    JITFunction.run = counted
     hook_calls = []
-    try:
+    with _counting_runs() as runs:
         for _ in range(3):
             fast[lambda meta: (2,)](*args, BLOCK_N=256, num_warps=4)
         kernel.pre_run_hooks.append(lambda *a, **kw: hook_calls.append(1))
@@ -204,8 +202,6 @@ def fallbacks(launches) -> dict:
             kernel.pre_run_hooks.pop()
         for _ in range(3):
             fast[(2,)](*args, BLOCK_N=256, num_warps=4)
-    finally:
-        JITFunction.run = real_run
     if runs["n"] != 7 or len(hook_calls) != 3:
         _fail(f"fallbacks: Triton's run called {runs['n']} times (expected 7: 3 callable-grid launches, "
               f"3 with a pre-run hook, then 1 to fill the cache), the hook {len(hook_calls)} times (expected 3)")
@@ -238,15 +234,7 @@ def refusals(launches) -> dict:
         ONE = 1
         SIXTEEN = 16
 
-    runs = {"n": 0}
-    real_run = JITFunction.run
-
-    def counted(self, *a, **kw):
-        runs["n"] += 1
-        return real_run(self, *a, **kw)
-
-    JITFunction.run = counted
-    try:
+    with _counting_runs() as runs:
         for split in (Slices.SIXTEEN, Slices.ONE, Slices.SIXTEEN, Slices.ONE):
             args = (base[0], base[1], base[2], out, 512, split)
             del launches[:]
@@ -272,8 +260,6 @@ def refusals(launches) -> dict:
         if debug == plain or debug != debug_triton or plain_again != plain:
             _fail(f"refusals: with TRITON_DEBUG's knob set after the first launch the fast path ran {debug}, "
                   f"Triton {debug_triton}, without it {plain} and then {plain_again}")
-    finally:
-        JITFunction.run = real_run
 
     class AmdStandIn(StandInDriver):
         def get_current_target(self):
