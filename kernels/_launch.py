@@ -118,7 +118,7 @@ def check_float_tensor(name: str, t: torch.Tensor, dim: int) -> None:
             f"the Triton kernels take float32, float16 or bfloat16; {name} has dtype {t.dtype} "
             f"(use the torch path for other dtypes)"
         )
-    if t.device.type != "cuda" and not interpreter_enabled():
+    if not t.is_cuda and not interpreter_enabled():  # (is_cuda: no torch.device made, as .device makes)
         raise RuntimeError(
             f"the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
             f"imported to run on CPU tensors; {name} is on '{t.device}'"
@@ -282,7 +282,7 @@ class FastLaunch:
     options, looks the compiled kernel up and hands it to the launcher: about 8-10 us of
     host time a launch on a 2-core x86 CPU, against 4-6 us here, which an eager
     backward pays on every one of its launches (``bench/host_glue.py --launch triton``
-    against ``--launch fast``: 166-168 against 142-145 us for 6 launches). Here
+    against ``--launch fast``: 158-172 against 140-153 us for 6 launches). Here
     the first launch of each specialisation goes through Triton's own path, which
     compiles (or finds) the kernel and launches it; this class keeps the compiled kernel
     under a key of its own, at least as fine as Triton's (constexprs and launch options by

@@ -513,21 +513,22 @@ def gather_columns(
     the second.
     """
     _launch.check_float_tensor("grad", grad, 2)
-    idx = _launch.check_index("idx", idx, grad.device)
+    device = grad.device
+    idx = _launch.check_index("idx", idx, device)
     M, K = grad.shape[0], idx.shape[0]
     KP = padded_width(K)
-    out = _launch.out_or_empty("out", out, (M, KP), grad.dtype, grad.device)
+    out = _launch.out_or_empty("out", out, (M, KP), grad.dtype, device)
     cfg = gather_configs()[0]
     programs = _launch.cdiv(M, cfg["BLOCK_M"]) * _launch.cdiv(KP, cfg["BLOCK_K"])
     w_args = (grad, out, 0, 0, 0)  # unused without a weight
     if weight is not None:
         _launch.check_float_tensor("weight", weight, 2)
-        if weight.dtype != grad.dtype or weight.device != grad.device:
+        if weight.dtype != grad.dtype or weight.device != device:
             raise ValueError(
-                f"weight must match grad ({grad.dtype} on '{grad.device}'); got {weight.dtype} on '{weight.device}'"
+                f"weight must match grad ({grad.dtype} on '{device}'); got {weight.dtype} on '{weight.device}'"
             )
         NW = weight.shape[1]
-        weight_out = _launch.out_or_empty("weight_out", weight_out, (KP, NW), grad.dtype, grad.device)
+        weight_out = _launch.out_or_empty("weight_out", weight_out, (KP, NW), grad.dtype, device)
         if not weight_out.is_contiguous():
             raise ValueError("weight_out must be contiguous")
         programs += _launch.cdiv(KP, cfg["W_ROWS"]) * _launch.cdiv(NW, cfg["W_COLS"])

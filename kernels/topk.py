@@ -512,7 +512,7 @@ def topk_indices(
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.dtype != torch.float32:
         raise TypeError("scores must be a 1-D float32 tensor")
-    if scores.device.type != "cuda" and not _launch.interpreter_enabled():
+    if not scores.is_cuda and not _launch.interpreter_enabled():
         raise RuntimeError(
             f"the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1; scores are on '{scores.device}'"
         )
@@ -580,10 +580,11 @@ def topk_from_parts(
             f"parts must hold 1 to {MAX_FROM_PARTS} columns in 1 to 2**30 / n slices; got {tuple(parts.shape)}"
         )
     _launch.check_float_tensor("bias", bias, 1)
-    if bias.shape[0] != n or bias.device != parts.device or not bias.is_contiguous():
-        raise ValueError(f"bias must be a contiguous ({n},) tensor on '{parts.device}'; got {tuple(bias.shape)} on '{bias.device}'")
-    k, out, rest_out = _k_and_outputs(n, k, return_rest, out, rest_out, parts.device)
-    zero_programs = _zero_programs(zero, parts.device, traceable, parts, bias, out, rest_out)
+    device = parts.device
+    if bias.shape[0] != n or bias.device != device or not bias.is_contiguous():
+        raise ValueError(f"bias must be a contiguous ({n},) tensor on '{device}'; got {tuple(bias.shape)} on '{bias.device}'")
+    k, out, rest_out = _k_and_outputs(n, k, return_rest, out, rest_out, device)
+    zero_programs = _zero_programs(zero, device, traceable, parts, bias, out, rest_out)
     cfg = _from_parts_config()
     _launch.launchable(topk_kernel, traceable)[(1 + zero_programs,)](
         parts, out, rest_out if return_rest else out, bias, zero if zero_programs else bias,

@@ -116,7 +116,6 @@ def _unified_topk_backward(
     # Outputs that were not asked for come back as empty tensors (a custom op cannot
     # return None); unified_topk_backward turns them into None. The fourth output is the
     # selected set S (k,) ascending, empty when neither grad_x nor grad_W was asked for.
-    idx = _no_indices(grad)
     if need_x or need_w:
         route = unified_gemm_route()
         # the cuBLAS route's grad_W: zero-filled beside the selection, its k rows copied in later
@@ -124,7 +123,7 @@ def _unified_topk_backward(
         idx, rest, grad_b = select_units(grad, k, return_rest=route == "triton", zero=grad_w)
         grad_x, grad_w = _unified_products(route, grad, x, weight, idx, rest, need_x, need_w, grad_w)
     else:
-        grad_x, grad_w = grad.new_empty(0), grad.new_empty(0)  # outputs may not alias
+        grad_x, grad_w, idx = grad.new_empty(0), grad.new_empty(0), _no_indices(grad)  # outputs may not alias
         grad_b = column_scores_and_bias(grad, traceable=True)[1] if need_b else grad.new_empty(0)
     if not need_b:
         grad_b = grad.new_empty(0)
