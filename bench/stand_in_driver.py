@@ -7,8 +7,9 @@ of launching.
 appends one tuple, exactly what Triton hands its launcher: ``(grid_x, grid_y, grid_z,
 stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *args)``, with
 the function handle a name for the compiled binary (the kernel's name and a digest of its
-cubin), so that two launches compare equal exactly when they run the same code. ``bench/host_glue.py --launch triton`` times Triton's
-Python launch path with it (``--launch fast``: the package's own); ``tests/kernels/test_fast_launch.py`` compares
+cubin), so that two launches compare equal exactly when they run the same code.
+``bench/host_glue.py --launch triton`` times Triton's Python launch path with it
+(``--launch fast``: the package's own); ``tests/kernels/test_fast_launch.py`` compares
 ``kernels._launch.FastLaunch`` with Triton's path, launch for launch.
 
 Nothing here touches CUDA. The kernels must be the compiled ones (``TRITON_INTERPRET``
