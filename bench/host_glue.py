@@ -85,18 +85,30 @@ _NO_LAUNCH = _NoLaunch()
 
 
 @contextlib.contextmanager
-def through_triton(arch: int, fast: bool):
-    """Within: as ``codegen.recording(arch)``, but each launch goes through Triton's own
-    launch path, under ``bench/stand_in_driver.py``'s driver (which launches nothing), or
-    with ``fast`` through ``kernels._launch.FastLaunch``. Each kernel takes its one test
-    config (an autotuner would time its candidates, and the stand-in times nothing)."""
-    from bench.stand_in_driver import stand_in
+def launching(arch: int):
+    """Within: as ``codegen.recording(arch)`` (CPU tensors taken for a GPU's), but each
+    launch goes to Triton (or ``FastLaunch``) for real, into whichever driver is active:
+    with ``bench/stand_in_driver.py``'s, Triton's whole launch path runs and nothing is
+    launched. Each kernel takes its one test config: an autotuner would time its
+    candidates, and the stand-in times nothing."""
     from meprop_triton.kernels import _launch
 
     real = _launch.launchable
-    with stand_in(arch, record=False), recording(arch), forced(_launch, "FAST_LAUNCH", fast):
+    with recording(arch):
         _launch.launchable = real
         _launch.FORCE_SINGLE_CONFIG = True
+        yield
+
+
+@contextlib.contextmanager
+def through_triton(arch: int, fast: bool):
+    """Within: :func:`launching` under the stand-in driver (which launches nothing), each
+    launch through Triton's own launch path, or with ``fast`` through
+    ``kernels._launch.FastLaunch``."""
+    from bench.stand_in_driver import stand_in
+    from meprop_triton.kernels import _launch
+
+    with stand_in(arch, record=False), launching(arch), forced(_launch, "FAST_LAUNCH", fast):
         yield
 
 

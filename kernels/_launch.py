@@ -177,11 +177,7 @@ def launchable(kernel, traceable: bool):
       ~1 ms.
     """
     if torch.compiler.is_compiling():  # traced: what the tracer sees is the kernel (or its wrapper)
-        if not traceable or is_interpreted(kernel):
-            return kernel
-        from torch.library import wrap_triton
-
-        return wrap_triton(kernel)
+        return _wrapped(kernel) if traceable and not is_interpreted(kernel) else kernel
     # by id: hashing a JITFunction takes a lock (its cache_key), needlessly, each launch
     entry = _FAST.get(id(kernel))
     if entry is None or entry[0] is not kernel:
@@ -189,12 +185,16 @@ def launchable(kernel, traceable: bool):
             return kernel
         entry = _FAST[id(kernel)] = (kernel, FastLaunch(kernel) if FastLaunch.usable(kernel) else kernel)
     if traceable and _wrap_triton_enabled():
-        from torch.library import wrap_triton
-
-        wrapped = wrap_triton(kernel)
+        wrapped = _wrapped(kernel)
         if wrapped is not kernel:
             return wrapped
     return entry[1] if FAST_LAUNCH else kernel
+
+
+def _wrapped(kernel):
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
 
 
 def _wrap_triton_enabled() -> bool:
@@ -248,13 +248,6 @@ _UNKEYED = []  # unhashable: a key holding it sends the launch to Triton's own p
 _MISSING = object()
 
 
-def _settings(runtime):
-    """The Triton settings that its in-memory cache key holds besides the arguments
-    (``TRITON_DEBUG``; the instrumentation mode, e.g. Proton's; triton 3.9's FP-sanitizer
-    casts), read at each launch as Triton reads them."""
-    return _SETTINGS(runtime, FastLaunch._knobs.compilation)
-
-
 def _bind_settings():
     import triton
 
@@ -267,10 +260,14 @@ def _bind_settings():
     return namespace["settings"]
 
 
-def _SETTINGS(runtime, compilation):  # replaced by _bind_settings()'s on the first launch
-    global _SETTINGS
-    _SETTINGS = _bind_settings()
-    return _SETTINGS(runtime, compilation)
+def _settings(runtime, compilation):
+    """The Triton settings that its in-memory cache key holds besides the arguments
+    (``TRITON_DEBUG``; the instrumentation mode, e.g. Proton's; triton 3.9's FP-sanitizer
+    casts), read at each launch as Triton reads them. Replaced on its first call by a
+    function that reads just the ones this triton has."""
+    global _settings
+    _settings = _bind_settings()
+    return _settings(runtime, compilation)
 
 
 class FastLaunch:
@@ -409,7 +406,7 @@ class FastLaunch:
         driver = FastLaunch._driver.active
         device = driver.get_current_device()
         bind, cache = plan
-        key, values = bind(args, kwargs, device, _settings(runtime))
+        key, values = bind(args, kwargs, device, _settings(runtime, FastLaunch._knobs.compilation))
         try:
             compiled = cache.get(key)
         except TypeError:  # an unhashable constexpr: Triton's path, which will say what it makes of it

@@ -45,7 +45,7 @@ import torch._dynamo  # noqa: E402
 from torch._library.triton import set_wrap_triton_enabled  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from bench.codegen import recording  # noqa: E402
+from bench.host_glue import launching  # noqa: E402
 from bench.stand_in_driver import stand_in  # noqa: E402
 from meprop_triton.kernels import _launch  # noqa: E402
 
@@ -159,11 +159,10 @@ def backward(launches) -> dict:
     for fast_on in (False, True, True):
         _launch.FAST_LAUNCH = fast_on
         del launches[:]
-        with _counting_runs() as runs, recording(90):
-            _launch.launchable = _real_launchable  # launch for real (into the stand-in), not record
-            _launch.FORCE_SINGLE_CONFIG = True  # the GEMMs' one config: the stand-in times nothing
-            with set_wrap_triton_enabled(False):  # as the op's eager body runs
-                _backward_launches()
+        # launched for real (into the stand-in), each GEMM with its one config; wrap_triton
+        # off, as the op's eager body runs
+        with _counting_runs() as runs, launching(90), set_wrap_triton_enabled(False):
+            _backward_launches()
         passes.append(([_structural(r) for r in launches], runs["n"]))
     (off, off_runs), (first, _), (second, second_runs) = passes
     if not off:
@@ -291,8 +290,6 @@ def refusals(launches) -> dict:
                   f"{str(e).splitlines()[0]}")
     return {"intenum_runs": intenum_runs, "amd_usable": amd_usable, "traced": traced}
 
-
-_real_launchable = _launch.launchable
 
 
 def main():
