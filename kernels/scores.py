@@ -125,6 +125,11 @@ def finish_kernel(
     tl.store(bias_ptr + cols, b.to(bias_ptr.dtype.element_ty), mask=ok)
 
 
+#: Row slices of the first pass at most: CUDA's limit on a grid's second dimension,
+#: which holds them (the default split is a few per SM, far below it).
+MAX_SPLIT = 65535
+
+
 def _choose_split(M: int, N: int, block_m: int, block_n: int, device: torch.device) -> int:
     """Row slices so that (column blocks x slices) is ~4 programs per SM, each with >= 4 tiles."""
     col_blocks = _launch.cdiv(N, block_n)
@@ -135,12 +140,14 @@ def _choose_split(M: int, N: int, block_m: int, block_n: int, device: torch.devi
 
 def _slices(M: int, N: int, split: int | None, device: torch.device) -> tuple[int, int]:
     """(row slices, rows per slice) of the first pass (whole ``BLOCK_M`` tiles per slice
-    when there are several); ``split``: forced (tests), else :func:`_choose_split`."""
+    when there are several); ``split``: forced (tests), else :func:`_choose_split`. At
+    most M, :data:`MAX_SPLIT`, and few enough that ``finish_kernel``'s int32 offsets
+    into the workspace (up to ``(split + 2) * N``) cannot overflow."""
     p = configs()[0]["partial"]
     bm = p["BLOCK_M"]
     if split is None:
         split = _choose_split(M, N, bm, p["BLOCK_N"], device)
-    split = max(1, min(int(split), M))
+    split = max(1, min(int(split), M, MAX_SPLIT, (2**31 - 1) // max(N, 1) - 2))
     rows_per_split = _launch.cdiv(M, split)
     if split > 1:
         rows_per_split = _launch.cdiv(rows_per_split, bm) * bm
@@ -187,8 +194,9 @@ def column_scores_and_bias(
 
     ``out``: optional preallocated ``(scores, grad_b)`` buffers (tests pass NaN-filled
     ones). ``split``: force the number of row slices (tests; default: chosen to fill
-    the GPU). ``traceable``: launch through ``torch.library.wrap_triton`` (for callers
-    inside a ``triton_op``).
+    the GPU; at most :data:`MAX_SPLIT`, and fewer where the workspace's int32 offsets
+    need it: see ``_slices``). ``traceable``: launch through
+    ``torch.library.wrap_triton`` (for callers inside a ``triton_op``).
     """
     _launch.check_float_tensor("grad", grad, 2)
     M, N = grad.shape

@@ -20,7 +20,7 @@ also stream blocks of ``BLOCK`` for any ``n`` (a config kept for tests and compa
 a radix select that fixes ``T`` eight bits at a time, each of its 4 rounds a pass that
 builds a 256-bin histogram (``tl.histogram``) of the next digit of the keys that share
 T's digits so far, then the compaction pass (5 reads: ``n = 65536`` is 64 blocks a
-pass). Any ``n < 2**31`` works.
+pass). It takes ``n`` up to ``2**31 - BLOCK`` (its loop counters are 32-bit).
 
 The backward's scores come from ``scores.column_score_parts`` as fp32 partial sums over
 row slices (one slice per group of SMs, to read G at full bandwidth). Up to
@@ -525,6 +525,13 @@ def topk_indices(
         raise ValueError(f"config must be one of topk.configs(); got {config!r}")
     if cfg["RESIDENT"] and n > cfg["BLOCK"]:
         raise ValueError(f"config {cfg} holds {cfg['BLOCK']} keys in registers; n = {n}")
+    step = max(cfg["BLOCK"], cfg["CHUNK"])
+    if not (cfg["RESIDENT"] or cfg["MULTI"]) and n > 2**31 - step:
+        # its 32-bit loop counter would wrap past 2**31 on the last block
+        raise ValueError(
+            f"config {cfg} streams its blocks in one program, with 32-bit counters: it takes "
+            f"n up to 2**31 - {step}; got n = {n} (the default config takes any n)"
+        )
     k, out, rest_out = _k_and_outputs(n, k, return_rest, out, rest_out, scores.device)
     zero_programs = _zero_programs(zero, scores.device, traceable, scores, out, rest_out)
 

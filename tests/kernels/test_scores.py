@@ -115,6 +115,24 @@ def test_deterministic(rng, device):
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
+def test_forced_split_stays_launchable(device):
+    """A forced ``split`` is cut to what one launch can hold: at most MAX_SPLIT row slices
+    (CUDA's limit on a grid's second dimension) and few enough that finish_kernel's
+    int32 offsets into the workspace, up to ``(split + 2) * N``, cannot overflow; the
+    default split is far below both. (Host arithmetic only: such a launch is too large
+    for the interpreter.)"""
+    from meprop_triton.kernels import scores
+
+    assert scores.MAX_SPLIT == 65535
+    for M, N, split in [(2_100_000, 1, 2_100_000), (10**6, 2**20, 4096), (10**6, 2**30, 7), (64, 3, 10**9)]:
+        s, rows = scores._slices(M, N, split, torch.device(device))
+        assert 1 <= s <= min(M, scores.MAX_SPLIT) and (s + 2) * N < 2**31 or s == 1, (M, N, split, s)
+        assert (s - 1) * rows < M <= s * rows  # every row in exactly one slice, none empty
+    assert scores._slices(2_100_000, 1, 2_100_000, torch.device(device))[0] > 30000
+    assert scores._slices(10**6, 2**20, 4096, torch.device(device))[0] <= 2046
+    assert scores._slices(10**6, 2**30, 7, torch.device(device))[0] == 1
+
+
 def test_empty_rows(device):
     G = torch.empty((0, 6), dtype=torch.float32, device=device)
     scores, grad_b = run(G)

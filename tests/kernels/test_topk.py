@@ -268,6 +268,22 @@ def test_rejects_bad_k(k, device):
         topk_indices(torch.rand(5, device=device), k)
 
 
+def test_streaming_config_refuses_n_near_2_31(device):
+    """The single-program streaming config counts its blocks in 32 bits: past
+    ``2**31 - BLOCK`` scores the last step would wrap, so it refuses them before any
+    work (the scores here are one value expanded, no memory); the default config
+    takes the same n."""
+    from meprop_triton.kernels.topk import configs, pick_config, topk_indices
+
+    stream = next(c for c in configs() if not (c["RESIDENT"] or c["MULTI"]))
+    step = max(stream["BLOCK"], stream["CHUNK"])
+    for n in (2**31 - step + 1, 2**31 - 1):
+        scores = torch.rand(1, device=device).expand(n)
+        with pytest.raises(ValueError, match=rf"takes n up to 2\*\*31 - {step}; got n = {n}"):
+            topk_indices(scores, 3, config=stream)
+    assert pick_config(2**31 - 1)["MULTI"]
+
+
 def test_rejects_non_fp32(device):
     from meprop_triton.kernels.topk import topk_indices
 
