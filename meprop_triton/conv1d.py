@@ -306,7 +306,7 @@ def _triton_backward(ctx, grad, x, w_lin, k, needs):
     n_out = w_lin.shape[0]
     if ctx.selection == "random":
         idx = reference.per_example_random_indices(grad.shape[0], n_out, k, generator=ctx.generator, device=grad.device)
-        return (*triton_ops.per_example_backward_from_indices(grad, x, w_lin, idx, *needs), idx)
+        return (*triton_ops.per_example_backward_from_indices(grad, x, w_lin, idx, *needs, check_indices=False), idx)
     return triton_ops.per_example_topk_backward(grad, x, w_lin, k, *needs, return_indices=True)
 
 

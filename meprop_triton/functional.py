@@ -689,11 +689,11 @@ def _triton_backward(unified, selection, generator, grad, x2d, weight, k, needs)
     if selection == "random":
         if unified:
             idx = reference.random_indices(out_features, k, generator=generator, device=grad.device)
-            return (*triton_ops.unified_backward_from_indices(grad, x2d, weight, idx, *needs), idx)
+            return (*triton_ops.unified_backward_from_indices(grad, x2d, weight, idx, *needs, check_indices=False), idx)
         idx = reference.per_example_random_indices(
             grad.shape[0], out_features, k, generator=generator, device=grad.device
         )
-        return (*triton_ops.per_example_backward_from_indices(grad, x2d, weight, idx, *needs), idx)
+        return (*triton_ops.per_example_backward_from_indices(grad, x2d, weight, idx, *needs, check_indices=False), idx)
     if unified:
         return triton_ops.unified_topk_backward(grad, x2d, weight, k, *needs, return_indices=True)
     return triton_ops.per_example_topk_backward(grad, x2d, weight, k, *needs, return_indices=True)

@@ -490,6 +490,24 @@ def _check_indices(idx: Tensor, grad: Tensor, dim: int) -> None:
         raise ValueError(f"idx must hold k in [1, out_features={n_out}] units (per row); got {k}")
 
 
+def _check_index_values(idx: Tensor, n_out: int) -> None:
+    """Refuse a unit outside ``[0, n_out)``, or one repeated (within a row, for an
+    ``(M, k)`` selection), naming it. Reads the indices on the host: one sync on a GPU,
+    which a CUDA-graph capture refuses (callers there pass ``check_indices=False``)."""
+    if idx.numel() == 0:
+        return
+    s = idx.sort(dim=-1).values
+    repeated = s[..., 1:] == s[..., :-1]
+    lo, hi, n_repeated = torch.stack([s[..., 0].min(), s[..., -1].max(), repeated.sum()]).tolist()
+    if lo < 0 or hi >= n_out:
+        raise ValueError(f"idx must hold units in [0, out_features={n_out}); got {lo if lo < 0 else hi}")
+    if n_repeated:
+        at = repeated.nonzero()[0].tolist()
+        unit = s[tuple(at)].item()
+        row = f" in row {at[0]}" if idx.dim() == 2 else ""
+        raise ValueError(f"idx must hold distinct units; unit {unit} appears more than once{row}")
+
+
 def _none_where_not_needed(outs, need_x, need_w, need_b):
     gx, gw, gb = outs
     return (gx if need_x else None, gw if need_w else None, gb if need_b else None)
@@ -540,6 +558,8 @@ def per_example_backward_from_indices(
     need_x: bool = True,
     need_w: bool = True,
     need_b: bool = True,
+    *,
+    check_indices: bool = True,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Per-example meProp gradients for a given selection ``idx: (M, k)`` int64.
 
@@ -547,11 +567,17 @@ def per_example_backward_from_indices(
     ``reference.per_example_random_indices(M, out, k, generator=..., device=grad.device)``
     for per-example random-k). Same products and outputs as
     :func:`per_example_topk_backward`; equal to ``reference.per_example_backward``.
-    Indices outside ``[0, out)`` are skipped; repeated ones are not detected (the
-    kernels do not sync with the host to check).
+    A unit outside ``[0, out)`` or repeated within a row is refused (ValueError) before
+    any work; the check reads ``idx`` on the host, one sync on a GPU.
+    ``check_indices=False`` skips it, for selections known to be valid (as the layers'
+    own random draws are; inside a CUDA-graph capture, which refuses the sync, and under
+    ``torch.compile(fullgraph=True)``, where it would break the graph): the kernels then skip units outside ``[0, out)``, and a repeated unit counts twice in
+    ``grad_x`` but once in ``grad_W``.
     """
     _check_linear(grad, x, weight)
     _check_indices(idx, grad, 2)
+    if check_indices:
+        _check_index_values(idx, grad.shape[1])
     outs = call_op(
         "per_example_backward_from_indices", _per_example_backward_from_indices,
         (grad, x, weight, idx, bool(need_x), bool(need_w), bool(need_b)), (grad, x, weight, idx),
@@ -567,6 +593,8 @@ def unified_backward_from_indices(
     need_x: bool = True,
     need_w: bool = True,
     need_b: bool = True,
+    *,
+    check_indices: bool = True,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Unified meProp gradients for a given set of units ``idx: (k,)`` int64.
 
@@ -574,11 +602,19 @@ def unified_backward_from_indices(
     ``reference.random_indices(out, k, generator=..., device=grad.device)`` for unified
     random-k). The compacted GEMMs of :func:`unified_topk_backward` with that set:
     ``grad_x = grad[:, S] @ W[S, :]``, ``grad_W[S] = grad[:, S]^T x`` (other rows zero),
-    dense ``grad_b``; equal to ``reference.unified_backward``. The complement of ``S``
-    is made on the device (no host sync); repeated indices are not detected.
+    dense ``grad_b``; equal to ``reference.unified_backward``. A unit outside
+    ``[0, out)`` or repeated is refused (ValueError) before any work; the check reads
+    ``idx`` on the host, one sync on a GPU. ``check_indices=False`` skips it, for sets
+    known to be valid (the layers' own random draws; inside a CUDA-graph capture or
+    ``torch.compile(fullgraph=True)``): the complement of ``S`` is then made on the device with no host sync, and an invalid
+    set is the caller's error (a unit out of range fails in ``index_fill_``, on a GPU
+    as a device-side assert; a repeated one leaves fewer than k units marked, made up
+    with the lowest unmarked ones).
     """
     _check_linear(grad, x, weight)
     _check_indices(idx, grad, 1)
+    if check_indices:
+        _check_index_values(idx, grad.shape[1])
     _check_operand_types(grad, x, weight, need_x, need_w)
     outs = call_op(
         "unified_backward_from_indices", _unified_backward_from_indices,

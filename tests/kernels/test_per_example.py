@@ -601,11 +601,54 @@ def test_masked_route(dtype, need, rng, device, monkeypatch):
     idx_r = reference.per_example_random_indices(M, N, k, generator=gen, device=device)
     got = T.per_example_backward_from_indices(G, X, W, idx_r, *need)
     check_op(got, G, X, W, reference.per_example_backward, idx_r, need, k)
-    # given indices always take the gather kernels, which skip out-of-range ones
+    # given indices always take the gather kernels, which skip out-of-range ones when
+    # the check is off (it refuses them by default: test_given_indices_are_checked)
     bad = idx_r.clone()
     bad[0, 0] = N
-    skipped = T.per_example_backward_from_indices(G, X, W, bad, True, False, False)[0]
+    skipped = T.per_example_backward_from_indices(G, X, W, bad, True, False, False, check_indices=False)[0]
     assert torch.isfinite(skipped).all()
+
+
+def test_given_indices_are_checked(rng, device):
+    """The from-indices ops refuse a unit out of range or repeated, naming it, before any
+    work (on a GPU an out-of-range unit would fault, a repeated one give grad_x and
+    grad_W that disagree); the layers' own draws skip the check (check_indices=False)
+    and give the reference's gradients."""
+    from meprop_triton import triton_ops as T
+
+    M, N, I, k = 6, 40, 16, 5
+    G = randn((M, N), torch.float32, rng, device)
+    X, W = randn((M, I), torch.float32, rng, device), randn((N, I), torch.float32, rng, device)
+    idx_pe = reference.per_example_random_indices(M, N, k, generator=rng).to(device)
+    idx_u = reference.random_indices(N, k, generator=rng).to(device)
+    cases = []
+    for value, msg in ((N, rf"\[0, out_features={N}\); got {N}"), (-1, r"got -1")):
+        bad = idx_pe.clone()
+        bad[3, 2] = value
+        cases.append((T.per_example_backward_from_indices, bad, msg))
+        bad = idx_u.clone()
+        bad[1] = value
+        cases.append((T.unified_backward_from_indices, bad, msg))
+    rep = idx_pe.clone()
+    rep[4, 1] = rep[4, 3]
+    cases.append((T.per_example_backward_from_indices, rep, rf"unit {int(rep[4, 3])} appears more than once in row 4"))
+    rep = idx_u.clone()
+    rep[0] = rep[k - 1]
+    cases.append((T.unified_backward_from_indices, rep, rf"unit {int(rep[0])} appears more than once$"))
+    for op, bad, msg in cases:
+        before = bad.clone()
+        with pytest.raises(ValueError, match=msg):
+            op(G, X, W, bad)
+        assert torch.equal(bad, before)
+    for op, idx, ref in (
+        (T.per_example_backward_from_indices, idx_pe, reference.per_example_backward),
+        (T.unified_backward_from_indices, idx_u, reference.unified_backward),
+    ):
+        want = ref(G.cpu(), X.cpu(), W.cpu(), idx.cpu())
+        for check in (True, False):
+            got = op(G, X, W, idx, check_indices=check)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5)
 
 
 def test_per_example_route_rule(monkeypatch):
@@ -736,8 +779,9 @@ def test_ops_torch_compile_one_graph(rng, device):
     torch._dynamo.reset()
     for fn, args in (
         (lambda g, x, w: T.per_example_topk_backward(g, x, w, 9), (G, X, W)),
-        (lambda g, x, w, i: T.per_example_backward_from_indices(g, x, w, i), (G, X, W, idx_pe)),
-        (lambda g, x, w, i: T.unified_backward_from_indices(g, x, w, i), (G, X, W, idx_u)),
+        # (the indices' check reads them on the host: a graph break, so off in one graph)
+        (lambda g, x, w, i: T.per_example_backward_from_indices(g, x, w, i, check_indices=False), (G, X, W, idx_pe)),
+        (lambda g, x, w, i: T.unified_backward_from_indices(g, x, w, i, check_indices=False), (G, X, W, idx_u)),
     ):
         got = torch.compile(fn, fullgraph=True, backend=backend)(*args)
         for a, b in zip(got, fn(*args)):
