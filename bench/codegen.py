@@ -271,10 +271,36 @@ def async_operand_loads(ttgir: str, mma: str) -> bool | None:
     return async_ops > 0 and not sync_tiles
 
 
+def inner_loop_spills(sass: str) -> int:
+    """Spill instructions (``STL`` / ``LDL``) inside innermost loops of a SASS listing.
+
+    A loop is a backward branch: the addresses from its target to the branch. An
+    innermost loop holds no other loop. A value spilled once per outer iteration (per
+    unit of a per-example program, say) costs one local load there; inside the innermost
+    loop it would cost one per step of the main accumulation.
+    """
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    loops = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    inner = [(a, z) for a, z in loops if not any(a <= a2 and z2 <= z and (a2, z2) != (a, z) for a2, z2 in loops)]
+    return sum(
+        1 for addr, text in ins
+        if re.search(r"\b(STL|LDL)\b", text) and any(a <= addr <= z for a, z in inner)
+    )
+
+
 def usage(compiled) -> dict:
-    """Registers, stack bytes, spill instructions (``STL`` / ``LDL``) and shared memory."""
+    """Registers, stack bytes, spill instructions (``STL`` / ``LDL``; those inside an
+    innermost loop apart) and shared memory."""
     out = {
-        "regs": None, "spill_bytes": None, "spill_instructions": None,
+        "regs": None, "spill_bytes": None, "spill_instructions": None, "inner_loop_spills": None,
         "smem_bytes": int(compiled.metadata.shared), "num_warps": int(compiled.metadata.num_warps),
         "num_stages": int(getattr(compiled.metadata, "num_stages", 0) or 0),
     }
@@ -286,6 +312,7 @@ def usage(compiled) -> dict:
     if m:
         out["regs"], out["spill_bytes"] = int(m.group(1)), int(m.group(2))
     out["spill_instructions"] = len(re.findall(r"\b(?:STL|LDL)\b", sass))
+    out["inner_loop_spills"] = inner_loop_spills(sass)
     out["wgmma_wait0"] = len(re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0", sass))
     # asynchronous copies from global memory (cp.async, TMA), and the most copy groups a
     # wait leaves in flight (``DEPBAR.LE SB0, n``: a software pipeline n + 1 stages deep)

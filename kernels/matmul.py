@@ -32,8 +32,10 @@ stride is used as it is. Both GEMMs accumulate in fp32 with ``tl.dot`` (tf32 for
 inputs only when ``torch.backends.cuda.matmul.allow_tf32`` is True) and store in the
 input dtype. Offsets are int64; all strides are runtime arguments. Programs are ordered
 in groups of ``GROUP_M`` row tiles (L2 reuse of the gathered operand). Results are
-deterministic: no atomics, one program owns each output tile (of grad_W's workspace
-slices, with split-K).
+deterministic for a given config: no atomics, one program owns each output tile (of
+grad_W's workspace slices, with split-K). Where the autotuner picks the config (by
+timing, once per process), another process may pick another one, whose tiles and
+split-K slices sum in another order.
 
 ``bench/codegen.py`` reports what each launch compiles to (MMA kind, asynchronous
 operand loads, spills, shared memory, programs); ``tests/kernels/test_codegen.py``
@@ -383,7 +385,8 @@ def keep_config(config, dtype, input_precision, capability, old_triton=None, gat
       element whatever the tile, and the 32-row tiles stay: on sizes that are not
       multiples of 16 they are the ones that do not spill.
     * sm_8x: no 128 x 256 tile with BLOCK_K = 64 (``mma.sync`` fragments of that tile
-      spill in the main loop).
+      spill in the main loop), nor with G gathered in the loads (246-255 registers under
+      triton 3.6 to 3.9, a 40-byte stack frame under 3.7.1).
     * The operand ring (``num_stages`` x (A tile + B tile)) fits shared memory: ``smem``
       bytes a block may use (the device's own figure), else :data:`SHARED_LIMIT`'s.
     * fp32 through tf32 on sm_8x with triton < 3.7: tiles up to 128 x 128; the 128 x 256
@@ -397,7 +400,7 @@ def keep_config(config, dtype, input_precision, capability, old_triton=None, gat
         return kw["BLOCK_M"] * kw["BLOCK_N"] <= 64 * 64 and kw["BLOCK_K"] <= 32
     if capability[0] >= 9 and kw["BLOCK_M"] < 64 and not gather:
         return False
-    if capability[0] == 8 and kw["BLOCK_K"] >= 64 and kw["BLOCK_M"] * kw["BLOCK_N"] > 128 * 128:
+    if capability[0] == 8 and (kw["BLOCK_K"] >= 64 or gather) and kw["BLOCK_M"] * kw["BLOCK_N"] > 128 * 128:
         return False
     elem = 4 if dtype == torch.float32 else 2
     ring = config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem

@@ -100,14 +100,15 @@ def configs() -> list[dict]:
     from the registers (the int64 index stores of a block, converted through shared
     memory) spilled: at 8192 keys on 16 warps, and at 4096 on 8 warps under triton 3.6.
     :func:`topk_from_parts`, whose scores are only in registers, compacts them there,
-    4096 at once. 16 keys a thread in every resident config, 8 or 2 a chunk: each chunk's
-    prefix sum across the warps costs about ten barriers (sm_90 SASS), so the chunks are
-    as large as compile without spills (16,384 keys in chunks of 4096 spilled, in the
-    sm_90 build for strided scores)."""
+    4096 at once. 16 keys a thread in every resident config, 8, 4 or 2 a chunk: each
+    chunk's prefix sum across the warps costs about ten barriers (sm_90 SASS), so the
+    chunks are as large as compile without spills under every supported triton (16,384
+    keys in chunks of 4096 spilled, in the sm_90 build for strided scores; 8,192 in
+    chunks of 4096 under triton 3.8, whose ptxas held that build to 64 registers)."""
     return [
         {"BLOCK": 1024, "CHUNK": 1024, "RADIX_BITS": 8, "num_warps": 8, "RESIDENT": False, "MULTI": False},
         {"BLOCK": MAX_FROM_PARTS, "CHUNK": 2048, "RADIX_BITS": 8, "num_warps": 8, "RESIDENT": True, "MULTI": False},
-        {"BLOCK": 8192, "CHUNK": 4096, "RADIX_BITS": 8, "num_warps": 16, "RESIDENT": True, "MULTI": False},
+        {"BLOCK": 8192, "CHUNK": 2048, "RADIX_BITS": 8, "num_warps": 16, "RESIDENT": True, "MULTI": False},
         {"BLOCK": MAX_RESIDENT, "CHUNK": 2048, "RADIX_BITS": 8, "num_warps": 32, "RESIDENT": True, "MULTI": False},
         {"BLOCK": 1024, "CHUNK": 1024, "RADIX_BITS": 8, "num_warps": 4, "RESIDENT": False, "MULTI": True},
     ]

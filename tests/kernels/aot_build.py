@@ -26,6 +26,12 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _ROOT not in sys.path:  # run as a script: make ``bench`` importable
+    sys.path.insert(0, _ROOT)
+
+from bench.codegen import inner_loop_spills  # noqa: E402  (the SASS reading both use)
+
 ARCHS = (80, 90)
 #: bytes of shared memory a block may use (opt-in maximum): A100 164 KiB, H100 228 KiB
 SHARED_LIMIT = {80: 167936, 90: 233472}
@@ -410,33 +416,6 @@ def _compile_one(args):
     except Exception as e:  # reported, the test fails with it
         rec["error"] = f"{type(e).__name__}: {e}"[:2000]
     return rec
-
-
-def inner_loop_spills(sass: str) -> int:
-    """Spill instructions (``STL`` / ``LDL``) inside innermost loops of a SASS listing.
-
-    A loop is a backward branch: the addresses from its target to the branch. An
-    innermost loop holds no other loop. A value spilled once per outer iteration (per
-    unit of a per-example program, say) costs one local load there; inside the innermost
-    loop it would cost one per step of the main accumulation.
-    """
-    import re
-
-    ins = []
-    for line in sass.splitlines():
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
-        if m:
-            ins.append((int(m.group(1), 16), m.group(2)))
-    loops = []
-    for addr, text in ins:
-        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr:
-            loops.append((int(m.group(1), 16), addr))
-    inner = [(a, z) for a, z in loops if not any(a <= a2 and z2 <= z and (a2, z2) != (a, z) for a2, z2 in loops)]
-    return sum(
-        1 for addr, text in ins
-        if re.search(r"\b(STL|LDL)\b", text) and any(a <= addr <= z for a, z in inner)
-    )
 
 
 def _resource_usage(cubin: bytes) -> dict:

@@ -324,9 +324,10 @@ def test_prune_configs_for_plain_fp32():
 
 
 def test_keep_config_by_architecture():
-    """sm_80: every tile for 16-bit inputs; fp32 through tf32 under triton < 3.7 only up
-    to 128 x 128 (the 128 x 256 tile spills in its main loop there). sm_90: tiles of 64
-    rows or more (wgmma), and never an operand ring larger than shared memory."""
+    """sm_80: every tile for 16-bit inputs but 128 x 256 with BLOCK_K = 64 or with G
+    gathered in the loads; fp32 through tf32 under triton < 3.7 only up to 128 x 128
+    (the 128 x 256 tile spills in its main loop there). sm_90: tiles of 64 rows or more
+    (wgmma), and never an operand ring larger than shared memory."""
     from meprop_triton.kernels import matmul
 
     cfgs = matmul.grad_input_configs()
@@ -342,8 +343,10 @@ def test_keep_config_by_architecture():
         assert matmul.keep_config(c, torch.float32, "tf32", (8, 0), old_triton=False) == (fits32 and sm80_ok)
         assert matmul.keep_config(c, torch.bfloat16, "ieee", (8, 0), old_triton=True) == sm80_ok
         assert matmul.keep_config(c, torch.bfloat16, "ieee", (9, 0)) == (kw["BLOCK_M"] >= 64)
-        # G gathered in the loads: the 32-row tiles stay on sm_90 too
+        # G gathered in the loads: the 32-row tiles stay on sm_90 too; on sm_80 no
+        # 128 x 256 tile (246-255 registers, a stack frame under triton 3.7.1)
         assert matmul.keep_config(c, torch.bfloat16, "ieee", (9, 0), gather=True)
+        assert matmul.keep_config(c, torch.bfloat16, "ieee", (8, 0), gather=True) == small
     # the largest fp32 ring does not fit: 3 x (128 + 256) x 64 x 4 B = 288 KiB
     assert not matmul.keep_config(cfgs[-1], torch.float32, "tf32", (9, 0))
 
