@@ -517,7 +517,8 @@ class _MePropGrad(torch.autograd.Function):
     vmapped entry is its own backward call, so in ``vmap(grad(f))`` over a batch each
     sample is a batch of its own and unified selection keeps that sample's own top-k.
     ``backward`` is the derivative of the gradients with the kept units held fixed (grad
-    of grad), as autograd gives it through the ops of the eager backward.
+    of grad), as autograd gives it through the ops of the eager backward; ``jvp`` is the
+    same derivative in forward mode (``jacfwd(grad(f))``; dense gradients only).
     """
 
     @staticmethod
@@ -531,7 +532,9 @@ class _MePropGrad(torch.autograd.Function):
         if idx is not None:
             ctx.mark_non_differentiable(idx)
         ctx.sparse = sparse
+        ctx.needs = inputs[-1]
         ctx.save_for_backward(grad_output, x, weight, idx)
+        ctx.save_for_forward(grad_output, x, weight, idx)
 
     @staticmethod
     def backward(ctx, ggx, ggw, ggb, _gidx):
@@ -540,14 +543,7 @@ class _MePropGrad(torch.autograd.Function):
         out_features, in_features = weight.shape
         G = grad_output.reshape(-1, out_features)
         X = x.reshape(-1, in_features)
-        # The kept (row, unit) entries: broadcastable to G's shape; None: all of them.
-        # Out-of-place ops only, so this runs under vmap too.
-        if idx is None:
-            keep = None
-        elif idx.dim() == 1:
-            keep = G.new_zeros(1, out_features, dtype=torch.bool).scatter(1, idx.unsqueeze(0), True)
-        else:
-            keep = G.new_zeros(G.shape, dtype=torch.bool).scatter(1, idx, True)
+        keep = _kept(G, idx)
         Gm = G if keep is None else torch.where(keep, G, 0)
         ggx = None if ggx is None else ggx.reshape(-1, in_features)
         if ggw is not None and ggw.is_sparse:
@@ -577,6 +573,43 @@ class _MePropGrad(torch.autograd.Function):
         return d_g, d_x, d_w, None, None, None, None, None, None, None, None
 
     @staticmethod
+    def jvp(ctx, t_g, t_x, t_w, *_):
+        if ctx.sparse:
+            raise NotImplementedError(
+                "forward-mode AD over a sparse_grad=True meProp gradient is not supported "
+                "(its gradients are sparse tensors); use sparse_grad=False, or reverse mode "
+                "(jacrev / grad of grad)"
+            )
+        grad_output, x, weight, idx = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs
+        out_features, in_features = weight.shape
+        G = grad_output.reshape(-1, out_features)
+        X = x.reshape(-1, in_features)
+        keep = _kept(G, idx)
+        Gm = G if keep is None else torch.where(keep, G, 0)
+        # The gradients are bilinear in (G, x, W) for the kept units: grad_x = Gm W,
+        # grad_W = Gm^T X, grad_b = sum_m G (dense); each tangent, one term per input
+        # that has one.
+        tG = None
+        if t_g is not None:
+            tG = t_g.reshape(-1, out_features)
+            tG = tG if keep is None else torch.where(keep, tG, 0)
+        t_gx = t_gw = t_gb = None
+        if need_x and (tG is not None or t_w is not None):
+            t_gx = tG @ weight if tG is not None else None
+            if t_w is not None:
+                t_gx = Gm @ t_w if t_gx is None else t_gx + Gm @ t_w
+            t_gx = t_gx.reshape(x.shape)
+        if need_w and (tG is not None or t_x is not None):
+            t_gw = tG.t() @ X if tG is not None else None
+            if t_x is not None:
+                more = Gm.t() @ t_x.reshape(-1, in_features)
+                t_gw = more if t_gw is None else t_gw + more
+        if need_b and t_g is not None:
+            t_gb = t_g.reshape(-1, out_features).sum(0)
+        return t_gx, t_gw, t_gb, None
+
+    @staticmethod
     def vmap(info, in_dims, grad_output, x, weight, k, backend, unified, selection, sparse, generator, counts, needs):
         if sparse:
             raise NotImplementedError(SPARSE_UNDER_VMAP)
@@ -586,6 +619,17 @@ class _MePropGrad(torch.autograd.Function):
             info.batch_size, info.randomness, in_dims[:3], grad_output, x, weight,
             k, unified, selection, generator, counts, needs,
         )
+
+
+def _kept(G: Tensor, idx):
+    """The kept (row, unit) entries of a 2-D ``G`` for a selection ``idx`` ((k,) unified,
+    (M, k) per row) as a bool mask broadcastable to G's shape; None: all of them (``idx``
+    None). Out-of-place ops only, so this runs under vmap too."""
+    if idx is None:
+        return None
+    if idx.dim() == 1:
+        return G.new_zeros(1, G.shape[1], dtype=torch.bool).scatter(1, idx.unsqueeze(0), True)
+    return G.new_zeros(G.shape, dtype=torch.bool).scatter(1, idx, True)
 
 
 #: The refusals of a vmapped meProp backward (MePropLinear's, MePropConv1D's, MePropLSTM's).

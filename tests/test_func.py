@@ -357,6 +357,46 @@ def test_grad_of_grad_equals_eager_double_backward(unified, sparse_grad):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("lead", [(6,), (2, 3)], ids=["rows", "3d"])
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "per-example"])
+def test_forward_over_reverse_equals_reverse_over_reverse(unified, lead):
+    """jacfwd(grad(f)), hessian (jacfwd over jacrev) and jacrev(grad(f)) all differentiate
+    the meProp gradients with the kept units held fixed: the same second derivatives,
+    w.r.t. the input, the weight and the bias, and not the dense layer's."""
+    gen = torch.Generator().manual_seed(5)
+    x, t, w, b = make(gen, lead, True)
+
+    def f(w_, b_, x_, layer_k=3):
+        return (meprop_linear(x_, w_, b_, k=layer_k, unified=unified).pow(3) * t).sum()
+
+    for argnum in (0, 1, 2):
+        fwd = torch.func.jacfwd(grad(f, argnums=argnum), argnums=argnum)(w, b, x)
+        rev = jacrev(grad(f, argnums=argnum), argnums=argnum)(w, b, x)
+        torch.testing.assert_close(fwd, rev, rtol=1e-12, atol=1e-12, msg=f"argnum {argnum}")
+        assert torch.any(fwd != 0)
+        if argnum == 2:
+            torch.testing.assert_close(torch.func.hessian(f, argnums=2)(w, b, x), rev, rtol=1e-12, atol=1e-12)
+            dense = jacrev(grad(lambda w_, b_, x_: f(w_, b_, x_, layer_k=OUT), argnums=2), argnums=2)(w, b, x)
+            assert not torch.allclose(dense, rev)  # k < out: not the dense layer's Hessian
+    # cross terms: the weight gradient's derivative along the input, and the input's
+    # along the weight
+    for of, along in ((0, 2), (2, 0)):
+        fwd = torch.func.jacfwd(grad(f, argnums=of), argnums=along)(w, b, x)
+        rev = jacrev(grad(f, argnums=of), argnums=along)(w, b, x)
+        torch.testing.assert_close(fwd, rev, rtol=1e-12, atol=1e-12, msg=f"{of} along {along}")
+
+
+def test_forward_over_reverse_of_sparse_gradients_is_refused_clearly():
+    gen = torch.Generator().manual_seed(6)
+    x, t, w, b = make(gen, (4,), True)
+
+    def f(w_, x_):
+        return (meprop_linear(x_, w_, b, k=3, sparse_grad=True) * t).sum()
+
+    with pytest.raises(NotImplementedError, match="sparse_grad=False, or reverse mode"):
+        torch.func.jacfwd(grad(f, argnums=1), argnums=1)(w, x)
+
+
 TRITON_SCRIPT = r"""
 import os, sys
 import torch
