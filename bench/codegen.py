@@ -475,7 +475,7 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--arch", type=int, default=90, choices=sorted(ARCH_SMS))
     ap.add_argument("--shape", type=int, nargs=3, metavar=("M", "IN", "OUT"), default=[8192, 4096, 4096])
     ap.add_argument("--k", type=int, nargs="+", required=True, help="units kept (several: one report each)")

@@ -172,7 +172,7 @@ def _triton_version():
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--shape", type=int, nargs=3, metavar=("M", "IN", "OUT"), default=[8192, 4096, 4096])
     ap.add_argument("--k", type=int, default=205)
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))

@@ -29,7 +29,7 @@ DRY_K = 7
 
 
 def _args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--shape", type=int, nargs=3, metavar=("M", "IN", "OUT"), default=None)
     ap.add_argument("--k", type=int, default=None)
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],

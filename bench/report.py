@@ -126,6 +126,12 @@ def fmt_x(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def fmt_field(v) -> str:
+    """A case's field as a table cell: ``-`` where the case has none (an LSTM case has no
+    backend, gradient kind or dtype field)."""
+    return "-" if v is None else str(v)
+
+
 def fmt_shape(shape, name, e: dict | None = None) -> str:
     if shape and len(shape) == 3:
         return f"{shape[0]} x {shape[1]}->{shape[2]}"
@@ -323,8 +329,8 @@ def case_table(data: dict) -> list[str]:
     for r in rows(data):
         e = r["e"]
         lines.append(
-            f"| {r['group']} | {e.get('backend')} | {e.get('mode')} | {e.get('grad')} | "
-            f"{fmt_shape(e.get('shape', []), e.get('shape_name'), e)} | {fmt_k(e)} | {e.get('dtype')} | "
+            f"| {r['group']} | {fmt_field(e.get('backend'))} | {fmt_field(e.get('mode'))} | {fmt_field(e.get('grad'))} | "
+            f"{fmt_shape(e.get('shape', []), e.get('shape_name'), e)} | {fmt_k(e)} | {fmt_field(e.get('dtype'))} | "
             f"{fmt_time(r['t'])} | {fmt_time(e.get('dense_median_s'))} | "
             f"{fmt_x(e.get('speedup_vs_dense'))} | {fmt_target(e)} | {notes(e)} |"
         )
@@ -518,7 +524,7 @@ class NoSeries(Exception):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("json", nargs="+", help="pytest --benchmark-json files (one machine)")
     ap.add_argument("--md", help="write the Markdown table here")
     ap.add_argument("--png", help="write the speedup-vs-k plot here")

@@ -162,7 +162,9 @@ def _weights_used_directly(cls: type) -> dict[str, tuple[str, bool]]:
     return {attr: (call, attr in called) for attr, call in found.items()}
 
 
-def _exclusion(exclude, names: list[str]) -> Callable[[str, nn.Module], bool]:
+def _exclusion(exclude, names: list[str]) -> Callable[[str, nn.Module], object]:
+    """``(name, module) -> truthy`` where ``exclude`` leaves the module dense: the user's
+    predicate, or the first of the user's patterns that matches (None where none does)."""
     if exclude is None:
         return lambda name, module: False
     if callable(exclude):
@@ -184,11 +186,12 @@ def _exclusion(exclude, names: list[str]) -> Callable[[str, nn.Module], bool]:
                 f"as in model.named_modules(), e.g. {names[1:4] or names}"
             )
 
-    def excluded(name: str, module: nn.Module) -> bool:
-        # A module is excluded when its name, or the name of a module it sits in, matches.
+    def excluded(name: str, module: nn.Module) -> str | None:
+        # A module is excluded when its name, or the name of a module it sits in, matches:
+        # the first pattern that does, for the report.
         parts = name.split(".")
         prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        return any(fnmatch.fnmatchcase(q, p) for q in prefixes for p in patterns)
+        return next((p for p in patterns if any(fnmatch.fnmatchcase(q, p) for q in prefixes)), None)
 
     return excluded
 
@@ -358,8 +361,10 @@ def convert(
             if direct is not None:
                 call, also_called = direct
                 call = call if len(call) <= 90 else call[:87] + "..."
-            if excluded(name, child):
-                kept[id(child)] = f"excluded (as {name or 'the model'})"
+            hit = excluded(name, child)
+            if hit:
+                by = "by the exclude predicate" if callable(exclude) else f"by {hit!r}"
+                kept[id(child)] = f"excluded ({by})"
             elif lost is not None:
                 kept.setdefault(id(child), f"{lost}; not swapped")
             elif direct is not None and not also_called:

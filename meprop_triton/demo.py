@@ -65,7 +65,7 @@ def train(model, data, *, epochs: int, batch: int, device, seed: int):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m meprop_triton.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m meprop_triton.demo", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--k", type=float, default=0.1, help="units kept: a fraction in (0, 1] or a count >= 1 (default 0.1)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--hidden", type=int, default=1024)

@@ -132,6 +132,12 @@ def test_report_names_every_kind_of_case():
     lstm = {"input_size": 190, "hidden": 500, "batch": 32, "steps": 25}
     assert report.fmt_shape([], None, lstm) == "LSTM 190->500, batch 32, 25 steps"
     assert report.fmt_shape(None, "mlp-x") == "mlp-x"
+    lstm_case = {"name": "t", "group": "lstm-sparse-grad-cpu-21x1x190->500", "stats": {"median": 6e-3},
+                 "extra_info": {"mode": "sparse_grad", "k": 5, "optimizer": "adagrad", "device_type": "cpu",
+                                "time_median_s": 6e-3, **lstm}}
+    line = report.case_table({"benchmarks": [lstm_case]})[-1]
+    assert line.startswith("| lstm-sparse-grad-cpu-21x1x190->500 | - | sparse_grad | - | LSTM 190->500, batch 32, "
+                           "25 steps | 5 | - | 6.00 ms |"), line  # no field shows as None
     step = {"name": "t", "group": "train-step-cpu-mlp-mnist-784-500-500-10-adam-fused-after-training",
             "stats": {"median": 2e-3},
             "extra_info": {"mode": "unified-topk", "speedup_vs_dense": 0.64, "shape": [50, 784, 500, 500, 10],

@@ -102,6 +102,12 @@ def test_exclude_predicate_sees_names_and_modules():
 
     convert(model, k=2, exclude=pred)
     assert sorted(seen) == sorted((n, nn.Linear) for n in LINEAR_NAMES)
+    # the report names what excluded a layer: the predicate, or the pattern that matched
+    _, report = convert(make_net(), k=2, exclude=lambda name, m: name == "encoder.0", report=True)
+    assert report.left_dense == {"encoder.0": "excluded (by the exclude predicate)"}
+    _, report = convert(make_net(), k=2, exclude=["head.classifier", "enc*"], report=True)
+    assert report.left_dense == {n: "excluded (by 'enc*')" for n in LINEAR_NAMES if n.startswith("encoder")} | {
+        "head.classifier": "excluded (by 'head.classifier')"}
 
 
 def test_multihead_attention_out_proj_stays_plain():
@@ -333,13 +339,13 @@ def test_a_second_convert_for_another_k_reports_the_meprop_layers_it_left_as_unc
     _, report = convert(model, k=0.5, exclude=["encoder.*", "head.classifier"], report=True)
     assert model.encoder[0].k == 2 and model.head.proj.k == 0.5
     assert report.converted == {"head.proj": "MePropLinear"}
-    assert report.left_dense == {"head.classifier": "excluded (as head.classifier)"}
-    assert report.unchanged == {"encoder.0": "excluded (as encoder.0)", "encoder.2": "excluded (as encoder.2)",
+    assert report.left_dense == {"head.classifier": "excluded (by 'head.classifier')"}
+    assert report.unchanged == {"encoder.0": "excluded (by 'encoder.*')", "encoder.2": "excluded (by 'encoder.*')",
                                 "rnn": "a MePropLSTM: pass lstm=True to change its settings"}
     text = str(report)
     assert text.splitlines()[0] == ("meProp convert: 1 layer(s) converted (1 MePropLinear), 1 left dense, "
                                     "3 meProp layer(s) unchanged")
-    assert "  unchanged   encoder.0: excluded (as encoder.0)" in text
+    assert "  unchanged   encoder.0: excluded (by 'encoder.*')" in text
     with pytest.warns(UserWarning, match=r"changed nothing.*encoder\.0: excluded"):
         convert(model, k=3, exclude=["encoder", "head"])
 

@@ -308,7 +308,7 @@ def test_bert_convert_summary(capsys):
     linears = [n for n, m in bert().named_modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 14
     assert sorted(report.converted) == sorted(n for n in linears if n != "classifier")
-    assert report.left_dense == {"classifier": "excluded (as classifier)"}
+    assert report.left_dense == {"classifier": "excluded (by 'classifier')"}
     assert type(model.classifier) is nn.Linear
     assert "13 layer(s) converted (13 Linear), 1 left dense" in capsys.readouterr().out
 
@@ -459,7 +459,7 @@ def test_vit_convert_summary_trains_next_to_dense():
     print(report)
     linears = [n for n, m in dense.named_modules() if isinstance(m, nn.Linear)]
     assert sorted(report.converted) == sorted(n for n in linears if n != "head")
-    assert len(report.converted) == 8 and report.left_dense == {"head": "excluded (as head)"}
+    assert len(report.converted) == 8 and report.left_dense == {"head": "excluded (by 'head')"}
     assert_trains_next_to_dense(dense, converted, vit_batches(), vit_loss, steps=10)
 
 

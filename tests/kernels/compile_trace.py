@@ -288,7 +288,7 @@ def trace_case(name: str, case: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--arch", type=int, default=90, choices=sorted(DEVICES),
                     help="compute capability to trace for (default 90)")
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="only these cases")
