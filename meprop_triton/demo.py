@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import convert
-from .harness import _make_optimizer, check_device_arg
+from .harness import _make_optimizer, _sync, check_device_arg
 from .utils import flush_denormals, keep_freed_memory
 
 
@@ -41,11 +41,6 @@ def make_model(dim: int, hidden: int, classes: int, seed: int) -> nn.Sequential:
         nn.Linear(hidden, hidden), nn.ReLU(),
         nn.Linear(hidden, classes),
     )
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train(models, data, *, epochs: int, batch: int, device, seed: int):
